@@ -1,0 +1,1 @@
+from wdmjax.version import __version__  # noqa: F401
