@@ -1,0 +1,35 @@
+"""Data: TFDS builders for embedded sets, random-access sources, the input pipeline."""
+
+from wdmjax.data.builders import (
+    DATA_DIR_ENV,
+    EMBEDDED_BUILDERS,
+    Digits,
+    Mnist5k,
+    default_data_dir,
+    embedded_builder,
+)
+from wdmjax.data.pipeline import (
+    InputPipeline,
+    make_mesh,
+    make_pipeline,
+    preprocess,
+    shard_batch,
+)
+from wdmjax.data.sources import ImageLabelSource, load_arrays, load_source
+
+__all__ = [
+    'DATA_DIR_ENV',
+    'EMBEDDED_BUILDERS',
+    'Digits',
+    'ImageLabelSource',
+    'InputPipeline',
+    'Mnist5k',
+    'default_data_dir',
+    'embedded_builder',
+    'load_arrays',
+    'load_source',
+    'make_mesh',
+    'make_pipeline',
+    'preprocess',
+    'shard_batch',
+]

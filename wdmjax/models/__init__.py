@@ -1,0 +1,44 @@
+"""Score networks (Flax linen, NHWC, images in [-1, 1]): UNet and DiT."""
+
+from wdmjax.models.build import (
+  MODELS,
+  build_model,
+  count_params,
+  dummy_inputs,
+  init_params,
+  param_count_from_config,
+)
+from wdmjax.models.dit import DIT_PRESETS, DiT, DiTBlock, FinalLayer
+from wdmjax.models.layers import (
+  NULL_LABEL,
+  LabelEmbedder,
+  SelfAttention,
+  TimestepEmbedder,
+  attention,
+  drop_labels,
+  get_2d_sincos_pos_embed,
+  timestep_embedding,
+)
+from wdmjax.models.unet import UNet
+
+__all__ = [
+  "DIT_PRESETS",
+  "MODELS",
+  "NULL_LABEL",
+  "DiT",
+  "DiTBlock",
+  "FinalLayer",
+  "LabelEmbedder",
+  "SelfAttention",
+  "TimestepEmbedder",
+  "UNet",
+  "attention",
+  "build_model",
+  "count_params",
+  "drop_labels",
+  "dummy_inputs",
+  "get_2d_sincos_pos_embed",
+  "init_params",
+  "param_count_from_config",
+  "timestep_embedding",
+]

@@ -1,0 +1,216 @@
+"""The training loop: data -> jitted step -> metrics, sample grids and Orbax checkpoints.
+
+`train(cfg, workdir)` resumes automatically from the newest checkpoint in `workdir`, saves
+every `train.ckpt_every` steps and at the end, and on SIGTERM or Ctrl-C saves the current
+step before it returns, so no finished step is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+
+import chex
+import jax
+import ml_collections
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
+
+from wdmjax.data import InputPipeline, make_mesh, shard_batch
+from wdmjax.diffusion import diffusion_loss
+from wdmjax.errors import WdmjaxError, check
+from wdmjax.train.checkpoint import Checkpointer
+from wdmjax.train.config import from_json, to_json
+from wdmjax.train.images import save_grid
+from wdmjax.train.metrics import MetricsWriter
+from wdmjax.train.sampling import (
+  apply_fn_for,
+  model_from_config,
+  num_classes,
+  sample_images,
+  schedule_from_config,
+)
+from wdmjax.train.state import TrainState, create_train_state, make_optimizer
+from wdmjax.train.step import LossFn, make_train_step
+
+
+class StopRequest:
+  """Turns SIGTERM and SIGINT into a flag that the loop checks between steps."""
+
+  def __init__(self):
+    self.signum: int | None = None
+
+  def __call__(self, signum, frame):
+    self.signum = signum
+
+  @contextlib.contextmanager
+  def installed(self):
+    if threading.current_thread() is not threading.main_thread():
+      yield self
+      return
+    old = {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+      yield self
+    finally:
+      for s, h in old.items():
+        signal.signal(s, h)
+
+
+def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes workdir/config.json (atomically); refuses a workdir trained with another model."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      old = from_json(f.read())
+    for section in ("model", "diffusion", "data"):
+      keys = ("resolution", "channels") if section == "data" else None
+      a, b = old[section].to_dict(), cfg[section].to_dict()
+      if keys:
+        a, b = {k: a[k] for k in keys}, {k: b[k] for k in keys}
+      check(a == b, f"workdir: {workdir!r} holds a run with a different {section} config "
+                    f"({a} != {b}); use a new --workdir")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(to_json(cfg))
+  os.replace(tmp, path)
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, "config.json")
+  check(os.path.isfile(path), f"--workdir: no trained run in {workdir!r} (no config.json)")
+  with open(path) as f:
+    return from_json(f.read())
+
+
+def init_state(cfg: ml_collections.ConfigDict, model, tx, mesh) -> TrainState:
+  """Parameters initialised from `train.seed`, replicated over the mesh."""
+  res, ch = cfg.data.resolution, cfg.data.channels
+  rng = jax.random.PRNGKey(cfg.train.seed)
+  init_rng, state_rng = jax.random.split(rng)
+
+  def init():
+    x = jax.numpy.zeros((1, res, res, ch), jax.numpy.float32)
+    t = jax.numpy.zeros((1,), jax.numpy.int32)
+    y = jax.numpy.zeros((1,), jax.numpy.int32) if num_classes(cfg) else None
+    params = model.init({"params": init_rng, "dropout": init_rng}, x, t, y)["params"]
+    return create_train_state(params, tx, state_rng)
+
+  return jax.jit(init, out_shardings=NamedSharding(mesh, P()))()
+
+
+def default_loss(cfg: ml_collections.ConfigDict, model) -> LossFn:
+  """The plain diffusion loss of the configured objective (with label dropout for CFG)."""
+  k = num_classes(cfg)
+  p = float(cfg.model.get("class_dropout_prob", 0.0) or 0.0) if k else 0.0
+  loss = diffusion_loss(apply_fn_for(model), schedule_from_config(cfg), cfg.diffusion.objective,
+                        class_dropout_prob=p, null_label=-1 if p > 0 else None)
+  if k:
+    return loss
+
+  def unconditional(params, batch, rng):  # never feed labels to an unconditional model
+    return loss(params, {"image": batch["image"]}, rng)
+
+  return unconditional
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn | None = None,
+          progress: bool = True, log=print) -> TrainState:
+  """Trains (or resumes) the configured model in `workdir`; returns the final state."""
+  t0 = time.time()
+  tc = cfg.train
+  mesh = make_mesh(None if cfg.mesh.data == -1 else cfg.mesh.data)
+  check(tc.batch_size % mesh.size == 0,
+        f"train.batch_size: expected a multiple of the {mesh.size} devices, got {tc.batch_size}")
+  is_main = jax.process_index() == 0
+  if is_main:
+    write_config(cfg, workdir)
+  model = model_from_config(cfg)
+  data = InputPipeline(cfg.data.name, batch_size=tc.batch_size, resolution=cfg.data.resolution,
+                       channels=cfg.data.channels, seed=tc.seed, labels=cfg.data.labels,
+                       split=cfg.data.split, data_dir=cfg.data.data_dir)
+  k = num_classes(cfg)
+  check(k == 0 or data.num_classes <= k,
+        f"model.num_classes: expected at least the {data.num_classes} classes of "
+        f"{cfg.data.name!r}, got {k}")
+  tx = make_optimizer(tc.lr, tc.warmup_steps, tc.weight_decay, tc.grad_clip)
+  loss_fn = loss_fn or default_loss(cfg, model)
+  step_fn = make_train_step(loss_fn, tx, tc.ema_decay, mesh)
+  state = init_state(cfg, model, tx, mesh)
+  ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
+  start = ckpt.latest_step()
+  if start is not None:
+    state = ckpt.restore(state, start)
+    log(f"resumed from {ckpt.directory}/{start}")
+  start = int(state.step)
+  writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"), enabled=is_main)
+  bar = tqdm(total=tc.steps, initial=start, disable=not (progress and is_main),
+             desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+  stop = StopRequest()
+  step = start
+  try:
+    with stop.installed():
+      for step in range(start, tc.steps):
+        if stop.signum is not None:
+          break
+        batch = shard_batch(data.batch(step), mesh)
+        state, metrics = step_fn(state, batch)
+        done = step + 1
+        bar.update(1)
+        if tc.log_every and (done % tc.log_every == 0 or done == tc.steps):
+          m = jax.device_get(metrics)
+          writer.write(done, m)
+          bar.set_postfix(loss=f"{float(m['loss']):.4f}")
+          check(bool(jax.numpy.isfinite(m["loss"])),
+                f"train: loss became {float(m['loss'])} at step {done}; lower train.lr")
+        if tc.ckpt_every and done % tc.ckpt_every == 0:
+          ckpt.save(done, state)
+        if tc.sample_every and done % tc.sample_every == 0 and is_main:
+          _write_samples(cfg, model, state, os.path.join(workdir, "samples", f"{done:07d}.png"))
+      step = int(state.step)
+      ckpt.save(step, state)
+      if stop.signum is not None:
+        log(f"stopped by signal {stop.signum} at step {step}; checkpoint saved, "
+            f"rerun the same command to resume")
+  except WdmjaxError:
+    raise
+  finally:
+    bar.close()
+    ckpt.close()
+  if is_main:
+    with open(os.path.join(workdir, "train_summary.json"), "w") as f:
+      json.dump({"step": step, "seconds": time.time() - t0}, f)
+  return state
+
+
+def _write_samples(cfg, model, state: TrainState, path: str) -> str:
+  params = state.ema_params if cfg.sample.ema else state.params
+  imgs = sample_images(cfg, model, params, jax.random.PRNGKey(cfg.sample.seed), cfg.sample.num)
+  k = num_classes(cfg)
+  return save_grid(imgs, path, nrow=k if k and cfg.sample.num % k == 0 else None, upscale=2)
+
+
+def write_final_samples(cfg, model, state: TrainState, workdir: str) -> str:
+  return _write_samples(cfg, model, state, os.path.join(workdir, "samples", "final.png"))
+
+
+def load_trained(workdir: str, ema: bool = True) -> tuple[ml_collections.ConfigDict, object,
+                                                          chex.ArrayTree]:
+  """(config, model, params) of the newest checkpoint in `workdir` (EMA weights by default)."""
+  cfg = read_config(workdir)
+  model = model_from_config(cfg)
+  mesh = make_mesh(1)
+  tx = make_optimizer(cfg.train.lr, cfg.train.warmup_steps, cfg.train.weight_decay,
+                      cfg.train.grad_clip)
+  state = init_state(cfg, model, tx, mesh)
+  ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
+  try:
+    state = ckpt.restore(state)
+  finally:
+    ckpt.close()
+  return cfg, model, state.ema_params if ema else state.params

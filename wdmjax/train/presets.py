@@ -1,0 +1,73 @@
+"""Named configs shipped with the package (the files in experiments/configs/ return these)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from wdmjax.train.config import default_config, merge
+
+
+def _config(**sections) -> ml_collections.ConfigDict:
+  return merge(default_config(), sections)
+
+
+def mnist5k_dit() -> ml_collections.ConfigDict:
+  """A small class-conditional DiT on the 5,000 embedded MNIST digits: the CPU starting point."""
+  return _config(
+      data=dict(name="mnist5k", resolution=28, channels=1),
+      model=dict(name="dit", patch_size=4, width=192, depth=6, num_heads=6, num_classes=10,
+                 class_dropout_prob=0.1, learn_sigma=False),
+      train=dict(steps=6000, batch_size=64, lr=5e-4, warmup_steps=200, ema_decay=0.999,
+                 log_every=50, ckpt_every=500, sample_every=2000),
+      sample=dict(sampler="ddim", steps=50, num=100, guidance_scale=2.0),
+  )
+
+
+def mnist5k_unet() -> ml_collections.ConfigDict:
+  """A small class-conditional UNet on the embedded MNIST digits (slower on CPU: conv grads)."""
+  return _config(
+      data=dict(name="mnist5k", resolution=28, channels=1),
+      model=dict(name="unet", ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,),
+                 dropout=0.0, num_classes=10, class_dropout_prob=0.1, num_groups=8),
+      train=dict(steps=6000, batch_size=64, lr=5e-4, warmup_steps=200, ema_decay=0.999,
+                 log_every=50, ckpt_every=500, sample_every=2000),
+      sample=dict(sampler="ddim", steps=50, num=100, guidance_scale=2.0),
+  )
+
+
+def cifar10_unet() -> ml_collections.ConfigDict:
+  """The DDPM CIFAR-10 UNet (35.7M parameters), for accelerators."""
+  return _config(
+      data=dict(name="cifar10", resolution=32, channels=3),
+      model=dict(name="unet", ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
+                 attn_resolutions=(16,), dropout=0.1, num_classes=0),
+      train=dict(steps=800_000, batch_size=128, lr=2e-4, warmup_steps=5000, ema_decay=0.9999,
+                 grad_clip=1.0, log_every=100, ckpt_every=10_000, sample_every=50_000),
+      sample=dict(sampler="ddim", steps=100, num=64),
+  )
+
+
+def cifar10_dit_s2() -> ml_collections.ConfigDict:
+  """DiT-S/2 on CIFAR-10 (32x32x3, 256 tokens), class-conditional with guidance."""
+  return _config(
+      data=dict(name="cifar10", resolution=32, channels=3),
+      model=dict(name="dit", patch_size=2, width=384, depth=12, num_heads=6, num_classes=10,
+                 class_dropout_prob=0.1),
+      train=dict(steps=400_000, batch_size=128, lr=1e-4, warmup_steps=1000, ema_decay=0.9999,
+                 log_every=100, ckpt_every=10_000, sample_every=50_000),
+      sample=dict(sampler="ddim", steps=50, num=100, guidance_scale=1.5),
+  )
+
+
+def demo() -> ml_collections.ConfigDict:
+  """`wdmjax demo`: a few minutes of the mnist5k DiT."""
+  cfg = mnist5k_dit()
+  with cfg.unlocked():
+    cfg.train.steps = 1500
+    cfg.train.sample_every = 0
+    cfg.train.ckpt_every = 250
+  return cfg
+
+
+PRESETS = {"mnist5k_dit": mnist5k_dit, "mnist5k_unet": mnist5k_unet,
+           "cifar10_unet": cifar10_unet, "cifar10_dit_s2": cifar10_dit_s2, "demo": demo}

@@ -1,0 +1,53 @@
+"""The train step: a pure function (state, batch) -> (state, metrics), jitted over a mesh."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from wdmjax.train.state import TrainState
+
+LossFn = Callable[[chex.ArrayTree, dict, chex.PRNGKey], tuple[chex.Array, dict]]
+
+
+def ema_update(ema: chex.ArrayTree, params: chex.ArrayTree, decay: float) -> chex.ArrayTree:
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
+               tx: optax.GradientTransformation, ema_decay: float) -> tuple[TrainState, dict]:
+  """One optimizer step on the global batch.
+
+  `loss_fn(params, batch, rng) -> (loss, metrics)` is the method (plain diffusion, WDP, ...);
+  the engine only differentiates it, updates parameters and the EMA, and counts steps.
+  """
+  rng = jax.random.fold_in(state.rng, state.step)
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+  new_state = state.replace(step=state.step + 1, params=params,
+                            ema_params=ema_update(state.ema_params, params, ema_decay),
+                            opt_state=opt_state)
+  return new_state, jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), metrics)
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, ema_decay: float,
+                    mesh: Mesh, data_axis: str = "data"
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """`train_step` compiled with `jax.jit`: the batch is sharded over the mesh's data axis, the
+  state replicated and donated (its buffers are reused for the new state)."""
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P(data_axis))
+
+  def step(state, batch):
+    return train_step(state, batch, loss_fn=loss_fn, tx=tx, ema_decay=ema_decay)
+
+  return jax.jit(step, in_shardings=(replicated, batch_sharding),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
