@@ -128,8 +128,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn | Non
   check(tc.batch_size % mesh.size == 0,
         f"train.batch_size: expected a multiple of the {mesh.size} devices, got {tc.batch_size}")
   is_main = jax.process_index() == 0
-  if is_main:
-    write_config(cfg, workdir)
   model = model_from_config(cfg)
   data = InputPipeline(cfg.data.name, batch_size=tc.batch_size, resolution=cfg.data.resolution,
                        channels=cfg.data.channels, seed=tc.seed, labels=cfg.data.labels,
@@ -138,6 +136,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn | Non
   check(k == 0 or data.num_classes <= k,
         f"model.num_classes: expected at least the {data.num_classes} classes of "
         f"{cfg.data.name!r}, got {k}")
+  if is_main:  # only after the model and the data were accepted: no half-made workdir
+    write_config(cfg, workdir)
   tx = make_optimizer(tc.lr, tc.warmup_steps, tc.weight_decay, tc.grad_clip)
   loss_fn = loss_fn or default_loss(cfg, model)
   step_fn = make_train_step(loss_fn, tx, tc.ema_decay, mesh)

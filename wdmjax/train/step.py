@@ -31,7 +31,7 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+  metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
   new_state = state.replace(step=state.step + 1, params=params,
                             ema_params=ema_update(state.ema_params, params, ema_decay),
                             opt_state=opt_state)

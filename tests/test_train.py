@@ -1,0 +1,179 @@
+"""The training engine: loss goes down, resume is exact, multi-device equals one device."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, TINY_DIT, run_cli
+from wdmjax.errors import WdmjaxError
+from wdmjax.train import load_config, load_trained, train
+from wdmjax.train.metrics import read_metrics
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """100 steps of the tiny DiT in-process, logging every step."""
+  workdir = str(tmp_path_factory.mktemp("run"))
+  cfg = load_config(TINY_DIT, ["train.steps=100", "train.log_every=1", "train.ckpt_every=50"])
+  state = train(cfg, workdir, progress=False)
+  return cfg, workdir, state
+
+
+def test_loss_goes_down_within_100_steps(trained):
+  _, workdir, state = trained
+  losses = [m["loss"] for m in read_metrics(os.path.join(workdir, "metrics.jsonl"))]
+  assert len(losses) == 100 and int(state.step) == 100
+  first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+  assert last < 0.7 * first, (first, last)
+
+
+def test_checkpoints_and_resume_extend_a_run(trained):
+  cfg, workdir, state = trained
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["100", "50"]
+  cfg2, _, params = load_trained(workdir, ema=False)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sample_cli_writes_a_grid(trained, tmp_path):
+  _, workdir, _ = trained
+  out = tmp_path / "grid.png"
+  r = run_cli("sample", "--workdir", workdir, "--num", "20", "--steps", "5", "--out", str(out))
+  assert r.returncode == 0, r.stderr
+  from PIL import Image
+  img = Image.open(out)
+  # 10 columns x 2 rows of 8x8 digits with 2-pixel padding, upscaled 2x.
+  assert img.size == (2 * (10 * 10 + 2), 2 * (2 * 10 + 2))
+
+
+def test_wrong_image_shape_is_a_clear_error(trained):
+  cfg, workdir, state = trained
+  from wdmjax.train import default_loss, model_from_config
+  loss_fn = default_loss(cfg, model_from_config(cfg))
+  batch = {"image": jnp.zeros((4, 28, 28, 1)), "label": jnp.zeros((4,), jnp.int32)}
+  with pytest.raises(WdmjaxError, match=r"x: expected shape"):
+    loss_fn(state.params, batch, jax.random.key(0))
+
+
+def _latest_ckpt(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  steps = [int(s) for s in os.listdir(d) if s.isdigit()] if os.path.isdir(d) else []
+  return max(steps, default=0)
+
+
+def _start_and_interrupt(workdir, sig, after_ckpt, steps):
+  """Starts a CLI run and sends `sig` once checkpoint `after_ckpt` exists."""
+  cmd = [sys.executable, "-m", "wdmjax.cli", "train", "--config", TINY_DIT, "--workdir", workdir,
+         "--no-progress", "--no-samples", "--set", f"train.steps={steps}",
+         "--set", "train.ckpt_every=10"]
+  p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while _latest_ckpt(workdir) < after_ckpt and time.time() < deadline and p.poll() is None:
+    time.sleep(0.02)
+  assert p.poll() is None, "the run ended before it could be interrupted: " + p.stderr.read()
+  p.send_signal(sig)
+  out, err = p.communicate(timeout=120)
+  return p.returncode, out, err
+
+
+def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tmp_path):
+  steps = 600
+  common = ["--set", f"train.steps={steps}", "--set", "train.ckpt_every=10", "--no-progress",
+            "--no-samples"]
+  ref = str(tmp_path / "ref")
+  r = run_cli("train", "--config", TINY_DIT, "--workdir", ref, *common)
+  assert r.returncode == 0, r.stderr
+
+  run = str(tmp_path / "run")
+  rc, out, err = _start_and_interrupt(run, signal.SIGTERM, after_ckpt=20, steps=steps)
+  assert rc == 0 and "stopped by signal" in out, (rc, out, err)
+  stopped_at = _latest_ckpt(run)
+  assert 20 <= stopped_at < steps
+  rc, _, _ = _start_and_interrupt(run, signal.SIGKILL, after_ckpt=stopped_at + 20, steps=steps)
+  assert rc == -signal.SIGKILL
+  r = run_cli("train", "--config", TINY_DIT, "--workdir", run, *common)
+  assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
+
+  _, _, p_ref = load_trained(ref, ema=False)
+  _, _, p_run = load_trained(run, ema=False)
+  _, _, e_ref = load_trained(ref, ema=True)
+  _, _, e_run = load_trained(run, ema=True)
+  for a, b in zip(jax.tree.leaves((p_ref, e_ref)), jax.tree.leaves((p_run, e_run)), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+DEVICE_SCRIPT = textwrap.dedent("""
+  import json, sys
+  import jax
+  from wdmjax.data import InputPipeline, make_mesh, shard_batch
+  from wdmjax.train import (default_loss, init_state, load_config, make_optimizer,
+                            make_train_step, model_from_config)
+  cfg = load_config(sys.argv[1], ["train.batch_size=16"])
+  mesh = make_mesh()
+  model = model_from_config(cfg)
+  tx = make_optimizer(1e-3)
+  step = make_train_step(default_loss(cfg, model), tx, 0.99, mesh)
+  state = init_state(cfg, model, tx, mesh)
+  data = InputPipeline("digits", batch_size=16, resolution=8, channels=1, seed=0)
+  losses = []
+  for s in range(3):
+    state, m = step(state, shard_batch(data.batch(s), mesh))
+    losses.append(float(m["loss"]))
+  leaf = jax.tree.leaves(state.params)[0]
+  print(json.dumps({"devices": mesh.size, "losses": losses,
+                    "param_sum": float(abs(leaf).sum())}))
+""")
+
+
+def _run_devices(n):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+             JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-c", DEVICE_SCRIPT, TINY_DIT], capture_output=True,
+                     text=True, env=env, cwd=ROOT, timeout=300)
+  assert r.returncode == 0, r.stderr
+  return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_four_devices_give_the_loss_of_one_device():
+  one, four = _run_devices(1), _run_devices(4)
+  assert one["devices"] == 1 and four["devices"] == 4
+  np.testing.assert_allclose(four["losses"], one["losses"], atol=1e-5)
+  np.testing.assert_allclose(four["param_sum"], one["param_sum"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "no/such/config.py"], "config file not found"),
+    (["--set", "train.steps=-3"], "train.steps: expected an integer >= 1, got -3"),
+    (["--set", "train.lr=0"], "train.lr: expected a positive number"),
+    (["--set", "train.bogus=1"], "unknown key 'train.bogus'"),
+    (["--set", "model.name=resnet"], "model.name: expected 'unet' or 'dit'"),
+    (["--set", "model.width=30"], "width"),
+    (["--set", "train.batch_size=many"], "train.batch_size: expected a value of type int"),
+    (["--set", "data.name=nosuchset"], "nosuchset"),
+])
+def test_bad_input_gives_one_line_errors(tmp_path, args, message):
+  if "--config" not in args:
+    args = ["--config", TINY_DIT, *args]
+  r = run_cli("train", "--workdir", str(tmp_path / "w"), "--no-progress", *args)
+  assert r.returncode == 2, (r.stdout, r.stderr)
+  lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("WARNING")]
+  assert len(lines) == 1 and lines[0].startswith("wdmjax: error:"), r.stderr
+  assert message in lines[0]
+  assert "Traceback" not in r.stderr
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+  assert not os.path.exists(tmp_path / "w" / "config.json")
+
+
+def test_resume_refuses_a_different_model(trained, tmp_path):
+  _, workdir, _ = trained
+  with pytest.raises(WdmjaxError, match="different model config"):
+    train(load_config(TINY_DIT, ["model.width=64"]), workdir, progress=False)
