@@ -177,3 +177,10 @@ def test_resume_refuses_a_different_model(trained, tmp_path):
   _, workdir, _ = trained
   with pytest.raises(WdmjaxError, match="different model config"):
     train(load_config(TINY_DIT, ["model.width=64"]), workdir, progress=False)
+
+
+def test_ema_decay_warms_up_then_holds():
+  from wdmjax.train.step import ema_decay_at
+  np.testing.assert_allclose(ema_decay_at(0, 0.999), 0.1)
+  np.testing.assert_allclose(ema_decay_at(90, 0.999), 91 / 100)
+  np.testing.assert_allclose(ema_decay_at(10**6, 0.999), 0.999)

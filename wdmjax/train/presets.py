@@ -15,10 +15,11 @@ def mnist5k_dit() -> ml_collections.ConfigDict:
   """A small class-conditional DiT on the 5,000 embedded MNIST digits: the CPU starting point."""
   return _config(
       data=dict(name="mnist5k", resolution=28, channels=1),
-      model=dict(name="dit", patch_size=4, width=192, depth=6, num_heads=6, num_classes=10,
+      # 49 tokens of 4x4 pixels: about 0.3 s per step of 48 images on 2 CPU cores.
+      model=dict(name="dit", patch_size=4, width=128, depth=6, num_heads=4, num_classes=10,
                  class_dropout_prob=0.1, learn_sigma=False),
-      train=dict(steps=6000, batch_size=64, lr=5e-4, warmup_steps=200, ema_decay=0.999,
-                 log_every=50, ckpt_every=500, sample_every=2000),
+      train=dict(steps=3000, batch_size=48, lr=1e-3, warmup_steps=200, ema_decay=0.999,
+                 log_every=50, ckpt_every=250, sample_every=750),
       sample=dict(sampler="ddim", steps=50, num=100, guidance_scale=2.0),
   )
 
@@ -60,12 +61,12 @@ def cifar10_dit_s2() -> ml_collections.ConfigDict:
 
 
 def demo() -> ml_collections.ConfigDict:
-  """`wdmjax demo`: a few minutes of the mnist5k DiT."""
+  """`wdmjax demo`: about five minutes of the mnist5k DiT on 2 CPU cores."""
   cfg = mnist5k_dit()
   with cfg.unlocked():
-    cfg.train.steps = 1500
+    cfg.train.steps = 1000
     cfg.train.sample_every = 0
-    cfg.train.ckpt_every = 250
+    cfg.train.ckpt_every = 100
   return cfg
 
 

@@ -16,7 +16,16 @@ from wdmjax.train.state import TrainState
 LossFn = Callable[[chex.ArrayTree, dict, chex.PRNGKey], tuple[chex.Array, dict]]
 
 
-def ema_update(ema: chex.ArrayTree, params: chex.ArrayTree, decay: float) -> chex.ArrayTree:
+def ema_decay_at(step: chex.Array, decay: float) -> chex.Array:
+  """EMA decay with warm-up, min(decay, (1 + step) / (10 + step)): early in training the
+  average must forget the random initialisation quickly, or short runs sample from a blend
+  of the initial and the trained weights."""
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def ema_update(ema: chex.ArrayTree, params: chex.ArrayTree, decay: chex.Numeric
+               ) -> chex.ArrayTree:
   return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
 
 
@@ -33,7 +42,8 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
   params = optax.apply_updates(state.params, updates)
   metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
   new_state = state.replace(step=state.step + 1, params=params,
-                            ema_params=ema_update(state.ema_params, params, ema_decay),
+                            ema_params=ema_update(state.ema_params, params,
+                                                  ema_decay_at(state.step, ema_decay)),
                             opt_state=opt_state)
   return new_state, jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), metrics)
 
