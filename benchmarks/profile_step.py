@@ -88,6 +88,8 @@ def _hlo_computations(hlo: str) -> dict[str, list[str]]:
 
 def _kind(line: str, called: list[str]) -> str:
   """Kind of one entry instruction: which conv/dot it runs, else copy or elementwise."""
+  if " while(" in line:  # jax.random's threefry is a rolled loop on CPU
+    return "rng (threefry loop)" if "threefry" in line or "_uniform" in line else "while loop"
   body = called + [line]
   conv = next((s for s in body if " convolution(" in s), None)
   if conv is not None:

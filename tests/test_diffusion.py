@@ -149,3 +149,14 @@ def test_stochastic_samplers_land_on_the_oracle_data(schedule):
                     variance="fixed_small")
   np.testing.assert_allclose(a, 0.0, atol=1e-4)  # the last step lands on x0 = 0 exactly
   np.testing.assert_allclose(b, 0.0, atol=1e-4)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_jitted_sample_entry_point_runs_both_samplers(schedule, sampler):
+  """`sample` jits over the schedule and params: both samplers must trace with them."""
+  def model_fn(params, x, t, y):
+    return d.eps_from_x0(schedule, jnp.full_like(x, params), x, t)
+
+  x = d.sample(model_fn, jnp.float32(0.25), jax.random.key(0), schedule, shape=SHAPE,
+               sampler=sampler, steps=20)
+  np.testing.assert_allclose(x, 0.25, atol=1e-3)

@@ -117,19 +117,19 @@ def ddpm_sample(denoise_fn: DenoiseFn, schedule: Schedule, x_T: chex.Array, nois
   ts = respaced_timesteps(schedule.num_timesteps, steps)
   _check_stream(noise, x_T, steps)
   check(noise is not None, "noise: expected a PRNG key or a noise array, got None")
-  ac_np = np.asarray(schedule.alphas_cumprod, np.float64)[ts]
-  ac_prev_np = np.concatenate([[1.0], ac_np[:-1]])
-  betas = 1.0 - ac_np / ac_prev_np
-  post_var = betas * (1.0 - ac_prev_np) / (1.0 - ac_np)
+  # Respaced process (works with a traced schedule, so the sampler can be jitted over it).
+  ac = schedule.alphas_cumprod[jnp.asarray(ts)]
+  ac_prev = jnp.concatenate([jnp.ones((1,), ac.dtype), ac[:-1]])
+  betas = 1.0 - ac / ac_prev
+  post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
   if variance == "fixed_small":
     var = post_var
   else:
-    var = np.concatenate([post_var[1:2], betas[1:]]) if steps > 1 else betas
-  coef0 = betas * np.sqrt(ac_prev_np) / (1.0 - ac_np)
-  coeft = (1.0 - ac_prev_np) * np.sqrt(1.0 - betas) / (1.0 - ac_np)
-  f32 = lambda a: jnp.asarray(a[::-1].copy(), jnp.float32)
+    var = jnp.concatenate([post_var[1:2], betas[1:]]) if steps > 1 else betas
+  coef0 = betas * jnp.sqrt(ac_prev) / (1.0 - ac)
+  coeft = (1.0 - ac_prev) * jnp.sqrt(1.0 - betas) / (1.0 - ac)
   per_step = (jnp.arange(steps, dtype=jnp.int32), jnp.asarray(ts[::-1].copy()),
-              f32(coef0), f32(coeft), f32(np.sqrt(var)))
+              coef0[::-1], coeft[::-1], jnp.sqrt(var)[::-1])
 
   def body(x, inp):
     k, t, c0, ct, std = inp

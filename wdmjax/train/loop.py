@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -196,7 +197,13 @@ def _write_samples(cfg, model, state: TrainState, path: str) -> str:
 
 
 def write_final_samples(cfg, model, state: TrainState, workdir: str) -> str:
-  return _write_samples(cfg, model, state, os.path.join(workdir, "samples", "final.png"))
+  """workdir/samples/final.png; reuses the periodic grid of the last step when there is one."""
+  final = os.path.join(workdir, "samples", "final.png")
+  periodic = os.path.join(workdir, "samples", f"{int(state.step):07d}.png")
+  if os.path.exists(periodic):
+    shutil.copyfile(periodic, final)
+    return final
+  return _write_samples(cfg, model, state, final)
 
 
 def load_trained(workdir: str, ema: bool = True) -> tuple[ml_collections.ConfigDict, object,
