@@ -11,6 +11,12 @@ def _config(**sections) -> ml_collections.ConfigDict:
   return merge(default_config(), sections)
 
 
+# On short CPU budgets the v objective gives recognisable digits several times sooner than
+# eps: with eps, x0 = (x_t - s eps) / a amplifies the network's error by 1 / sqrt(abar_t)
+# (about 160x at t = T - 1), so the early, global steps of sampling go astray.
+_FAST_DIFFUSION = dict(objective="v")
+
+
 def mnist5k_dit() -> ml_collections.ConfigDict:
   """A small class-conditional DiT on the 5,000 embedded MNIST digits: the CPU starting point."""
   return _config(
@@ -18,8 +24,9 @@ def mnist5k_dit() -> ml_collections.ConfigDict:
       # 49 tokens of 4x4 pixels: about 0.3 s per step of 48 images on 2 CPU cores.
       model=dict(name="dit", patch_size=4, width=128, depth=6, num_heads=4, num_classes=10,
                  class_dropout_prob=0.1, learn_sigma=False),
-      train=dict(steps=3000, batch_size=48, lr=1e-3, warmup_steps=200, ema_decay=0.999,
-                 log_every=50, ckpt_every=250, sample_every=750),
+      diffusion=_FAST_DIFFUSION,
+      train=dict(steps=4000, batch_size=48, lr=1e-3, warmup_steps=200, ema_decay=0.999,
+                 log_every=50, ckpt_every=250, sample_every=1000),
       sample=dict(sampler="ddim", steps=50, num=100, guidance_scale=2.0),
   )
 
@@ -30,6 +37,7 @@ def mnist5k_unet() -> ml_collections.ConfigDict:
       data=dict(name="mnist5k", resolution=28, channels=1),
       model=dict(name="unet", ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(7,),
                  dropout=0.0, num_classes=10, class_dropout_prob=0.1, num_groups=8),
+      diffusion=_FAST_DIFFUSION,
       train=dict(steps=6000, batch_size=64, lr=5e-4, warmup_steps=200, ema_decay=0.999,
                  log_every=50, ckpt_every=500, sample_every=2000),
       sample=dict(sampler="ddim", steps=50, num=100, guidance_scale=2.0),
