@@ -70,19 +70,36 @@ def model_configs(quick: bool) -> dict[str, dict[str, Any]]:
 # ----------------------------------------------------------------------------- timing
 
 
-def alternate(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
+def alternate(fns: dict[str, Callable[[], None]], repeats: int,
+              busy: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
   """Runs each (synchronous) fn `repeats` times, alternating frameworks and their order.
 
-  Returns the wall-clock seconds of every call, by name.
+  Returns the wall-clock seconds of every call, by name. `busy`, if given, receives by name
+  the cores other processes used during each call (see CpuMonitor).
   """
   times: dict[str, list[float]] = {k: [] for k in fns}
   names = list(fns)
   for i in range(repeats):
     for name in names if i % 2 == 0 else names[::-1]:
+      monitor = CpuMonitor()
       t0 = time.perf_counter()
       fns[name]()
       times[name].append(time.perf_counter() - t0)
+      if busy is not None:
+        busy.setdefault(name, []).append(monitor.other_cores())
   return times
+
+
+def clean_median(times: list[float], busy: list[float]) -> tuple[float, int]:
+  """Median over the calls during which other processes used < BUSY_CORES cores, when at
+  least half of them were; else over all calls. Returns (median, calls it is over)."""
+  clean = [t for t, b in zip(times, busy, strict=True) if not b >= BUSY_CORES]
+  use = clean if 2 * len(clean) >= len(times) else times
+  return median(use), len(use)
+
+
+# Calls during which other processes used this many cores or more are left out of medians.
+BUSY_CORES = 0.15
 
 
 class CpuMonitor:
@@ -385,14 +402,18 @@ def bench_model(name: str, cfg: dict[str, Any], args: argparse.Namespace) -> dic
   print(f"[{name}] timing {args.steps} train steps, {args.sample_repeats} samplings "
         "(alternating) ...", flush=True)
   monitor = CpuMonitor()
-  train = alternate(train_fns, args.steps)
-  sample = alternate(sample_fns, args.sample_repeats)
+  train_busy: dict[str, list[float]] = {}
+  sample_busy: dict[str, list[float]] = {}
+  train = alternate(train_fns, args.steps, train_busy)
+  sample = alternate(sample_fns, args.sample_repeats, sample_busy)
   out["other_cpu_cores"] = monitor.other_cores()
   for fw in train_fns:
-    out[f"train_s_{fw}"] = median(train[fw])
-    out[f"train_all_s_{fw}"] = train[fw]
-    out[f"sample_s_{fw}"] = median(sample.get(fw, []))
-    out[f"sample_all_s_{fw}"] = sample.get(fw, [])
+    out[f"train_s_{fw}"], out[f"train_n_{fw}"] = clean_median(train[fw], train_busy[fw])
+    out[f"train_all_s_{fw}"], out[f"train_busy_{fw}"] = train[fw], train_busy[fw]
+    out[f"sample_s_{fw}"], out[f"sample_n_{fw}"] = clean_median(
+      sample.get(fw, []), sample_busy.get(fw, []))
+    out[f"sample_all_s_{fw}"], out[f"sample_busy_{fw}"] = sample.get(fw, []), sample_busy.get(
+      fw, [])
   if not args.skip_torch:
     out["train_ratio"] = out["train_s_torch"] / out["train_s_jax"]
     out["sample_ratio"] = out["sample_s_torch"] / out["sample_s_jax"]
@@ -440,6 +461,9 @@ def print_table(results: dict[str, dict[str, Any]], peak: dict[str, float]) -> N
       rows.append(("jax: XLA-cost GFLOP/s", [
         f"{r['flops_xla'] / r['train_s_jax'] / 1e9:.1f}" for r in results.values()]))
   rows.append(("other processes' CPU use, cores", get("other_cpu_cores", ".2f")))
+  rows.append(("calls in medians (train; sample)", [
+    "; ".join(" / ".join(str(r[f"{k}_n_{fw}"]) for fw in ("jax", "torch") if f"{k}_n_{fw}" in r)
+              for k in ("train", "sample")) for r in results.values()]))
   rows.append(("jax compile s (train / sample)", [
     f"{r['compile_train_s']:.1f} / {r['compile_sample_s']:.1f}" for r in results.values()]))
 
@@ -516,9 +540,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     f"{r['sample_s_jax']:.2f} s (jax only)" for n, r in results.items())
   print(f"summary (>1: wdmjax faster): {summary}")
   busy = max(r["other_cpu_cores"] for r in results.values())
-  if busy > 0.2:
-    print(f"WARNING: other processes used {busy:.2f} of {os.cpu_count()} cores during the "
-          "timings; 2-thread numbers (PyTorch's above all) are not meaningful. Rerun when idle.")
+  if busy >= BUSY_CORES:
+    print(f"WARNING: other processes used up to {busy:.2f} of {os.cpu_count()} cores during "
+          f"the timings. Medians leave out calls with >= {BUSY_CORES} busy cores while at "
+          "least half are left; 2-thread numbers (PyTorch's above all) from busy calls are "
+          "not meaningful. Rerun when idle.")
 
   report = dict(env=env, peak_gflops=peak, peak_gflops_runs=peaks, args=vars(args),
                 results=results)

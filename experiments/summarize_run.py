@@ -26,6 +26,7 @@ def main() -> None:
   p.add_argument("workdir")
   p.add_argument("name")
   p.add_argument("--command", default="", help="the command that produced the workdir")
+  p.add_argument("--note", default="", help="a sentence on the conditions of the run")
   args = p.parse_args()
   cfg = read_config(args.workdir)
   rows = read_metrics(os.path.join(args.workdir, "metrics.jsonl"))
@@ -36,8 +37,11 @@ def main() -> None:
   # where the run was stopped and resumed (a gap over 10x the median).
   gaps = np.diff(times)
   wall = float(gaps[gaps < 10 * np.median(gaps)].sum()) if gaps.size else 0.0
+  minutes_at = {int(s): round(float(t - times[0]) / 60, 1) for s, t in zip(steps, times, strict=True)
+                if s % 1000 == 0}
   summary = {
-      "name": args.name, "command": args.command, "steps": int(steps[-1]),
+      "name": args.name, "command": args.command, "note": args.note, "steps": int(steps[-1]),
+      "minutes_at_step": minutes_at,
       "batch_size": cfg.train.batch_size, "train_minutes": round(wall / 60, 1),
       "seconds_per_step": round(wall / max(int(steps[-1] - steps[0]), 1), 3),
       "loss_first_100": float(loss[steps <= 100].mean()),
@@ -68,6 +72,9 @@ def main() -> None:
               "loss_last_100"):
       v = summary[k]
       f.write(f"| {k} | {v:.4f} |\n" if isinstance(v, float) else f"| {k} | {v} |\n")
+    f.write(f"| minutes at step | {minutes_at} |\n")
+    if args.note:
+      f.write(f"\n{args.note}\n")
     f.write(f"\nSamples: `{args.name}_samples.png` (DDIM-{cfg.sample.steps}, guidance "
             f"{cfg.sample.guidance_scale}, EMA weights); loss curve: `{args.name}_loss.png`.\n")
   print(json.dumps(summary, indent=2))
