@@ -37,8 +37,8 @@ def main() -> None:
   # where the run was stopped and resumed (a gap over 10x the median).
   gaps = np.diff(times)
   wall = float(gaps[gaps < 10 * np.median(gaps)].sum()) if gaps.size else 0.0
-  minutes_at = {int(s): round(float(t - times[0]) / 60, 1) for s, t in zip(steps, times, strict=True)
-                if s % 1000 == 0}
+  minutes_at = {int(s): round(float(t - times[0]) / 60, 1)
+                for s, t in zip(steps, times, strict=True) if s % 1000 == 0}
   summary = {
       "name": args.name, "command": args.command, "note": args.note, "steps": int(steps[-1]),
       "minutes_at_step": minutes_at,
