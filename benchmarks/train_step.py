@@ -71,15 +71,19 @@ def model_configs(quick: bool) -> dict[str, dict[str, Any]]:
 
 
 def alternate(fns: dict[str, Callable[[], None]], repeats: int,
-              busy: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+              busy: dict[str, list[float]] | None = None,
+              extra_rounds: int = 0) -> dict[str, list[float]]:
   """Runs each (synchronous) fn `repeats` times, alternating frameworks and their order.
 
   Returns the wall-clock seconds of every call, by name. `busy`, if given, receives by name
-  the cores other processes used during each call (see CpuMonitor).
+  the cores other processes used during each call (see CpuMonitor); then up to
+  `extra_rounds` more rounds run until every fn has `repeats` undisturbed calls.
   """
   times: dict[str, list[float]] = {k: [] for k in fns}
   names = list(fns)
-  for i in range(repeats):
+  for i in range(repeats + (extra_rounds if busy is not None else 0)):
+    if i >= repeats and all(sum(b < BUSY_CORES for b in busy[k]) >= repeats for k in names):
+      break  # enough calls that no other process disturbed
     for name in names if i % 2 == 0 else names[::-1]:
       monitor = CpuMonitor()
       t0 = time.perf_counter()
@@ -404,8 +408,9 @@ def bench_model(name: str, cfg: dict[str, Any], args: argparse.Namespace) -> dic
   monitor = CpuMonitor()
   train_busy: dict[str, list[float]] = {}
   sample_busy: dict[str, list[float]] = {}
-  train = alternate(train_fns, args.steps, train_busy)
-  sample = alternate(sample_fns, args.sample_repeats, sample_busy)
+  train = alternate(train_fns, args.steps, train_busy, extra_rounds=args.steps)
+  sample = alternate(sample_fns, args.sample_repeats, sample_busy,
+                     extra_rounds=args.sample_repeats)
   out["other_cpu_cores"] = monitor.other_cores()
   for fw in train_fns:
     out[f"train_s_{fw}"], out[f"train_n_{fw}"] = clean_median(train[fw], train_busy[fw])

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
   d = sub.add_parser("demo", help="train a small model on the embedded MNIST digits and "
                      "write a sample grid")
   d.add_argument("--out", default="wdmjax_demo")
-  d.add_argument("--steps", type=int, default=None, help="training steps (default 1000)")
+  d.add_argument("--steps", type=int, default=None, help="training steps (default 2000)")
   d.set_defaults(func=_cmd_demo)
   return p
 
