@@ -1,16 +1,18 @@
 """Where the time of wdmjax's JAX train step goes on CPU (companion of train_step.py).
 
-Four views of one model's train step (same configs as train_step.py):
+Five views of one model's train step (same configs as train_step.py):
   phases  forward (loss), forward + backward (grad), full step (+ AdamW + EMA), alternated;
   ops     an XLA trace of full steps, op time grouped by kind (conv forward / input grad /
           weight grad, dot forward / backward, layout copies, elementwise), top ops;
   convs   every distinct convolution of the model timed alone: forward, input gradient,
           weight gradient (XLA's own), and the weight gradient as 9 shifted matmuls;
+  variants  the full step with one layer swapped for another implementation of the same
+          maths (flax method interceptor; the package is untouched), gradients checked;
   flags   train_step.py --skip-torch in fresh processes under several XLA_FLAGS, run in
           alternating rounds (flags must be set before jax starts).
 
   python benchmarks/profile_step.py --model unet
-  python benchmarks/profile_step.py --model dit --views phases,ops
+  python benchmarks/profile_step.py --model dit --views phases,ops,variants
   python benchmarks/profile_step.py --model unet --views flags \\
       --flag=--xla_cpu_use_onednn=true --flag="--xla_cpu_multi_thread_eigen=false"
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import glob
 import json
 import math
@@ -29,13 +32,16 @@ import sys
 import tempfile
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from train_step import CpuMonitor, JaxBench, alternate, median, model_configs
 
-VIEWS = ("phases", "ops", "convs", "flags")
+from wdmjax.models import SelfAttention, attention
+
+VIEWS = ("phases", "ops", "convs", "variants", "flags")
 
 
 # ----------------------------------------------------------------------------- phases
@@ -191,20 +197,20 @@ def model_convs(jx: JaxBench) -> list[tuple[Any, dict[str, Any], int]]:
   return [tuple(v) for v in seen.values()]
 
 
-def _shifted_wgrad(params: dict[str, Any]):
-  """Weight gradient of a stride-1, NHWC/HWIO conv as kh*kw matmuls of shifted inputs."""
+def shifted_wgrad(x: jax.Array, g: jax.Array, w: jax.Array, padding: Any) -> jax.Array:
+  """Weight gradient of a stride-1 NHWC/HWIO conv as kh*kw matmuls of shifted inputs.
 
-  def wgrad(x, g, w):
-    kh, kw, ci, co = w.shape
-    xp = jnp.pad(x, ((0, 0), params["padding"][0], params["padding"][1], (0, 0)))
-    h, wd = g.shape[1], g.shape[2]
-    g2 = g.reshape(-1, co)
-    dims = (((0,), (0,)), ((), ()))
-    rows = [lax.dot_general(xp[:, i:i + h, j:j + wd].reshape(-1, ci), g2, dims)
-            for i in range(kh) for j in range(kw)]
-    return jnp.stack(rows).reshape(kh, kw, ci, co)
-
-  return wgrad
+  x: [B, H, W, Cin], g: [B, Ho, Wo, Cout] output gradient, w: [kh, kw, Cin, Cout] (for its
+  shape), padding: ((top, bottom), (left, right)) -> dL/dw [kh, kw, Cin, Cout].
+  """
+  kh, kw, ci, co = w.shape
+  xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  h, wd = g.shape[1], g.shape[2]
+  g2 = g.reshape(-1, co)
+  dims = (((0,), (0,)), ((), ()))
+  rows = [lax.dot_general(xp[:, i:i + h, j:j + wd].reshape(-1, ci), g2, dims)
+          for i in range(kh) for j in range(kw)]
+  return jnp.stack(rows).reshape(kh, kw, ci, co)
 
 
 def conv_table(jx: JaxBench, repeats: int) -> list[dict[str, Any]]:
@@ -227,7 +233,7 @@ def conv_table(jx: JaxBench, repeats: int) -> list[dict[str, Any]]:
               and params["lhs_dilation"] == (1, 1) and params["rhs_dilation"] == (1, 1)
               and params["dimension_numbers"].lhs_spec == (0, 3, 1, 2))
     if simple:
-      shifted = jax.jit(_shifted_wgrad(params))
+      shifted = jax.jit(functools.partial(shifted_wgrad, padding=params["padding"]))
       ref = fns["weight grad"](x, w, g)[0]
       assert np.allclose(shifted(x, g, w), ref, rtol=1e-3, atol=1e-2 * float(jnp.abs(ref).max()))
       fns["wgrad shifted"], args["wgrad shifted"] = shifted, (x, g, w)
@@ -257,6 +263,124 @@ def print_convs(rows: list[dict[str, Any]], step_s: float) -> None:
           + "  ".join(cells))
   print("sum over the model's convs (alone, x count): " + ", ".join(
     f"{c} {totals[c]:.3f} s" for c in cols[:3]) + f"; train step {step_s:.3f} s")
+
+
+# ----------------------------------------------------------------------------- variants
+# Other implementations of one layer, swapped in with a flax method interceptor (same
+# parameters, same maths), to measure what a change to the package would buy end to end.
+
+
+def _conv_nhwc(x: jax.Array, w: jax.Array, padding: Any) -> jax.Array:
+  return lax.conv_general_dilated(x, w, (1, 1), padding,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv_shifted_wgrad(x: jax.Array, w: jax.Array, padding: Any) -> jax.Array:
+  """A stride-1 conv whose forward and input gradient are XLA's, its weight gradient
+  `shifted_wgrad`'s."""
+  return _conv_nhwc(x, w, padding)
+
+
+def _conv_fwd(x, w, padding):
+  return _conv_nhwc(x, w, padding), (x, w)
+
+
+def _conv_bwd(padding, res, g):
+  x, w = res
+  dx = jax.vjp(lambda x: _conv_nhwc(x, w, padding), x)[1](g)[0]
+  return dx, shifted_wgrad(x, g, w, padding)
+
+
+conv_shifted_wgrad.defvjp(_conv_fwd, _conv_bwd)
+
+
+def prefer_shifted(x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> bool:
+  """Where `shifted_wgrad` beat XLA's weight gradient in the convs view on the 2-core CPU:
+  1x1 kernels, and 3x3 kernels on >= 32x32 maps with >= 64 channels in and out."""
+  kh, kw, ci, co = w_shape
+  if (kh, kw) == (1, 1):
+    return True
+  return x_shape[1] * x_shape[2] >= 1024 and min(ci, co) >= 64
+
+
+def _pair(v: Any) -> tuple[int, int]:
+  return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def conv_wgrad_interceptor(next_fun, args, kwargs, context):
+  """Routes eligible nn.Conv calls (stride 1, undilated, ungrouped) to conv_shifted_wgrad."""
+  mod = context.module
+  if not isinstance(mod, nn.Conv) or context.method_name != "__call__" or mod.is_initializing():
+    return next_fun(*args, **kwargs)
+  x = args[0]
+  kernel = mod.get_variable("params", "kernel")
+  plain = (_pair(mod.strides or 1) == (1, 1) and _pair(mod.kernel_dilation or 1) == (1, 1)
+           and mod.input_dilation in (None, 1, (1, 1)) and mod.feature_group_count == 1
+           and isinstance(mod.padding, (tuple, list)) and x.ndim == 4)
+  if not plain or not prefer_shifted(x.shape, kernel.shape):
+    return next_fun(*args, **kwargs)
+  padding = tuple(tuple(p) for p in mod.padding)
+  y = conv_shifted_wgrad(x.astype(mod.dtype or x.dtype), kernel.astype(mod.dtype or x.dtype),
+                         padding)
+  if mod.use_bias:
+    y = y + mod.get_variable("params", "bias")
+  return y
+
+
+def qkv_split_interceptor(next_fun, args, kwargs, context):
+  """SelfAttention with q, k, v taken by jnp.split (whose gradient is one concatenate)
+  instead of three index slices (whose gradient is three pads and two adds)."""
+  mod = context.module
+  if (not isinstance(mod, SelfAttention) or context.method_name != "__call__"
+      or mod.is_initializing()):
+    return next_fun(*args, **kwargs)
+  x = args[0]
+  b, length, c = x.shape
+  p = mod.variables["params"]
+  qkv = jnp.dot(x, p["qkv"]["kernel"]) + p["qkv"]["bias"]
+  qkv = qkv.reshape(b, length, 3, mod.num_heads, c // mod.num_heads)
+  q, k, v = (t[:, :, 0] for t in jnp.split(qkv, 3, axis=2))
+  h = attention(q, k, v).reshape(b, length, c)
+  return jnp.dot(h, p["proj"]["kernel"]) + p["proj"]["bias"]
+
+
+INTERCEPTORS = {"conv-shifted-wgrad": conv_wgrad_interceptor, "qkv-split": qkv_split_interceptor}
+
+
+def compare_variants(cfg: dict[str, Any], batch: int, names: list[str], repeats: int
+                     ) -> dict[str, Any]:
+  """Full train step of wdmjax as it is and with each interceptor, alternated; checks that
+  every variant gives the same loss gradient."""
+  benches = {"as is": JaxBench(cfg, batch, batch, 0)}
+  for name in names:
+    benches[name] = JaxBench(cfg, batch, batch, 0, interceptor=INTERCEPTORS[name])
+  rng = jax.random.PRNGKey(5)
+  # Perturbed: at init the zero-initialised output layers make most gradients exactly zero.
+  leaves, tree = jax.tree.flatten(benches["as is"].state.params)
+  keys = jax.random.split(jax.random.PRNGKey(6), len(leaves))
+  params = jax.tree.unflatten(tree, [a + 0.02 * jax.random.normal(k, a.shape, a.dtype)
+                                     for a, k in zip(leaves, keys, strict=True)])
+  grad = lambda jx: jax.jit(jax.grad(lambda p: jx.loss_fn(p, jx.batch, rng)[0]))(params)
+  ref = grad(benches["as is"])
+  errors = {}
+  for name in names:
+    diff = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b))
+                                                                         + 1e-12)),
+                        grad(benches[name]), ref)
+    errors[name] = max(jax.tree.leaves(diff))
+  calls = {k: jx.train_once for k, jx in benches.items()}
+  alternate(calls, 1)
+  times = {k: median(v) for k, v in alternate(calls, repeats).items()}
+  return dict(times=times, max_rel_grad_error=errors)
+
+
+def print_variants(res: dict[str, Any]) -> None:
+  base = res["times"]["as is"]
+  for name, t in res["times"].items():
+    err = res["max_rel_grad_error"].get(name)
+    extra = "" if err is None else f"   max rel. grad difference {err:.1e}"
+    print(f"  {name:<22} {t:7.3f} s  (speed-up {base / t:.2f}x){extra}")
 
 
 # ----------------------------------------------------------------------------- flags
@@ -299,6 +423,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   ap.add_argument("--flag", action="append", default=[],
                   help="an XLA_FLAGS value for the flags view, compared with the defaults; "
                        "repeat for more (write --flag=--xla_...)")
+  ap.add_argument("--variant", action="append", choices=sorted(INTERCEPTORS), default=[],
+                  help="layer variant(s) for the variants view (default: the model's one)")
   ap.add_argument("--rounds", type=int, default=2, help="rounds of the flags view")
   ap.add_argument("--json", default=None)
   args = ap.parse_args(argv)
@@ -312,7 +438,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
   report: dict[str, Any] = dict(model=args.model, batch=batch, config=cfg)
   monitor = CpuMonitor()
-  if set(views) - {"flags"}:
+  if set(views) - {"flags", "variants"}:
     jx = JaxBench(cfg, batch, batch, sample_steps=0)
     flops = 3.0 * batch * jx.fwd_matmul_flops_per_image
     step_s = None
@@ -332,6 +458,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         step_s = median(alternate({"step": jx.train_once}, args.repeats)["step"])
       report["convs"] = conv_table(jx, args.repeats)
       print_convs(report["convs"], step_s)
+  if "variants" in views:
+    names = args.variant or (["conv-shifted-wgrad"] if args.model == "unet" else ["qkv-split"])
+    print(f"\n== variants (full train step, alternated): {names}")
+    report["variants"] = compare_variants(cfg, batch, names, args.repeats)
+    print_variants(report["variants"])
   if "flags" in views:
     print("\n== flags (train step s, fresh process per run)")
     extra = ["--quick"] if args.quick else []
