@@ -9,6 +9,7 @@ from wdmjax.errors import check
 from wdmjax.models.layers import (
   Array,
   Dtype,
+  LabelAndOutputMixin,
   LabelEmbedder,
   SelfAttention,
   TimestepEmbedder,
@@ -110,7 +111,7 @@ class FinalLayer(nn.Module):
     return nn.Dense(self.out_dim, dtype=self.dtype, kernel_init=zeros_init, name="linear")(x)
 
 
-class DiT(nn.Module):
+class DiT(LabelAndOutputMixin, nn.Module):
   """Diffusion Transformer with adaLN-Zero (Peebles & Xie 2023).
 
   DiT-XL/2 at 256 px (resolution 32 latents, in_channels 4, 1000 classes, learn_sigma)
@@ -148,20 +149,6 @@ class DiT(nn.Module):
   pos_coord_scale: float = 1.0
   gamma_blocks: int | None = None
   dtype: Dtype = jnp.float32
-
-  @property
-  def use_null_class(self) -> bool:
-    return self.num_classes > 0 and self.class_dropout_prob > 0
-
-  @property
-  def null_label(self) -> int | None:
-    """Label index of the null class (None when there is none)."""
-    return self.num_classes if self.use_null_class else None
-
-  @property
-  def output_channels(self) -> int:
-    out = self.in_channels if self.out_channels is None else self.out_channels
-    return 2 * out if self.learn_sigma else out
 
   def check_config(self) -> None:
     """Raises WdmjaxError on inconsistent hyper-parameters."""

@@ -188,6 +188,25 @@ class SelfAttention(nn.Module):
     return nn.Dense(c, dtype=self.dtype, kernel_init=self.proj_init, name="proj")(h)
 
 
+class LabelAndOutputMixin:
+  """What UNet and DiT derive alike from their fields num_classes, class_dropout_prob,
+  in_channels, out_channels and learn_sigma: the null class and the output width."""
+
+  @property
+  def use_null_class(self) -> bool:
+    return self.num_classes > 0 and self.class_dropout_prob > 0
+
+  @property
+  def null_label(self) -> int | None:
+    """Label index of the null class (None when there is none)."""
+    return self.num_classes if self.use_null_class else None
+
+  @property
+  def output_channels(self) -> int:
+    out = self.in_channels if self.out_channels is None else self.out_channels
+    return 2 * out if self.learn_sigma else out
+
+
 def check_inputs(x: Array, t: Array, y: Array | None, *, resolution: int, in_channels: int,
                  num_classes: int, use_null_class: bool) -> None:
   """Checks the static shapes of a score network's inputs; raises WdmjaxError.

@@ -11,6 +11,7 @@ from wdmjax.errors import check
 from wdmjax.models.layers import (
   Array,
   Dtype,
+  LabelAndOutputMixin,
   LabelEmbedder,
   SelfAttention,
   TimestepEmbedder,
@@ -74,7 +75,7 @@ class AttnBlock(nn.Module):
     return x + h.reshape(b, hh, ww, c)
 
 
-class UNet(nn.Module):
+class UNet(LabelAndOutputMixin, nn.Module):
   """DDPM / improved-diffusion UNet.
 
   With the DDPM CIFAR-10 settings (resolution 32, ch 128, ch_mult (1, 2, 2, 2),
@@ -111,20 +112,6 @@ class UNet(nn.Module):
   num_heads: int = 1
   out_channels: int | None = None
   dtype: Dtype = jnp.float32
-
-  @property
-  def use_null_class(self) -> bool:
-    return self.num_classes > 0 and self.class_dropout_prob > 0
-
-  @property
-  def null_label(self) -> int | None:
-    """Label index of the null class (None when there is none)."""
-    return self.num_classes if self.use_null_class else None
-
-  @property
-  def output_channels(self) -> int:
-    out = self.in_channels if self.out_channels is None else self.out_channels
-    return 2 * out if self.learn_sigma else out
 
   def check_config(self) -> None:
     """Raises WdmjaxError on inconsistent hyper-parameters."""
