@@ -15,7 +15,9 @@ from wdmjax.models import (
   DIT_PRESETS,
   NULL_LABEL,
   DiT,
+  SelfAttention,
   UNet,
+  attention,
   build_model,
   count_params,
   drop_labels,
@@ -238,6 +240,19 @@ def test_build_model_from_config_dict_with_preset():
 
 
 # ----- embeddings -----
+
+def test_self_attention_matches_dense_qkv_formulation():
+  """The heads-first projection computes what Dense(3C) -> split -> attention -> Dense does."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 12))
+  mod = SelfAttention(num_heads=3)
+  params = mod.init(jax.random.PRNGKey(1), x)["params"]
+  params["qkv"]["bias"] = jax.random.normal(jax.random.PRNGKey(2), (36,))
+  assert params["qkv"]["kernel"].shape == (12, 36)
+  qkv = (x @ params["qkv"]["kernel"] + params["qkv"]["bias"]).reshape(2, 5, 3, 3, 4)
+  h = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(2, 5, 12)
+  want = h @ params["proj"]["kernel"] + params["proj"]["bias"]
+  np.testing.assert_allclose(mod.apply({"params": params}, x), want, rtol=1e-5, atol=1e-5)
+
 
 def test_timestep_embedding_values():
   emb = timestep_embedding(jnp.array([0, 5]), 6)

@@ -12,6 +12,7 @@ from wdmjax.models.dit import DIT_PRESETS, DiT, DiTBlock, FinalLayer
 from wdmjax.models.layers import (
   NULL_LABEL,
   LabelEmbedder,
+  QKVDense,
   SelfAttention,
   TimestepEmbedder,
   attention,
@@ -29,6 +30,7 @@ __all__ = [
   "DiTBlock",
   "FinalLayer",
   "LabelEmbedder",
+  "QKVDense",
   "SelfAttention",
   "TimestepEmbedder",
   "UNet",
