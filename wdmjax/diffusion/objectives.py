@@ -68,7 +68,8 @@ ApplyFn = Callable[..., chex.Array]
 
 
 def diffusion_loss(apply_fn: ApplyFn, schedule: Schedule, objective: str = "eps",
-                   class_dropout_prob: float = 0.0, null_label: int | None = None
+                   class_dropout_prob: float = 0.0, null_label: int | None = None,
+                   input_transform: Callable[[chex.Array, chex.Array], chex.Array] | None = None
                    ) -> Callable[[chex.ArrayTree, dict, chex.PRNGKey],
                                  tuple[chex.Array, dict]]:
   """The simple (unweighted MSE) DDPM loss for any of the three objectives.
@@ -76,7 +77,8 @@ def diffusion_loss(apply_fn: ApplyFn, schedule: Schedule, objective: str = "eps"
   Returns `loss_fn(params, batch, rng) -> (loss, metrics)` with `batch['image']: [B, H, W, C]`
   in [-1, 1] and optional `batch['label']: [B]`. With `class_dropout_prob > 0` labels are
   replaced by `null_label` at that rate, which trains the unconditional branch that
-  classifier-free guidance needs.
+  classifier-free guidance needs. `input_transform(x_t, t)` changes what the network sees
+  (not the target): WDM's watermark process feeds `gamma1 * x_t + (1 - gamma1) * tau`.
   """
   check_objective(objective)
   check(0.0 <= class_dropout_prob < 1.0,
@@ -95,7 +97,8 @@ def diffusion_loss(apply_fn: ApplyFn, schedule: Schedule, objective: str = "eps"
     if y is not None and class_dropout_prob > 0:
       drop = jax.random.bernoulli(rng_y, class_dropout_prob, y.shape)
       y = jnp.where(drop, null_label, y)
-    out = apply_fn(params, xt, t, y, rng_d, True)
+    x_in = xt if input_transform is None else input_transform(xt, t)
+    out = apply_fn(params, x_in, t, y, rng_d, True)
     out = out[..., : x0.shape[-1]]
     err = (out.astype(jnp.float32) - target(objective, schedule, x0, noise, t)) ** 2
     loss = jnp.mean(err)

@@ -142,12 +142,19 @@ def ddpm_sample(denoise_fn: DenoiseFn, schedule: Schedule, x_T: chex.Array, nois
   return x
 
 
+def _with_args(fn: Callable, args: tuple, x: chex.Array, t: chex.Array) -> chex.Array:
+  return fn(x, t, *args)
+
+
 @functools.partial(jax.jit, static_argnames=(
     "model_fn", "shape", "sampler", "steps", "objective", "variance", "input_transform",
     "clip_denoised", "guided"))
 def _sample_jit(model_fn, params, rng, schedule, y, eta, guidance_scale, null_label, *, shape,
-                sampler, steps, objective, variance, input_transform, clip_denoised, guided):
+                sampler, steps, objective, variance, input_transform, clip_denoised, guided,
+                transform_args):
   rng_T, rng_chain = jax.random.split(rng)
+  if input_transform is not None and transform_args is not None:
+    input_transform = functools.partial(_with_args, input_transform, transform_args)
   x_T = jax.random.normal(rng_T, shape, jnp.float32)
   if guided:
     from wdmjax.diffusion.guidance import guided_model_fn
@@ -168,12 +175,15 @@ def sample(model_fn: Callable, params: chex.ArrayTree, rng: chex.PRNGKey, schedu
            steps: int = 50, eta: float = 0.0, objective: str = "eps",
            variance: str = "fixed_large", input_transform: InputTransform | None = None,
            guidance_scale: float | None = None, null_label: int | None = None,
-           clip_denoised: bool = True) -> chex.Array:
+           clip_denoised: bool = True, transform_args: chex.ArrayTree | None = None
+           ) -> chex.Array:
   """Draws x_T ~ N(0, I) of `shape` [B,H,W,C] and runs one sampler, all inside one jit.
 
   `model_fn(params, x, t, y) -> out` must be hashable (a module's bound apply, or a
   top-level function). With `guidance_scale` set, classifier-free guidance mixes the
   conditional and the `null_label` predictions: out = u + scale * (c - u).
+  `transform_args` (arrays, traced, so new values do not recompile) are passed on as
+  `input_transform(x_t, t, *transform_args)`; without them it is `input_transform(x_t, t)`.
   Returns samples [B,H,W,C] (float32, roughly in [-1, 1]).
   """
   check(sampler in SAMPLERS, f"sampler: expected one of {list(SAMPLERS)}, got {sampler!r}")
@@ -187,4 +197,4 @@ def sample(model_fn: Callable, params: chex.ArrayTree, rng: chex.PRNGKey, schedu
                      jnp.int32(null_label if null_label is not None else 0), shape=tuple(shape),
                      sampler=sampler, steps=int(steps), objective=objective, variance=variance,
                      input_transform=input_transform, clip_denoised=clip_denoised,
-                     guided=guided)
+                     guided=guided, transform_args=transform_args)

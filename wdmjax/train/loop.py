@@ -18,6 +18,7 @@ import time
 import chex
 import jax
 import ml_collections
+import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
@@ -89,20 +90,24 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     return from_json(f.read())
 
 
-def init_state(cfg: ml_collections.ConfigDict, model, tx, mesh) -> TrainState:
-  """Parameters initialised from `train.seed`, replicated over the mesh."""
+def init_state(cfg: ml_collections.ConfigDict, model, tx, mesh,
+               params: chex.ArrayTree | None = None) -> TrainState:
+  """A step-0 state replicated over the mesh: `params` (e.g. a base model's, for
+  fine-tuning) with a fresh optimizer and EMA, or new parameters from `train.seed`."""
   res, ch = cfg.data.resolution, cfg.data.channels
   rng = jax.random.PRNGKey(cfg.train.seed)
   init_rng, state_rng = jax.random.split(rng)
 
-  def init():
+  def init(given):
+    if given is not None:
+      return create_train_state(given, tx, state_rng)
     x = jax.numpy.zeros((1, res, res, ch), jax.numpy.float32)
     t = jax.numpy.zeros((1,), jax.numpy.int32)
     y = jax.numpy.zeros((1,), jax.numpy.int32) if num_classes(cfg) else None
-    params = model.init({"params": init_rng, "dropout": init_rng}, x, t, y)["params"]
-    return create_train_state(params, tx, state_rng)
+    fresh = model.init({"params": init_rng, "dropout": init_rng}, x, t, y)["params"]
+    return create_train_state(fresh, tx, state_rng)
 
-  return jax.jit(init, out_shardings=NamedSharding(mesh, P()))()
+  return jax.jit(init, out_shardings=NamedSharding(mesh, P()))(params)
 
 
 def default_loss(cfg: ml_collections.ConfigDict, model) -> LossFn:
@@ -121,8 +126,23 @@ def default_loss(cfg: ml_collections.ConfigDict, model) -> LossFn:
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn | None = None,
+          init_params: chex.ArrayTree | None = None, param_labels: chex.ArrayTree | None = None,
           progress: bool = True, log=print) -> TrainState:
-  """Trains (or resumes) the configured model in `workdir`; returns the final state."""
+  """Trains (or resumes) the configured model in `workdir`; returns the final state.
+
+  Args:
+    cfg: a validated config (see `train.config`).
+    workdir: checkpoints, metrics.jsonl, samples/ and config.json; resumed if it has a
+      checkpoint.
+    loss_fn: `(params, batch, rng) -> (loss, metrics)`; default: the configured diffusion
+      loss. Methods (WDM, ...) pass their own.
+    init_params: start from these parameters (fine-tuning a base model) instead of a fresh
+      initialisation; ignored when the workdir already has a checkpoint.
+    param_labels: a pytree like the parameters with leaves 'train' or 'freeze': frozen
+      leaves get zero updates (parameter-efficient fine-tuning).
+    progress: show a progress bar.
+    log: where one-line messages go.
+  """
   t0 = time.time()
   tc = cfg.train
   mesh = make_mesh(None if cfg.mesh.data == -1 else cfg.mesh.data)
@@ -140,9 +160,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn | Non
   if is_main:  # only after the model and the data were accepted: no half-made workdir
     write_config(cfg, workdir)
   tx = make_optimizer(tc.lr, tc.warmup_steps, tc.weight_decay, tc.grad_clip)
+  if param_labels is not None:
+    tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, param_labels)
   loss_fn = loss_fn or default_loss(cfg, model)
   step_fn = make_train_step(loss_fn, tx, tc.ema_decay, mesh)
-  state = init_state(cfg, model, tx, mesh)
+  state = init_state(cfg, model, tx, mesh, init_params)
   ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
   start = ckpt.latest_step()
   if start is not None:

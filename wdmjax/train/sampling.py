@@ -70,8 +70,13 @@ def sample_images(cfg: ml_collections.ConfigDict, model: nn.Module, params: chex
                   rng: chex.PRNGKey, num: int, *, sampler: str | None = None,
                   steps: int | None = None, eta: float | None = None,
                   guidance_scale: float | None = None, batch_size: int = 256,
-                  labels: chex.Array | None = None) -> np.ndarray:
-  """`num` samples [num, R, R, C] in [-1, 1] as numpy, drawn in batches of `batch_size`."""
+                  labels: chex.Array | None = None, input_transform: Callable | None = None,
+                  transform_args: tuple | None = None) -> np.ndarray:
+  """`num` samples [num, R, R, C] in [-1, 1] as numpy, drawn in batches of `batch_size`.
+
+  `labels` [num] overrides the cycling class labels; `input_transform` and `transform_args`
+  go to `diffusion.sample` (WDM's extraction feeds the network a trigger-shifted input).
+  """
   s = cfg.sample
   sampler = sampler or s.sampler
   steps = steps or s.steps
@@ -91,6 +96,7 @@ def sample_images(cfg: ml_collections.ConfigDict, model: nn.Module, params: chex
     x = sample(model_fn_for(model), params, jax.random.fold_in(rng, i), schedule,
                shape=(b, res, res, ch), y=y, sampler=sampler, steps=steps, eta=eta,
                objective=cfg.diffusion.objective, guidance_scale=guidance_scale if use_cfg
-               else None, null_label=-1 if use_cfg else None)
+               else None, null_label=-1 if use_cfg else None, input_transform=input_transform,
+               transform_args=transform_args)
     out.append(np.asarray(x))
   return np.clip(np.concatenate(out), -1.0, 1.0)

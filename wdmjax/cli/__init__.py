@@ -1,4 +1,4 @@
-"""The `wdmjax` command: train, sample, demo.
+"""The `wdmjax` command: train, sample, embed, extract, verify, demo.
 
 Errors in what the user typed are printed as one line (`wdmjax: error: ...`, exit status 2),
 never as a traceback.
@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--raw", action="store_true", help="use the raw weights, not the EMA")
   s.add_argument("--out", default="grid.png")
   s.set_defaults(func=_cmd_sample)
+
+  from wdmjax.cli.watermark import add_parsers
+  add_parsers(sub)
 
   d = sub.add_parser("demo", help="train a small model on the embedded MNIST digits and "
                      "write a sample grid")
