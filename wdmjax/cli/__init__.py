@@ -11,6 +11,8 @@ import os
 import sys
 import time
 
+from wdmjax.cli.demo import add_parser as add_demo_parser
+from wdmjax.cli.watermark import add_parsers as add_watermark_parsers
 from wdmjax.errors import WdmjaxError, check
 
 
@@ -50,29 +52,6 @@ def _cmd_sample(args) -> int:
   return 0
 
 
-def _cmd_demo(args) -> int:
-  from wdmjax.train import train
-  from wdmjax.train.config import apply_override, validate
-  from wdmjax.train.loop import write_final_samples
-  from wdmjax.train.presets import demo
-  from wdmjax.train.sampling import model_from_config
-
-  cfg = demo()
-  if args.steps is not None:
-    apply_override(cfg, f"train.steps={args.steps}")
-  validate(cfg)
-  workdir = os.path.join(args.out, "workdir")
-  print(f"wdmjax demo: training a {cfg.model.depth}-block DiT on the 5,000 embedded MNIST "
-        f"digits for {cfg.train.steps} steps (resumes if interrupted) ...")
-  state = train(cfg, workdir, progress=True)
-  path = write_final_samples(cfg, model_from_config(cfg), state, workdir)
-  grid = os.path.join(args.out, "samples.png")
-  os.replace(path, grid)
-  print(f"sample grid (one class per column, DDIM-{cfg.sample.steps}, guidance "
-        f"{cfg.sample.guidance_scale}): {os.path.abspath(grid)}")
-  return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="wdmjax", description=__doc__.splitlines()[0])
   sub = p.add_subparsers(dest="command", required=True)
@@ -99,14 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--out", default="grid.png")
   s.set_defaults(func=_cmd_sample)
 
-  from wdmjax.cli.watermark import add_parsers
-  add_parsers(sub)
-
-  d = sub.add_parser("demo", help="train a small model on the embedded MNIST digits and "
-                     "write a sample grid")
-  d.add_argument("--out", default="wdmjax_demo")
-  d.add_argument("--steps", type=int, default=None, help="training steps (default 2000)")
-  d.set_defaults(func=_cmd_demo)
+  add_watermark_parsers(sub)
+  add_demo_parser(sub)
   return p
 
 

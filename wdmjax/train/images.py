@@ -41,3 +41,27 @@ def save_grid(images: np.ndarray, path: str, nrow: int | None = None, upscale: i
   img.save(tmp, format="PNG")
   os.replace(tmp, path)
   return path
+
+
+def save_panels(panels: list[tuple[str, np.ndarray]], path: str, gap: int = 12) -> str:
+  """Grids (uint8 [H, W, C], see `make_grid`) side by side, each under its title; atomic PNG."""
+  from PIL import ImageDraw
+
+  title_h = 18
+  # PIL's default bitmap font is about 6 px per character: a title never overlaps the next.
+  widths = [max(g.shape[1], 6 * len(t)) for t, g in panels]
+  h = max(g.shape[0] for _, g in panels) + title_h
+  w = sum(widths) + gap * (len(panels) + 1)
+  canvas = Image.new("RGB", (w, h + gap), "white")
+  draw = ImageDraw.Draw(canvas)
+  left = gap
+  for (title, grid), width in zip(panels, widths, strict=True):
+    rgb = grid.repeat(3, -1) if grid.shape[-1] == 1 else grid
+    canvas.paste(Image.fromarray(rgb), (left, title_h))
+    draw.text((left, 3), title, fill="black")
+    left += width + gap
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  canvas.save(tmp, format="PNG")
+  os.replace(tmp, path)
+  return path
