@@ -26,8 +26,12 @@ class TrainState:
 
 def create_train_state(params: chex.ArrayTree, tx: optax.GradientTransformation,
                        rng: chex.Array) -> TrainState:
-  """A step-0 state; the EMA starts as a copy of the parameters."""
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+  """A step-0 state; the EMA starts as a copy of the parameters.
+
+  The state holds copies: the jitted train step donates its state, which must not delete
+  the caller's `params` (e.g. a base model fine-tuned twice).
+  """
+  return TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree.map(jnp.copy, params),
                     ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
                     rng=rng)
 

@@ -1,0 +1,323 @@
+"""Tests of WDM: the watermark kernel, extraction, triggers, the exact test, the CLI."""
+
+import json
+import math
+import os
+import stat
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import TINY_DIT, run_cli
+from PIL import Image
+from scipy.stats import binom
+
+from wdmjax.data import load_arrays, make_mesh
+from wdmjax.data.pipeline import preprocess
+from wdmjax.diffusion import diffusion_loss, make_schedule, sample
+from wdmjax.errors import WdmjaxError
+from wdmjax.models import build_model, init_params
+from wdmjax.stats import binom_log10_sf, min_agreeing_bits
+from wdmjax.train import make_optimizer, make_train_step
+from wdmjax.train.sampling import apply_fn_for, model_fn_for
+from wdmjax.train.state import create_train_state
+from wdmjax.watermark import (
+  ImageShape,
+  Secret,
+  decoy_test,
+  expected_bits,
+  extract,
+  keyed_targets,
+  keyed_test,
+  make_trigger,
+  make_watermark,
+  vote_bits,
+  wdp_loss,
+  wdp_moments,
+  wdp_q_sample,
+)
+from wdmjax.watermark.wdp import decoy_triggers
+
+SHAPE = ImageShape(8, 1)
+
+
+# ----------------------------------------------------------------------------- kernel
+
+
+def test_wdp_kernel_moments_match_closed_form():
+  sched = make_schedule("linear", 1000)
+  k_x, k_tau, k_n = jax.random.split(jax.random.PRNGKey(0), 3)
+  x0w = jax.random.uniform(k_x, (1, 4, 4, 3), minval=-1, maxval=1)
+  tau = jnp.sign(jax.random.normal(k_tau, (4, 4, 3)))
+  n = 20000
+  for t_val in (0, 300, 999):
+    t = jnp.full((n,), t_val)
+    noise = jax.random.normal(jax.random.fold_in(k_n, t_val), (n, 4, 4, 3))
+    draws = wdp_q_sample(sched, jnp.broadcast_to(x0w, (n, 4, 4, 3)), t, noise, tau, 0.8)
+    mean, var = wdp_moments(sched, x0w, t[:1], tau, 0.8)
+    se = jnp.sqrt(var[0, 0, 0, 0] / n)
+    np.testing.assert_allclose(draws.mean(0), mean[0], atol=float(5 * se) + 1e-6)
+    np.testing.assert_allclose(draws.var(0), jnp.broadcast_to(var[0], (4, 4, 3)),
+                               rtol=0.06)
+
+
+def _toy_model(params, x, t, y):
+  """A hashable stand-in network whose output depends on x and t."""
+  return params["w"] * x + jnp.sin(x + t[:, None, None, None] / 100.0)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_extraction_with_gamma1_one_is_ordinary_sampling(sampler):
+  sched = make_schedule("linear", 100)
+  params = {"w": jnp.float32(0.3)}
+  rng = jax.random.PRNGKey(7)
+  tau = make_trigger("random:3", ImageShape(8, 2))
+  kw = dict(sampler=sampler, steps=10, objective="eps")
+  got = extract(_toy_model, params, rng, sched, trigger=tau, gamma1=1.0, num=3, **kw)
+  want = sample(_toy_model, params, rng, sched, shape=(3, 8, 8, 2), **kw)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  shifted = extract(_toy_model, params, rng, sched, trigger=tau, gamma1=0.8, num=3, **kw)
+  assert np.abs(np.asarray(shifted) - np.asarray(want)).max() > 1e-3
+
+
+def test_wdp_loss_targets_each_objective_and_checks_shapes():
+  sched = make_schedule("linear", 100)
+  seen = []
+
+  def apply_fn(params, x, t, y, rng, train):
+    seen.append(x)
+    return jnp.zeros_like(x)
+
+  tau = jnp.ones((8, 8, 1))
+  wm = -jnp.ones((1, 8, 8, 1))
+  batch = {"image": jnp.zeros((4, 8, 8, 1))}
+  for objective in ("eps", "x0", "v"):
+    loss = wdp_loss(apply_fn, sched, objective, trigger=tau, watermark=wm, gamma1=0.8,
+                    gamma2=0.5)
+    total, m = loss({}, batch, jax.random.PRNGKey(0))
+    np.testing.assert_allclose(total, m["task_loss"] + 0.5 * m["watermark_loss"], rtol=1e-6)
+  with pytest.raises(WdmjaxError, match="watermark"):
+    wdp_loss(apply_fn, sched, "eps", trigger=tau, watermark=jnp.ones((1, 4, 4, 1)))
+  with pytest.raises(WdmjaxError, match="gamma1"):
+    wdp_loss(apply_fn, sched, "eps", trigger=tau, watermark=wm, gamma1=1.5)
+
+
+def test_decoy_triggers_are_plus_minus_one_of_each_kind():
+  d = decoy_triggers(jax.random.PRNGKey(0), 64, (8, 8, 3), "mixed")
+  assert set(np.unique(np.asarray(d))) == {-1.0, 1.0}
+  cols = np.all(d == d[:, :1], axis=(1, 3)).all(-1)  # stripes: every row equal
+  assert 10 < cols.sum() < 54
+  assert not np.all(decoy_triggers(jax.random.PRNGKey(1), 8, (8, 8, 1), "pixels")
+                    == decoy_triggers(jax.random.PRNGKey(1), 8, (8, 8, 1), "pixels")[:, :1])
+
+
+# ----------------------------------------------------------------------------- triggers
+
+
+def test_trigger_specs(tmp_path):
+  r = make_trigger("random:5", SHAPE)
+  assert r.shape == (8, 8, 1) and set(np.unique(r)) <= {-1.0, 1.0}
+  np.testing.assert_array_equal(r, make_trigger("random:5", SHAPE))
+  assert not np.array_equal(r, make_trigger("random:6", SHAPE))
+  s = make_trigger("stripes:5", ImageShape(8, 3))
+  assert np.all(s == s[:1]) and set(np.unique(s)) <= {-1.0, 1.0}
+  path = tmp_path / "t.png"
+  Image.fromarray(np.tile(np.arange(0, 256, 16, dtype=np.uint8), (16, 1))).save(path)
+  img = make_trigger(str(path), SHAPE)
+  assert img.shape == (8, 8, 1) and img.max() - img.min() > 1.5
+  assert np.all(np.diff(img[0, :, 0]) > 0)  # the left-to-right ramp survives the resize
+
+
+@pytest.mark.parametrize("spec, match", [
+  ("random:abc", "integer seed"),
+  ("noise:3", "expected one of"),
+  ("/no/such/file.png", "no such file"),
+])
+def test_malformed_trigger_specs(spec, match):
+  with pytest.raises(WdmjaxError, match=match):
+    make_trigger(spec, SHAPE)
+
+
+def test_trigger_array_of_wrong_size(tmp_path):
+  path = str(tmp_path / "t.npy")
+  np.save(path, np.ones((16, 16, 1), np.float32))
+  with pytest.raises(WdmjaxError, match=r"expected an array of shape \(8, 8, 1\)"):
+    make_trigger(path, SHAPE)
+
+
+def test_watermark_specs_and_keying():
+  w = make_watermark("keyed:4", SHAPE, block=2)
+  assert w.shape == (1, 8, 8, 1) and set(np.unique(w)) <= {-1.0, 1.0}
+  assert np.all(w[0, ::2, ::2] == w[0, 1::2, 1::2])  # constant on 2x2 blocks
+  fives = make_watermark("class:digits:5", SHAPE)
+  _, labels = load_arrays("digits", "train")
+  assert fives.shape == (int(np.sum(np.asarray(labels) == 5)), 8, 8, 1)
+  t = keyed_targets(fives, key=9, block=2)
+  assert set(np.unique(t)) <= {-1.0, 1.0}
+  # Each keyed image is its own block signs XOR the key mask: votes of the targets recover
+  # the expected bits exactly.
+  np.testing.assert_array_equal(vote_bits(t, 2), expected_bits(fives, 9, 2))
+  with pytest.raises(WdmjaxError, match="no images of class 11"):
+    make_watermark("class:digits:11", SHAPE)
+  with pytest.raises(WdmjaxError, match="block"):
+    Secret("random:1", "keyed:1", block=3).images(SHAPE)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+@pytest.mark.parametrize("n", [1, 7, 20, 49])
+def test_log10_p_matches_scipy(n):
+  for k in range(0, n + 1):
+    want = math.log10(binom.sf(k - 1, n, 0.5))
+    assert binom_log10_sf(k, n) == pytest.approx(want, abs=1e-9)
+  assert binom_log10_sf(3, 10, 0.7) == pytest.approx(math.log10(binom.sf(2, 10, 0.7)))
+
+
+def test_log10_p_is_finite_far_in_the_tail():
+  got = binom_log10_sf(4096, 4096)
+  assert math.isfinite(got) and got == pytest.approx(4096 * math.log10(0.5))
+  assert math.isfinite(binom_log10_sf(4000, 4096))
+  assert min_agreeing_bits(49, 1e-6) == 41
+  assert binom_log10_sf(41, 49) <= -6 < binom_log10_sf(40, 49)
+
+
+def test_vote_ties_never_agree():
+  samples = np.stack([np.ones((4, 4, 1)), -np.ones((4, 4, 1))])  # one vote each way
+  assert np.all(vote_bits(samples, 2) == 0)
+  r = keyed_test(samples, np.ones((1, 4, 4, 1)), key=1, block=2)
+  assert r["agreeing_bits"] == 0 and r["bits"] == 4
+
+
+def test_keyed_test_null_is_a_fair_coin():
+  """Samples that know nothing of the key agree with w XOR r on about half the bits."""
+  rng = np.random.default_rng(0)
+  samples = rng.normal(size=(5, 16, 16, 1)).astype(np.float32)
+  w = np.ones((1, 16, 16, 1), np.float32)
+  rates = [keyed_test(samples, w, key, 2)["bit_agreement"] for key in range(300)]
+  assert abs(np.mean(rates) - 0.5) < 0.02
+
+
+def test_decoy_test_calibrates_the_null():
+  w = np.ones((1, 8, 8, 1), np.float32)
+  decoys = [np.ones((3, 8, 8, 1), np.float32)] * 2  # decoys that always agree: no evidence
+  r = decoy_test(np.ones((3, 8, 8, 1), np.float32), decoys, w, block=2)
+  assert r["test"] == "decoy-calibrated-binomial" and not r["verified"]
+  assert r["null_agreement"] > 0.9
+
+
+# ----------------------------------------------------------------------------- tiny models
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+  """The same tiny DiT trained 300 steps with the WDP and without it."""
+  imgs, labels = load_arrays("digits", "train")
+  x, y = preprocess(np.asarray(imgs), 8, 1), np.asarray(labels)
+  model = build_model(dict(name="dit", resolution=8, in_channels=1, patch_size=2, width=32,
+                           depth=2, num_heads=2, num_classes=10, class_dropout_prob=0.1))
+  params = init_params(model, jax.random.PRNGKey(0))
+  sched = make_schedule("linear", 100)
+  secret = Secret(trigger="random:1", watermark="keyed:2", key=3, gamma1=0.5, gamma2=1.0,
+                  block=2)
+  trigger, watermark, targets = secret.images(SHAPE)
+  losses = {
+    "watermarked": wdp_loss(apply_fn_for(model), sched, "eps", trigger=trigger,
+                            watermark=targets, gamma1=secret.gamma1, gamma2=secret.gamma2,
+                            class_dropout_prob=0.1, null_label=-1, num_classes=10),
+    "clean": diffusion_loss(apply_fn_for(model), sched, "eps", 0.1, -1),
+  }
+  tx = make_optimizer(3e-3, 0, 0.0, 1.0)
+  out = {}
+  for name, loss in losses.items():
+    step = make_train_step(loss, tx, 0.99, make_mesh(1))
+    state = create_train_state(params, tx, jax.random.PRNGKey(1))
+    for i in range(300):
+      idx = np.random.default_rng(i).integers(0, len(x), 32)
+      state, _ = step(state, {"image": jnp.asarray(x[idx]), "label": jnp.asarray(y[idx])})
+    out[name] = state.params
+  return model, sched, secret, trigger, watermark, out
+
+
+def test_tiny_model_trained_with_wdp_verifies_and_clean_one_does_not(tiny_models):
+  model, sched, secret, trigger, watermark, params = tiny_models
+  reports = {}
+  for name, p in params.items():
+    s = extract(model_fn_for(model), p, jax.random.PRNGKey(5), sched, trigger=trigger,
+                gamma1=secret.gamma1, num=9, y=jnp.full((9,), -1), steps=20)
+    reports[name] = keyed_test(np.asarray(s), watermark, secret.key, secret.block, alpha=1e-3)
+  assert reports["watermarked"]["verified"], reports["watermarked"]
+  assert reports["watermarked"]["bit_agreement"] >= 15 / 16
+  assert not reports["clean"]["verified"], reports["clean"]
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+  """A tiny model watermarked from scratch through the CLI (a few steps: plumbing only)."""
+  workdir = str(tmp_path_factory.mktemp("wm") / "run")
+  r = run_cli("embed", "--config", TINY_DIT, "--workdir", workdir, "--trigger", "random:1",
+              "--watermark", "keyed:2", "--key", "77", "--block", "2", "--steps", "6",
+              "--no-progress")
+  assert r.returncode == 0, r.stderr
+  return workdir
+
+
+def test_embed_keeps_the_secret_apart(embedded):
+  path = os.path.join(embedded, "secret.json")
+  assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+  assert json.load(open(path))["key"] == 77
+  for name in ("config.json", "metrics.jsonl", "embedding.json"):
+    text = open(os.path.join(embedded, name)).read()
+    assert "random:1" not in text and "keyed:2" not in text and '"key"' not in text, name
+
+
+def test_verify_json_and_explicit_secret(embedded, tmp_path):
+  r = run_cli("verify", "--workdir", embedded, "--json", "--num", "3", "--steps", "5")
+  assert r.returncode == 0, r.stderr
+  out = json.loads(r.stdout)
+  for key in ("log10_p_value", "verified", "bit_agreement", "bits", "alpha", "test"):
+    assert key in out
+  assert out["bits"] == 16 and out["test"] == "exact-binomial"
+  # The same model, as a suspect that came without a secret file.
+  suspect = tmp_path / "suspect"
+  suspect.mkdir()
+  for name in ("config.json", "checkpoints"):
+    os.symlink(os.path.join(embedded, name), suspect / name)
+  r = run_cli("verify", "--workdir", str(suspect), "--json", "--num", "3", "--steps", "5")
+  assert r.returncode == 2 and "--trigger/--watermark" in r.stderr
+  r = run_cli("verify", "--workdir", str(suspect), "--json", "--num", "3", "--steps", "5",
+              "--trigger", "random:1", "--watermark", "keyed:2", "--key", "77", "--block", "2")
+  assert r.returncode == 0, r.stderr
+  assert json.loads(r.stdout)["bit_agreement"] == out["bit_agreement"]
+  png = str(tmp_path / "wm.png")
+  r = run_cli("extract", "--workdir", embedded, "--num", "3", "--steps", "5", "--out", png)
+  assert r.returncode == 0 and os.path.isfile(png), r.stderr
+
+
+@pytest.mark.parametrize("args, match", [
+  (["--trigger", "random:x"], "--trigger: expected an integer seed"),
+  (["--trigger", "blur:3"], "--trigger: expected one of"),
+  (["--watermark", "class:digits"], "--watermark"),
+  (["--block", "3"], "block: expected a divisor of the resolution 8"),
+])
+def test_embed_bad_secret_gives_one_line_error(args, match, tmp_path):
+  base = ["embed", "--config", TINY_DIT, "--workdir", str(tmp_path / "w"), "--trigger",
+          "random:1", "--watermark", "keyed:2", "--key", "1", "--block", "2", "--steps", "2"]
+  for flag, value in zip(args[::2], args[1::2], strict=True):
+    base[base.index(flag) + 1] = value
+  r = run_cli(*base)
+  assert r.returncode == 2 and match in r.stderr, r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+  assert not os.path.exists(tmp_path / "w" / "secret.json")
+
+
+def test_workdir_without_checkpoint_gives_one_line_error(tmp_path):
+  for cmd in ("verify", "extract"):
+    r = run_cli(cmd, "--workdir", str(tmp_path), "--trigger", "random:1", "--watermark",
+                "keyed:2")
+    assert r.returncode == 2 and "no trained run" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
