@@ -27,18 +27,27 @@ def test_cifar10_unet_config_is_the_ddpm_model():
 
 
 def test_demo_runs_end_to_end(tmp_path):
-  """A 3-step demo (the real config, fewer steps) trains, resumes and writes a 10x10 grid."""
+  """A 3-step demo (the shipped base, fewer embedding steps): picture, reports, workdirs."""
+  import json
+
+  from PIL import Image
   out = tmp_path / "demo"
   r = run_cli("demo", "--out", str(out), "--steps", "3")
   assert r.returncode == 0, r.stderr
-  from PIL import Image
-  img = Image.open(out / "samples.png")
-  assert img.size == (2 * (10 * 30 + 2),) * 2  # 10 x 10 digits of 28 px, 2 px padding, 2x
-  assert os.path.isdir(out / "workdir" / "checkpoints" / "3")
+  assert Image.open(out / "demo.png").size[0] > 1000
+  report = json.load(open(out / "report.json"))
+  for name in ("watermarked", "clean"):
+    for key in ("log10_p_value", "verified", "bit_agreement", "bits", "alpha", "test"):
+      assert key in report[name]
+  # The shipped base never saw the secret: the exact test must not verify it.
+  assert not report["clean"]["verified"] and report["clean"]["log10_p_value"] > -3
+  assert os.path.isdir(out / "base" / "checkpoints" / "4000")
+  assert os.path.isdir(out / "watermarked" / "checkpoints" / "3")
+  assert "| watermarked" in r.stdout and "| clean" in r.stdout
 
 
 def test_help_lists_the_commands():
   r = run_cli("--help")
   assert r.returncode == 0
-  for cmd in ("train", "sample", "demo"):
+  for cmd in ("train", "sample", "embed", "extract", "verify", "demo"):
     assert cmd in r.stdout

@@ -44,6 +44,30 @@ def test_checkpoints_and_resume_extend_a_run(trained):
     np.testing.assert_array_equal(a, b)
 
 
+def test_exported_params_make_a_workdir(trained, tmp_path):
+  """float16 export -> a new workdir whose EMA and raw weights are the exported ones."""
+  from wdmjax.train.export import load_params_npz, save_params_npz, workdir_from_params
+  cfg, workdir, _ = trained
+  _, _, ema = load_trained(workdir)
+  path = save_params_npz(ema, str(tmp_path / "p.npz"))
+  back = load_params_npz(path)
+  new = workdir_from_params(cfg, back, str(tmp_path / "w"), 123)
+  for use_ema in (True, False):
+    _, _, got = load_trained(new, ema=use_ema)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ema), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)  # float16 rounding only
+  assert os.path.isdir(tmp_path / "w" / "checkpoints" / "123")
+
+
+def test_fine_tuning_starts_from_given_params(trained, tmp_path):
+  cfg, workdir, _ = trained
+  _, _, ema = load_trained(workdir)
+  cfg = load_config(TINY_DIT, ["train.steps=1", "train.lr=1e-9"])
+  state = train(cfg, str(tmp_path / "ft"), init_params=ema, progress=False)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ema), strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 def test_sample_cli_writes_a_grid(trained, tmp_path):
   _, workdir, _ = trained
   out = tmp_path / "grid.png"

@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY_DIT, run_cli
 from PIL import Image
 from scipy.stats import binom
 
+from tests.conftest import TINY_DIT, run_cli
 from wdmjax.data import load_arrays, make_mesh
 from wdmjax.data.pipeline import preprocess
 from wdmjax.diffusion import diffusion_loss, make_schedule, sample

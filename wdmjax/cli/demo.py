@@ -35,7 +35,7 @@ EMBED_STEPS = 600
 EMBED_LR = 3e-4
 
 
-def _base_workdir(path: str, train_base: bool, base_steps: int | None) -> str:
+def base_workdir(path: str, train_base: bool, base_steps: int | None) -> str:
   from wdmjax.train import train
   from wdmjax.train.checkpoint import Checkpointer
   from wdmjax.train.config import apply_override, validate
@@ -75,7 +75,7 @@ def run_demo(out: str, *, steps: int = EMBED_STEPS, train_base: bool = False,
 
   t0 = time.time()
   os.makedirs(out, exist_ok=True)
-  base = _base_workdir(os.path.join(out, "base"), train_base, base_steps)
+  base = base_workdir(os.path.join(out, "base"), train_base, base_steps)
   wm_dir = os.path.join(out, "watermarked")
   print(f"[2/4] embedding the watermark: {steps} fine-tuning steps with the watermark "
         f"diffusion process (gamma1 {DEMO_SECRET.gamma1}, gamma2 {DEMO_SECRET.gamma2})")

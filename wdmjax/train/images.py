@@ -43,23 +43,30 @@ def save_grid(images: np.ndarray, path: str, nrow: int | None = None, upscale: i
   return path
 
 
-def save_panels(panels: list[tuple[str, np.ndarray]], path: str, gap: int = 12) -> str:
-  """Grids (uint8 [H, W, C], see `make_grid`) side by side, each under its title; atomic PNG."""
+def save_panels(panels: list[tuple[str, np.ndarray]], path: str, gap: int = 12,
+                per_row: int | None = None) -> str:
+  """Grids (uint8 [H, W, C], see `make_grid`) each under its title, `per_row` to a row (all
+  in one row by default), written as one PNG atomically."""
   from PIL import ImageDraw
 
   title_h = 18
+  per_row = per_row or len(panels)
+  rows = [panels[i:i + per_row] for i in range(0, len(panels), per_row)]
   # PIL's default bitmap font is about 6 px per character: a title never overlaps the next.
-  widths = [max(g.shape[1], 6 * len(t)) for t, g in panels]
-  h = max(g.shape[0] for _, g in panels) + title_h
-  w = sum(widths) + gap * (len(panels) + 1)
-  canvas = Image.new("RGB", (w, h + gap), "white")
+  width = lambda t, g: max(g.shape[1], 6 * len(t))
+  row_w = [sum(width(t, g) for t, g in r) + gap * (len(r) + 1) for r in rows]
+  row_h = [max(g.shape[0] for _, g in r) + title_h + gap for r in rows]
+  canvas = Image.new("RGB", (max(row_w), sum(row_h)), "white")
   draw = ImageDraw.Draw(canvas)
-  left = gap
-  for (title, grid), width in zip(panels, widths, strict=True):
-    rgb = grid.repeat(3, -1) if grid.shape[-1] == 1 else grid
-    canvas.paste(Image.fromarray(rgb), (left, title_h))
-    draw.text((left, 3), title, fill="black")
-    left += width + gap
+  top = 0
+  for r, h in zip(rows, row_h, strict=True):
+    left = gap
+    for title, grid in r:
+      rgb = grid.repeat(3, -1) if grid.shape[-1] == 1 else grid
+      canvas.paste(Image.fromarray(rgb), (left, top + title_h))
+      draw.text((left, top + 3), title, fill="black")
+      left += width(title, grid) + gap
+    top += h
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp-{os.getpid()}"
   canvas.save(tmp, format="PNG")
