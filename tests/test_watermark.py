@@ -103,6 +103,29 @@ def test_wdp_loss_targets_each_objective_and_checks_shapes():
     wdp_loss(apply_fn, sched, "eps", trigger=tau, watermark=wm, gamma1=1.5)
 
 
+@pytest.mark.parametrize("name, objective", [("unet", "x0"), ("dit", "v")])
+def test_wdp_trains_and_extracts_unet_and_dit(name, objective):
+  """One gradient step of the joint loss and an extraction, for both networks."""
+  common = dict(resolution=8, in_channels=1, num_classes=10, class_dropout_prob=0.1)
+  cfg = (dict(name="unet", ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+              num_groups=4, **common) if name == "unet" else
+         dict(name="dit", patch_size=2, width=16, depth=1, num_heads=2, **common))
+  model = build_model(cfg)
+  params = init_params(model, jax.random.PRNGKey(0))
+  sched = make_schedule("linear", 50)
+  trigger, _, targets = Secret("random:1", "keyed:2", key=3, block=2).images(SHAPE)
+  loss = wdp_loss(apply_fn_for(model), sched, objective, trigger=trigger, watermark=targets,
+                  class_dropout_prob=0.1, null_label=-1, num_classes=10, decoy_fraction=0.5)
+  batch = {"image": jnp.zeros((4, 8, 8, 1)), "label": jnp.arange(4)}
+  (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params, batch,
+                                                                   jax.random.PRNGKey(1))
+  assert np.isfinite(value) and metrics["watermark_loss"] > 0
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  out = extract(model_fn_for(model), params, jax.random.PRNGKey(2), sched, trigger=trigger,
+                gamma1=0.8, num=2, y=jnp.full((2,), -1), steps=3, objective=objective)
+  assert out.shape == (2, 8, 8, 1) and np.all(np.isfinite(out))
+
+
 def test_decoy_triggers_are_plus_minus_one_of_each_kind():
   d = decoy_triggers(jax.random.PRNGKey(0), 64, (8, 8, 3), "mixed")
   assert set(np.unique(np.asarray(d))) == {-1.0, 1.0}
