@@ -107,7 +107,7 @@ def test_wdp_loss_targets_each_objective_and_checks_shapes():
 def test_wdp_trains_and_extracts_unet_and_dit(name, objective):
   """One gradient step of the joint loss and an extraction, for both networks."""
   common = dict(resolution=8, in_channels=1, num_classes=10, class_dropout_prob=0.1)
-  cfg = (dict(name="unet", ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+  cfg = (dict(name="unet", ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(8,),
               num_groups=4, **common) if name == "unet" else
          dict(name="dit", patch_size=2, width=16, depth=1, num_heads=2, **common))
   model = build_model(cfg)
