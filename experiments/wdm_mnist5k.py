@@ -11,7 +11,8 @@ fine-tunes it for the same number of steps in each run:
   multi_keyed  watermark = every digit 5 of mnist5k (multi-image), keyed;
   multi_plain  the same without a key: the decoy-calibrated test;
   paper_gamma2 the random run with the paper's gamma2 = 0.1;
-  no_decoys    the random run without decoy triggers (the paper's loss).
+  no_decoys    the random run without decoy triggers (the paper's loss);
+  paper_lr     paper_gamma2 at the paper's learning rate 1e-4 (added with --only paper_lr).
 For each watermarked model: bit agreement and log10 p after DDIM-50 and DDPM-1000
 extraction, with a wrong trigger of the same kind, and for the clean base with the secret.
 Task quality: the Frechet distance between 1,000 generated digits and the 5,000 real ones in
@@ -44,6 +45,7 @@ from wdmjax.watermark import Secret
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 LR = 3e-4
+PAPER_LR = 1e-4  # the paper's rate, run paper_lr
 NUM_FD = 1000
 NUM_EXTRACT = 16
 
@@ -64,6 +66,7 @@ def runs_table(images_dir: str) -> dict[str, tuple[Secret, float, str]]:
     "paper_gamma2": (Secret(trigger="random:1", **{**keyed, "gamma2": 0.1}), 0.5,
                      "random:999"),
     "no_decoys": (Secret(trigger="random:1", **keyed), 0.0, "random:999"),
+    "paper_lr": (Secret(trigger="random:1", **{**keyed, "gamma2": 0.1}), 0.5, "random:999"),
   }
 
 
@@ -135,20 +138,25 @@ def main() -> None:
   quality = TaskQuality(cfg)
   results: dict = {"steps": args.steps, "lr": LR, "num_fd": NUM_FD,
                    "num_extract": NUM_EXTRACT, "runs": {}}
+  path = os.path.join(RESULTS, "wdm_mnist5k.json")
+  if args.only and os.path.exists(path):  # add runs to the existing results
+    with open(path) as f:
+      results = json.load(f)
   fd_base, base_samples = quality.fd(cfg, model, base_params)
   results["fd_base"] = fd_base
   secs = clean_finetune(base, os.path.join(args.runs, "clean"), args.steps)
   _, _, clean_params = load_trained(os.path.join(args.runs, "clean"))
   results["fd_clean"], _ = quality.fd(cfg, model, clean_params)
-  results["clean_seconds"] = secs
+  results.setdefault("clean_seconds", secs)
   print(f"FD base {fd_base:.2f}, clean fine-tune {results['fd_clean']:.2f}")
   rows = []
   for name, (secret, decoys, wrong) in runs_table(images_dir).items():
     if args.only and name not in args.only:
       continue
     workdir = os.path.join(args.runs, name)
+    lr = PAPER_LR if name == "paper_lr" else LR
     t0 = time.time()
-    embed(workdir, secret, base=base, steps=args.steps, lr=LR, decoy_fraction=decoys,
+    embed(workdir, secret, base=base, steps=args.steps, lr=lr, decoy_fraction=decoys,
           overrides=["train.sample_every=0"])
     seconds = time.time() - t0
     _, _, params = load_trained(workdir)
@@ -161,11 +169,12 @@ def main() -> None:
     results["runs"][name] = {"fd": fd, "fd_ratio_to_clean": fd / results["fd_clean"],
                              "embed_seconds": seconds, "decoy_fraction": decoys,
                              "gamma2": secret.gamma2, "keyed": secret.key is not None,
+                             "lr": lr,
                              "trigger_kind": name if name in ("stripes", "image") else "random",
                              **r}
     print(f"{name}: FD {fd:.2f}, DDIM log10 p {r['ddim50']['log10_p_value']:.2f}, "
           f"wrong trigger {r['wrong_trigger']['log10_p_value']:.2f}")
-    write_results(results, rows, base_samples)
+    write_results(results, rows if not args.only else None, base_samples)
 
 
 def total_variation(images: np.ndarray) -> float:
@@ -183,12 +192,15 @@ def add_unguided_fd(runs: str) -> None:
   images, _ = load_arrays("mnist5k", "train")
   results["tv_real"] = total_variation(preprocess(np.asarray(images), cfg.data.resolution,
                                                   cfg.data.channels))
-  results["fd_base_unguided"], s = quality.fd(cfg, model, base_params, 1.0)
-  results["tv_base"] = total_variation(s)
-  _, _, clean = load_trained(os.path.join(runs, "clean"))
-  results["fd_clean_unguided"], s = quality.fd(cfg, model, clean, 1.0)
-  results["tv_clean"] = total_variation(s)
+  if "fd_base_unguided" not in results:
+    results["fd_base_unguided"], s = quality.fd(cfg, model, base_params, 1.0)
+    results["tv_base"] = total_variation(s)
+    _, _, clean = load_trained(os.path.join(runs, "clean"))
+    results["fd_clean_unguided"], s = quality.fd(cfg, model, clean, 1.0)
+    results["tv_clean"] = total_variation(s)
   for name, r in results["runs"].items():
+    if "fd_unguided" in r:  # computed by an earlier pass
+      continue
     _, _, params = load_trained(os.path.join(runs, name))
     r["fd_unguided"], s = quality.fd(cfg, model, params, 1.0)
     r["tv"] = total_variation(s)
@@ -216,9 +228,9 @@ def markdown(res: dict) -> str:
     "# WDM on mnist5k",
     "",
     "`python experiments/wdm_mnist5k.py` (every number below is written by it). Each model is "
-    f"the shipped base DiT fine-tuned {res['steps']} steps at lr {res['lr']:g}; task FD is the "
-    f"Frechet distance of {res['num_fd']} generated digits (DDIM-50, guidance 2) to the 5,000 "
-    "real ones in a small classifier's features. Verification: "
+    f"the shipped base DiT fine-tuned {res['steps']} steps (learning rate in the table); "
+    f"task FD is the Frechet distance of {res['num_fd']} generated digits (DDIM-50, "
+    "guidance 2) to the 5,000 real ones in a small classifier's features. Verification: "
     f"{res['num_extract']} extracted samples, cells are `agreeing bits/bits, log10 p`; "
     "verified means log10 p <= -6.",
     "",
@@ -230,13 +242,14 @@ def markdown(res: dict) -> str:
        f"{res['tv_real']:.3f}, base {res['tv_base']:.3f}, clean fine-tune "
        f"{res['tv_clean']:.3f}." if "fd_base_unguided" in res else ""),
     "",
-    "| run | gamma2 | decoys | test | DDIM-50 | DDPM-1000 | wrong trigger | clean base | "
+    "| run | lr | gamma2 | decoys | test | DDIM-50 | DDPM-1000 | wrong trigger | clean base | "
     "task FD | FD / clean | FD unguided / clean | TV unguided | embed s |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for name, r in res["runs"].items():
     lines.append(
-      f"| {name} | {r['gamma2']:g} | {r['decoy_fraction']:g} | {r['ddim50']['test']} | "
+      f"| {name} | {r.get('lr', res['lr']):g} | {r['gamma2']:g} | {r['decoy_fraction']:g} | "
+      f"{r['ddim50']['test']} | "
       f"{fmt(r['ddim50'])} | {fmt(r['ddpm1000'])} | {fmt(r['wrong_trigger'])} | "
       f"{fmt(r['clean_base'])} | {r['fd']:.2f} | {r['fd_ratio_to_clean']:.2f} | "
       f"{r.get('fd_unguided_ratio_to_clean', float('nan')):.2f} | "
