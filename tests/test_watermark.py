@@ -338,6 +338,16 @@ def test_embed_bad_secret_gives_one_line_error(args, match, tmp_path):
   assert not os.path.exists(tmp_path / "w" / "secret.json")
 
 
+def test_embed_rejected_by_the_engine_leaves_no_secret(tmp_path):
+  """A config the training loop rejects (an unprepared data set) leaves no secret behind."""
+  r = run_cli("embed", "--config", TINY_DIT, "--workdir", str(tmp_path / "w"), "--trigger",
+              "random:1", "--watermark", "keyed:2", "--key", "1", "--block", "2", "--steps",
+              "2", "--set", "data.name=cifar10", "--set", f"data.data_dir={tmp_path / 'none'}")
+  assert r.returncode == 2 and "cifar10" in r.stderr, r.stderr
+  assert not os.path.exists(tmp_path / "w" / "secret.json")
+  assert not os.path.exists(tmp_path / "w" / "embedding.json")
+
+
 def test_workdir_without_checkpoint_gives_one_line_error(tmp_path):
   for cmd in ("verify", "extract"):
     r = run_cli(cmd, "--workdir", str(tmp_path), "--trigger", "random:1", "--watermark",

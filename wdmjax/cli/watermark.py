@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 
-from wdmjax.errors import check
+from wdmjax.errors import WdmjaxError, check
 from wdmjax.watermark import (
   ALPHA,
   ImageShape,
@@ -125,12 +125,21 @@ def embed(workdir: str, secret: Secret, *, base: str | None = None, config: str 
                   trigger=trigger, watermark=targets, gamma1=secret.gamma1,
                   gamma2=secret.gamma2, class_dropout_prob=p, null_label=null, num_classes=k,
                   decoy_fraction=decoy_fraction, decoy_kind=decoy_kind_for(secret.trigger))
-  write_secret(workdir, secret)
-  with open(os.path.join(workdir, "embedding.json"), "w") as f:
+  fresh = not _has_checkpoint(workdir)
+  written = [write_secret(workdir, secret), os.path.join(workdir, "embedding.json")]
+  with open(written[1], "w") as f:
     json.dump({"method": "wdm", "base": os.path.abspath(base) if base else None,
                "config": config, "steps": steps, "lr": float(cfg.train.lr),
                "decoy_fraction": decoy_fraction}, f, indent=2)
-  return train(cfg, workdir, loss_fn=loss, init_params=init_params, progress=progress, log=log)
+  try:
+    return train(cfg, workdir, loss_fn=loss, init_params=init_params, progress=progress,
+                 log=log)
+  except WdmjaxError:
+    if fresh and not _has_checkpoint(workdir):  # rejected before any step: leave nothing
+      for path in written:
+        if os.path.exists(path):
+          os.remove(path)
+    raise
 
 
 def decoy_kind_for(trigger_spec: str) -> str:
