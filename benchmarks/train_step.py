@@ -10,6 +10,7 @@ alternated (the machine is noisy, compare only inside one run):
   pip install -e ".[bench]"
   python benchmarks/train_step.py                     # both models, full sizes (~10 min)
   python benchmarks/train_step.py --quick --model dit  # tiny smoke test
+  python benchmarks/train_step.py --model dit --device cuda --dtype bfloat16  # GPU, bf16
 XLA flags to try go in the environment: XLA_FLAGS=... python benchmarks/train_step.py
 """
 
@@ -44,6 +45,7 @@ except ImportError:  # pragma: no cover
   torch = None
 
 NUM_TIMESTEPS = 1000
+TORCH_DEVICE = "cpu"  # --device; "cuda" puts the peer on the GPU
 LR, EMA_DECAY = 1e-4, 0.9999
 # diffusers' DiT is class-conditional by construction (adaLN-Zero embeds a label), so both
 # DiTs are; the UNets are unconditional.
@@ -156,12 +158,13 @@ def jax_matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
 
 def torch_matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
   """Best fp32 n x n matmul rate of PyTorch, GFLOP/s."""
-  a, b = torch.randn(n, n), torch.randn(n, n)
-  torch.mm(a, b)
+  a = torch.randn(n, n, device=TORCH_DEVICE)
+  b = torch.randn(n, n, device=TORCH_DEVICE)
+  torch.mm(a, b).sum().item()
   best = math.inf
   for _ in range(repeats):
     t0 = time.perf_counter()
-    torch.mm(a, b)
+    torch.mm(a, b).sum().item()  # .item() waits for the GPU
     best = min(best, time.perf_counter() - t0)
   return 2 * n**3 / best / 1e9
 
@@ -327,30 +330,38 @@ class TorchBench:
   def __init__(self, cfg: dict[str, Any], batch: int, sample_batch: int, sample_steps: int,
                alphas_cumprod: np.ndarray):
     torch.manual_seed(0)
-    self.net = torch_model(cfg)
+    dev = self.dev = torch.device(TORCH_DEVICE)
+    self.net = torch_model(cfg).to(dev)
+    # bf16: the peer runs under autocast, as wdmjax computes in bf16 with fp32 parameters.
+    self.autocast = (torch.autocast(dev.type, dtype=torch.bfloat16)
+                     if cfg.get("dtype") == "bfloat16" else contextlib.nullcontext())
     self.conditional = cfg["name"] == "dit"
     self.params = [p for p in self.net.parameters() if p.requires_grad]
     self.num_params = sum(p.numel() for p in self.params)
     self.opt = torch.optim.AdamW(self.params, lr=LR, weight_decay=0.0, foreach=True)
     self.ema = [p.detach().clone() for p in self.params]
-    self.ac = torch.tensor(alphas_cumprod, dtype=torch.float32)
+    self.ac = torch.tensor(alphas_cumprod, dtype=torch.float32, device=dev)
     res, ch = cfg["resolution"], cfg["in_channels"]
-    self.x0 = torch.rand(batch, ch, res, res) * 2 - 1
-    self.y = torch.randint(0, NUM_CLASSES_DIT, (batch,)) if self.conditional else None
-    self.x_T = torch.randn(sample_batch, ch, res, res)
-    self.y_sample = (torch.randint(0, NUM_CLASSES_DIT, (sample_batch,))
+    self.x0 = torch.rand(batch, ch, res, res, device=dev) * 2 - 1
+    self.y = (torch.randint(0, NUM_CLASSES_DIT, (batch,), device=dev)
+              if self.conditional else None)
+    self.x_T = torch.randn(sample_batch, ch, res, res, device=dev)
+    self.y_sample = (torch.randint(0, NUM_CLASSES_DIT, (sample_batch,), device=dev)
                      if self.conditional else None)
     self.ts = [int(t) for t in respaced_timesteps(NUM_TIMESTEPS, sample_steps)[::-1]]
 
   def forward(self, x: Any, t: Any, y: Any) -> Any:
-    if self.conditional:
-      return self.net(x, timestep=t, class_labels=y, return_dict=False)[0]
-    return self.net(x, t, return_dict=False)[0]
+    with self.autocast:
+      if self.conditional:
+        out = self.net(x, timestep=t, class_labels=y, return_dict=False)[0]
+      else:
+        out = self.net(x, t, return_dict=False)[0]
+    return out.float()
 
   def train_once(self) -> None:
     self.net.train()
     b = self.x0.shape[0]
-    t = torch.randint(0, NUM_TIMESTEPS, (b,))
+    t = torch.randint(0, NUM_TIMESTEPS, (b,), device=self.dev)
     noise = torch.randn_like(self.x0)
     a = self.ac[t].view(b, 1, 1, 1)
     xt = a.sqrt() * self.x0 + (1 - a).sqrt() * noise
@@ -371,11 +382,14 @@ class TorchBench:
     with torch.inference_mode():
       for i, t in enumerate(self.ts):
         a = self.ac[t]
-        a_prev = self.ac[self.ts[i + 1]] if i + 1 < len(self.ts) else torch.tensor(1.0)
-        eps = self.forward(x, torch.full((b,), t, dtype=torch.long), self.y_sample)
+        a_prev = (self.ac[self.ts[i + 1]] if i + 1 < len(self.ts)
+                  else torch.tensor(1.0, device=self.dev))
+        eps = self.forward(x, torch.full((b,), t, dtype=torch.long, device=self.dev),
+                           self.y_sample)
         x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
         eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
         x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+      x.sum().item()  # waits for the GPU
 
 
 # ----------------------------------------------------------------------------- driver
@@ -517,6 +531,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   ap.add_argument("--quick", action="store_true", help="tiny models and sizes (smoke test)")
   ap.add_argument("--json", default=None, help="write every number to this path")
   ap.add_argument("--skip-torch", action="store_true", help="time wdmjax alone")
+  ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                  help="the peer's device (wdmjax uses JAX's default backend); cuda also "
+                       "lets PyTorch use TF32 matmuls, as JAX does on GPUs by default")
+  ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                  help="compute dtype of both networks (parameters stay float32)")
   args = ap.parse_args(argv)
   defaults = dict(batch=(4, 32), steps=(3, 10), sample_steps=(5, 50), sample_batch=(4, 32),
                   sample_repeats=(2, 3))
@@ -529,9 +548,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+  global TORCH_DEVICE
   args = parse_args(argv)
-  if torch is not None:
+  TORCH_DEVICE = args.device
+  if torch is not None and args.device == "cpu":
     torch.set_num_threads(2)
+  elif torch is not None:
+    torch.set_float32_matmul_precision("high")
   env = dict(platform=platform.platform(), cpu_count=os.cpu_count(), jax=jax.__version__,
              backend=jax.default_backend(), xla_flags=os.environ.get("XLA_FLAGS", ""),
              torch=None if torch is None else torch.__version__,
@@ -546,6 +569,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
   peaks = [measure_peak()]
   cfgs = model_configs(args.quick)
+  if args.dtype != "float32":
+    cfgs = {k: {**v, "dtype": args.dtype} for k, v in cfgs.items()}
   names = ["dit", "unet"] if args.model == "both" else [args.model]
   results = {name: bench_model(name, cfgs[name], args) for name in names}
   peaks.append(measure_peak())

@@ -1,24 +1,31 @@
 """WDM on mnist5k at small scale: does the watermark verify, and does it cost task quality?
 
-  python experiments/wdm_mnist5k.py [--runs runs/wdm_mnist5k] [--steps 600]
+  python experiments/wdm_mnist5k.py [--runs runs/wdm_mnist5k] [--steps 600] [--only NAME ...]
 
 Starts from the base DiT that `wdmjax demo` ships (experiments/make_demo_base.py), and
-fine-tunes it for the same number of steps in each run:
-  clean        the plain diffusion loss (the control for task quality);
-  random       trigger random:1, watermark keyed:7 with key 42 (single image, keyed bits);
-  stripes      trigger stripes:1, same watermark;
-  image        trigger = a photograph (scikit-learn's china.jpg, written as a real JPEG);
-  multi_keyed  watermark = every digit 5 of mnist5k (multi-image), keyed;
-  multi_plain  the same without a key: the decoy-calibrated test;
-  paper_gamma2 the random run with the paper's gamma2 = 0.1;
-  no_decoys    the random run without decoy triggers (the paper's loss);
-  paper_lr     paper_gamma2 at the paper's learning rate 1e-4 (added with --only paper_lr).
+fine-tunes it for the same number of steps in each run, all at the paper's gamma1 = 0.8 and
+gamma2 = 0.1 unless named:
+  clean         the plain diffusion loss (the control for task quality);
+  random        trigger random:1, watermark keyed:7 with key 42 (single image, keyed bits),
+                decoys in half of the watermark half-batch at t >= 0.2 T (wdmjax's
+                default: task images behind random triggers with the ordinary target);
+  stripes       trigger stripes:1, same watermark;
+  image         trigger = a photograph (scikit-learn's china.jpg, written as a real JPEG);
+  multi_keyed   watermark = every digit 5 of mnist5k (multi-image), keyed;
+  multi_plain   the same without a key: the decoy rank test;
+  multi_plain_g1  multi_plain with gamma2 = 1;
+  no_decoys     the random run without decoy triggers (the paper's loss);
+  decoys_all_t  the random run with decoys at every timestep;
+  gamma2_1      the random run with gamma2 = 1;
+  paper_lr      the random run at the paper's learning rate 1e-4.
 For each watermarked model: bit agreement and log10 p after DDIM-50 and DDPM-1000
 extraction, with a wrong trigger of the same kind, and for the clean base with the secret.
 Task quality: the Frechet distance between 1,000 generated digits and the 5,000 real ones in
-the feature space of a small classifier trained on mnist5k (wdmjax.metrics).
-Writes experiments/results/wdm_mnist5k.{json,md,png}. Workdirs are resumed, so a stopped
-run continues where it was.
+the feature space of a small classifier trained on mnist5k (wdmjax.metrics), with guidance 2
+(the config's) and without (the conditional model alone), and the samples' total variation.
+Writes experiments/results/wdm_mnist5k.{json,md,png} (wdm_mnist5k_{N}steps.* for other
+--steps). Workdirs are resumed, so a stopped run continues where it was; --only adds or
+redoes runs in the existing results.
 """
 
 from __future__ import annotations
@@ -34,7 +41,15 @@ from PIL import Image
 from sklearn.datasets import load_sample_image
 
 from wdmjax.cli.demo import base_workdir
-from wdmjax.cli.watermark import embed, evidence_images, extract_samples, image_shape, verify_model
+from wdmjax.cli.watermark import (
+  DECOY_FRACTION,
+  DECOY_T_MIN,
+  embed,
+  evidence_images,
+  extract_samples,
+  image_shape,
+  verify_model,
+)
 from wdmjax.data import load_arrays
 from wdmjax.data.pipeline import preprocess
 from wdmjax.metrics import classifier_features, frechet_distance_from_features, train_classifier
@@ -47,26 +62,29 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 LR = 3e-4
 PAPER_LR = 1e-4  # the paper's rate, run paper_lr
 NUM_FD = 1000
+DEFAULT_STEPS = 600
 NUM_EXTRACT = 16
 
 
-def runs_table(images_dir: str) -> dict[str, tuple[Secret, float, str]]:
-  """name -> (secret, decoy fraction, wrong trigger)."""
+def runs_table(images_dir: str) -> dict[str, dict]:
+  """name -> embed settings: secret, decoy fraction and t_min, learning rate, wrong trigger."""
   china = os.path.join(images_dir, "china.jpg")
   flower = os.path.join(images_dir, "flower.jpg")
-  keyed = dict(watermark="keyed:7", key=42, gamma1=0.8, gamma2=1.0, block=4)
+  keyed = dict(watermark="keyed:7", key=42, gamma1=0.8, gamma2=0.1, block=4)
+  run = lambda secret, wrong="random:999", decoys=DECOY_FRACTION, t_min=DECOY_T_MIN, lr=LR: dict(
+    secret=secret, wrong=wrong, decoy_fraction=decoys, decoy_t_min=t_min, lr=lr)
+  five = dict(trigger="random:1", watermark="class:mnist5k:5", gamma2=0.1, block=4)
   return {
-    "random": (Secret(trigger="random:1", **keyed), 0.5, "random:999"),
-    "stripes": (Secret(trigger="stripes:1", **keyed), 0.5, "stripes:999"),
-    "image": (Secret(trigger=china, **keyed), 0.5, flower),
-    "multi_keyed": (Secret(trigger="random:1", watermark="class:mnist5k:5", key=42,
-                           gamma2=1.0, block=4), 0.5, "random:999"),
-    "multi_plain": (Secret(trigger="random:1", watermark="class:mnist5k:5", key=None,
-                           gamma2=1.0, block=4), 0.5, "random:999"),
-    "paper_gamma2": (Secret(trigger="random:1", **{**keyed, "gamma2": 0.1}), 0.5,
-                     "random:999"),
-    "no_decoys": (Secret(trigger="random:1", **keyed), 0.0, "random:999"),
-    "paper_lr": (Secret(trigger="random:1", **{**keyed, "gamma2": 0.1}), 0.5, "random:999"),
+    "random": run(Secret(trigger="random:1", **keyed)),
+    "stripes": run(Secret(trigger="stripes:1", **keyed), "stripes:999"),
+    "image": run(Secret(trigger=china, **keyed), flower),
+    "multi_keyed": run(Secret(key=42, **five)),
+    "multi_plain": run(Secret(key=None, **five)),
+    "multi_plain_g1": run(Secret(key=None, **{**five, "gamma2": 1.0})),
+    "no_decoys": run(Secret(trigger="random:1", **keyed), decoys=0.0),
+    "decoys_all_t": run(Secret(trigger="random:1", **keyed), t_min=0.0),
+    "gamma2_1": run(Secret(trigger="random:1", **{**keyed, "gamma2": 1.0})),
+    "paper_lr": run(Secret(trigger="random:1", **keyed), lr=PAPER_LR),
   }
 
 
@@ -101,6 +119,7 @@ class TaskQuality:
     self.clf = train_classifier(x, np.asarray(labels), jax.random.PRNGKey(0), progress=True)
     print(f"classifier trained in {time.time() - t0:.0f} s")
     self.real = classifier_features(self.clf.model, self.clf.params, x)
+    self.tv_real = total_variation(x)
 
   def fd(self, cfg, model, params, guidance: float | None = None) -> tuple[float, np.ndarray]:
     """FD of NUM_FD class-cycling samples (the config's guidance unless given; 1.0: none)."""
@@ -108,6 +127,17 @@ class TaskQuality:
                             guidance_scale=guidance)
     feats = classifier_features(self.clf.model, self.clf.params, samples)
     return frechet_distance_from_features(feats, self.real), samples
+
+  def measure(self, cfg, model, params) -> tuple[dict, np.ndarray]:
+    """FD with the config's guidance, FD without, total variation of the unguided samples."""
+    fd, samples = self.fd(cfg, model, params)
+    fd_unguided, plain = self.fd(cfg, model, params, 1.0)
+    return {"fd": fd, "fd_unguided": fd_unguided, "tv": total_variation(plain)}, samples
+
+
+def total_variation(images: np.ndarray) -> float:
+  """Mean absolute difference of neighbouring pixels: speckle and stripes raise it."""
+  return float(np.mean(np.abs(np.diff(images, axis=1))) + np.mean(np.abs(np.diff(images, axis=2))))
 
 
 def evaluate(cfg, model, params, secret: Secret, wrong: str) -> dict:
@@ -120,98 +150,86 @@ def evaluate(cfg, model, params, secret: Secret, wrong: str) -> dict:
   return out
 
 
+def device_info() -> dict:
+  d = jax.devices()[0]
+  return {"backend": jax.default_backend(), "device": d.device_kind, "jax": jax.__version__}
+
+
 def main() -> None:
+  global NUM_FD, RESULTS
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--runs", default="runs/wdm_mnist5k")
-  ap.add_argument("--steps", type=int, default=600)
+  ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
   ap.add_argument("--only", nargs="*", default=None, help="run names (default: all)")
-  ap.add_argument("--unguided-fd", action="store_true",
-                  help="only add the FD without guidance to the existing results")
+  ap.add_argument("--num-fd", type=int, default=NUM_FD, help="samples per Frechet distance")
+  ap.add_argument("--results", default=RESULTS, help="where the JSON, table and figure go")
   args = ap.parse_args()
-  if args.unguided_fd:
-    return add_unguided_fd(args.runs)
+  NUM_FD, RESULTS = args.num_fd, args.results
   os.makedirs(args.runs, exist_ok=True)
   images_dir = os.path.join(args.runs, "images")
   write_photos(images_dir)
+  table = runs_table(images_dir)
+  unknown = sorted(set(args.only or ()) - set(table))
+  if unknown:
+    ap.error(f"--only: unknown runs {unknown}; expected some of {sorted(table)}")
   base = base_workdir(os.path.join(args.runs, "base"), False, None)
   cfg, model, base_params = load_trained(base)
   quality = TaskQuality(cfg)
-  results: dict = {"steps": args.steps, "lr": LR, "num_fd": NUM_FD,
-                   "num_extract": NUM_EXTRACT, "runs": {}}
-  path = os.path.join(RESULTS, "wdm_mnist5k.json")
-  if args.only and os.path.exists(path):  # add runs to the existing results
+  path = results_stem(args.steps) + ".json"
+  results: dict = {"steps": args.steps, "lr": LR, "num_fd": NUM_FD, "num_extract": NUM_EXTRACT,
+                   "runs": {}}
+  loaded = bool(args.only) and os.path.exists(path)
+  if loaded:  # add runs to the existing results
     with open(path) as f:
       results = json.load(f)
-  fd_base, base_samples = quality.fd(cfg, model, base_params)
-  results["fd_base"] = fd_base
+  results.update(device_info(), tv_real=quality.tv_real)
+  t0 = time.time()
+  base_q, base_samples = quality.measure(cfg, model, base_params)
   secs = clean_finetune(base, os.path.join(args.runs, "clean"), args.steps)
   _, _, clean_params = load_trained(os.path.join(args.runs, "clean"))
-  results["fd_clean"], _ = quality.fd(cfg, model, clean_params)
+  clean_q, _ = quality.measure(cfg, model, clean_params)
+  results.update(base=base_q, clean=clean_q)
   results.setdefault("clean_seconds", secs)
-  print(f"FD base {fd_base:.2f}, clean fine-tune {results['fd_clean']:.2f}")
+  print(f"base {base_q}, clean fine-tune {clean_q} ({time.time() - t0:.0f} s)")
   rows = []
-  for name, (secret, decoys, wrong) in runs_table(images_dir).items():
+  for name, run in table.items():
     if args.only and name not in args.only:
       continue
-    workdir = os.path.join(args.runs, name)
-    lr = PAPER_LR if name == "paper_lr" else LR
+    secret = run["secret"]
     t0 = time.time()
-    embed(workdir, secret, base=base, steps=args.steps, lr=lr, decoy_fraction=decoys,
+    embed(os.path.join(args.runs, name), secret, base=base, steps=args.steps, lr=run["lr"],
+          decoy_fraction=run["decoy_fraction"], decoy_t_min=run["decoy_t_min"],
           overrides=["train.sample_every=0"])
     seconds = time.time() - t0
-    _, _, params = load_trained(workdir)
-    fd, samples = quality.fd(cfg, model, params)
-    r = evaluate(cfg, model, params, secret, wrong)
+    _, _, params = load_trained(os.path.join(args.runs, name))
+    q, samples = quality.measure(cfg, model, params)
+    r = evaluate(cfg, model, params, secret, run["wrong"])
     r["clean_base"] = verify_model(cfg, model, base_params, secret, num=NUM_EXTRACT)
     trigger, watermark, _ = secret.images(image_shape(cfg))
     extracted = extract_samples(cfg, model, params, trigger, secret.gamma1, 8)
     rows.append((name, samples[:10], extracted, evidence_images(extracted, secret, watermark)))
-    results["runs"][name] = {"fd": fd, "fd_ratio_to_clean": fd / results["fd_clean"],
-                             "embed_seconds": seconds, "decoy_fraction": decoys,
-                             "gamma2": secret.gamma2, "keyed": secret.key is not None,
-                             "lr": lr,
-                             "trigger_kind": name if name in ("stripes", "image") else "random",
-                             **r}
-    print(f"{name}: FD {fd:.2f}, DDIM log10 p {r['ddim50']['log10_p_value']:.2f}, "
-          f"wrong trigger {r['wrong_trigger']['log10_p_value']:.2f}")
-    write_results(results, rows if not args.only else None, base_samples)
+    results["runs"][name] = {
+      **q, "fd_ratio_to_clean": q["fd"] / clean_q["fd"],
+      "fd_unguided_ratio_to_clean": q["fd_unguided"] / clean_q["fd_unguided"],
+      "embed_seconds": seconds, "decoy_fraction": run["decoy_fraction"],
+      "decoy_t_min": run["decoy_t_min"], "gamma2": secret.gamma2,
+      "keyed": secret.key is not None, "lr": run["lr"], "device": device_info()["device"],
+      **r}
+    print(f"{name}: FD {q['fd']:.2f} / unguided {q['fd_unguided']:.2f}, DDIM log10 p "
+          f"{r['ddim50']['log10_p_value']:.2f}, wrong trigger "
+          f"{r['wrong_trigger']['log10_p_value']:.2f} ({time.time() - t0:.0f} s)", flush=True)
+    write_results(results, None if loaded else rows, base_samples)
 
 
-def total_variation(images: np.ndarray) -> float:
-  """Mean absolute difference of neighbouring pixels: speckle and stripes raise it."""
-  return float(np.mean(np.abs(np.diff(images, axis=1))) + np.mean(np.abs(np.diff(images, axis=2))))
-
-
-def add_unguided_fd(runs: str) -> None:
-  """FD without classifier-free guidance (the conditional model alone) for every model, and
-  the samples' total variation against the real digits' (a pixel-level artifact measure)."""
-  with open(os.path.join(RESULTS, "wdm_mnist5k.json")) as f:
-    results = json.load(f)
-  cfg, model, base_params = load_trained(os.path.join(runs, "base"))
-  quality = TaskQuality(cfg)
-  images, _ = load_arrays("mnist5k", "train")
-  results["tv_real"] = total_variation(preprocess(np.asarray(images), cfg.data.resolution,
-                                                  cfg.data.channels))
-  if "fd_base_unguided" not in results:
-    results["fd_base_unguided"], s = quality.fd(cfg, model, base_params, 1.0)
-    results["tv_base"] = total_variation(s)
-    _, _, clean = load_trained(os.path.join(runs, "clean"))
-    results["fd_clean_unguided"], s = quality.fd(cfg, model, clean, 1.0)
-    results["tv_clean"] = total_variation(s)
-  for name, r in results["runs"].items():
-    if "fd_unguided" in r:  # computed by an earlier pass
-      continue
-    _, _, params = load_trained(os.path.join(runs, name))
-    r["fd_unguided"], s = quality.fd(cfg, model, params, 1.0)
-    r["tv"] = total_variation(s)
-    r["fd_unguided_ratio_to_clean"] = r["fd_unguided"] / results["fd_clean_unguided"]
-    print(f"{name}: unguided FD {r['fd_unguided']:.2f}, total variation {r['tv']:.3f}")
-  write_results(results, None, None)
+def results_stem(steps: int) -> str:
+  """experiments/results/wdm_mnist5k (600 steps) or wdm_mnist5k_{steps}steps."""
+  name = "wdm_mnist5k" if steps == DEFAULT_STEPS else f"wdm_mnist5k_{steps}steps"
+  return os.path.join(RESULTS, name)
 
 
 def write_results(results: dict, rows, base_samples) -> None:
   os.makedirs(RESULTS, exist_ok=True)
-  stem = os.path.join(RESULTS, "wdm_mnist5k")
+  stem = results_stem(results["steps"])
   with open(stem + ".json.tmp", "w") as f:
     json.dump(results, f, indent=2)
   os.replace(stem + ".json.tmp", stem + ".json")
@@ -222,39 +240,48 @@ def write_results(results: dict, rows, base_samples) -> None:
     figure(rows, base_samples, stem + ".png")
 
 
+def decoy_t(r: dict) -> str:
+  return f"{r['decoy_t_min']:g} T" if r["decoy_fraction"] > 0 else "-"
+
+
 def markdown(res: dict) -> str:
   fmt = lambda r: f"{r['agreeing_bits']}/{r['bits']}, {r['log10_p_value']:.2f}"
+  base, clean = res["base"], res["clean"]
   lines = [
     "# WDM on mnist5k",
     "",
-    "`python experiments/wdm_mnist5k.py` (every number below is written by it). Each model is "
-    f"the shipped base DiT fine-tuned {res['steps']} steps (learning rate in the table); "
-    f"task FD is the Frechet distance of {res['num_fd']} generated digits (DDIM-50, "
-    "guidance 2) to the 5,000 real ones in a small classifier's features. Verification: "
+    "`python experiments/wdm_mnist5k.py` (every number below is written by it; run on "
+    f"{', '.join(sorted({r.get('device', res['device']) for r in res['runs'].values()}))}"
+    f", jax {res['jax']}). Each model is the shipped base "
+    f"DiT fine-tuned {res['steps']} steps (learning rate in the table); FD is the Frechet "
+    f"distance of {res['num_fd']} generated digits (DDIM-50) to the 5,000 real ones in a small "
+    "classifier's features, with guidance 2 (the config's) and without guidance (the "
+    "conditional model alone). TV is the total variation of the unguided samples (mean "
+    "absolute neighbour difference; speckle and stripes raise it). Verification: "
     f"{res['num_extract']} extracted samples, cells are `agreeing bits/bits, log10 p`; "
-    "verified means log10 p <= -6.",
+    "verified means log10 p <= -6. Keyed runs use the exact binomial test, the unkeyed "
+    "multi_plain runs the decoy rank-sum test (its p-value is the rank test's; the bits are "
+    "descriptive).",
     "",
-    f"Task FD (guidance 2): base model {res['fd_base']:.2f}, clean fine-tune (plain loss, "
-    f"same steps) {res['fd_clean']:.2f}."
-    + (f" Without guidance: base {res['fd_base_unguided']:.2f}, clean fine-tune "
-       f"{res['fd_clean_unguided']:.2f}. Total variation of unguided samples (mean absolute "
-       f"neighbour difference; speckle and stripes raise it): real digits "
-       f"{res['tv_real']:.3f}, base {res['tv_base']:.3f}, clean fine-tune "
-       f"{res['tv_clean']:.3f}." if "fd_base_unguided" in res else ""),
+    f"Task quality: base model FD {base['fd']:.2f}, unguided {base['fd_unguided']:.2f}, TV "
+    f"{base['tv']:.3f}; clean fine-tune (plain loss, same steps) FD {clean['fd']:.2f}, "
+    f"unguided {clean['fd_unguided']:.2f}, TV {clean['tv']:.3f}; real digits TV "
+    f"{res['tv_real']:.3f}.",
     "",
-    "| run | lr | gamma2 | decoys | test | DDIM-50 | DDPM-1000 | wrong trigger | clean base | "
-    "task FD | FD / clean | FD unguided / clean | TV unguided | embed s |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    "| run | lr | gamma2 | decoys | decoy t >= | test | DDIM-50 | DDPM-1000 | wrong trigger | "
+    "clean base | FD | FD / clean | FD unguided | unguided / clean | TV | embed s |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for name, r in res["runs"].items():
     lines.append(
-      f"| {name} | {r.get('lr', res['lr']):g} | {r['gamma2']:g} | {r['decoy_fraction']:g} | "
-      f"{r['ddim50']['test']} | "
+      f"| {name} | {r['lr']:g} | {r['gamma2']:g} | {r['decoy_fraction']:g} | "
+      f"{decoy_t(r)} | {r['ddim50']['test']} | "
       f"{fmt(r['ddim50'])} | {fmt(r['ddpm1000'])} | {fmt(r['wrong_trigger'])} | "
       f"{fmt(r['clean_base'])} | {r['fd']:.2f} | {r['fd_ratio_to_clean']:.2f} | "
-      f"{r.get('fd_unguided_ratio_to_clean', float('nan')):.2f} | "
-      f"{r.get('tv', float('nan')):.3f} | {r['embed_seconds']:.0f} |")
-  lines += ["", "Figure `wdm_mnist5k.png`: per run, task samples, 8 extracted samples (DDIM-50), "
+      f"{r['fd_unguided']:.2f} | {r['fd_unguided_ratio_to_clean']:.2f} | {r['tv']:.3f} | "
+      f"{r['embed_seconds']:.0f} |")
+  stem = os.path.basename(results_stem(res["steps"]))
+  lines += ["", f"Figure `{stem}.png`: per run, task samples, 8 extracted samples (DDIM-50), "
             "then the block vote and the expected bits.", ""]
   return "\n".join(lines)
 

@@ -18,7 +18,7 @@ from wdmjax.data.pipeline import preprocess
 from wdmjax.diffusion import diffusion_loss, make_schedule, sample
 from wdmjax.errors import WdmjaxError
 from wdmjax.models import build_model, init_params
-from wdmjax.stats import binom_log10_sf, min_agreeing_bits
+from wdmjax.stats import binom_log10_sf, min_agreeing_bits, rank_sum_log10_p
 from wdmjax.train import make_optimizer, make_train_step
 from wdmjax.train.sampling import apply_fn_for, model_fn_for
 from wdmjax.train.state import create_train_state
@@ -101,6 +101,33 @@ def test_wdp_loss_targets_each_objective_and_checks_shapes():
     wdp_loss(apply_fn, sched, "eps", trigger=tau, watermark=jnp.ones((1, 4, 4, 1)))
   with pytest.raises(WdmjaxError, match="gamma1"):
     wdp_loss(apply_fn, sched, "eps", trigger=tau, watermark=wm, gamma1=1.5)
+
+
+def test_decoys_sit_in_the_watermark_half_above_t_min():
+  """With (almost) no noise the network inputs show each example's kind: zeros for the task
+  half, 0.8 * 1 for the watermark (trigger 0), +-0.2 for a decoy at t >= t_min, 0 below."""
+  sched = make_schedule("linear", 10, beta_start=1e-12, beta_end=1e-12)
+  seen = []
+
+  def apply_fn(params, x, t, y, rng, train):
+    seen.append((np.asarray(x), np.asarray(t), None if y is None else np.asarray(y)))
+    return jnp.zeros_like(x)
+
+  loss = wdp_loss(apply_fn, sched, "eps", trigger=jnp.zeros((4, 4, 1)),
+                  watermark=jnp.ones((1, 4, 4, 1)), gamma1=0.8, class_dropout_prob=0.1,
+                  null_label=-1, num_classes=10, decoy_fraction=0.5, decoy_kind="pixels",
+                  decoy_t_min=0.5)
+  batch = {"image": jnp.zeros((64, 4, 4, 1)), "label": jnp.arange(64) % 10}
+  loss({}, batch, jax.random.PRNGKey(0))
+  (x_wm, t_wm, y_wm), (x_task, _, _) = seen
+  np.testing.assert_allclose(x_task, 0.0, atol=1e-4)  # the task half is the paper's
+  assert np.all(y_wm == -1)  # extraction samples with the null label
+  np.testing.assert_allclose(x_wm[32:], 0.8, atol=1e-4)  # the secret-trigger half
+  high = t_wm[:32] >= 5
+  assert 0 < high.sum() < 32
+  np.testing.assert_allclose(np.abs(x_wm[:32][high]), 0.2, atol=1e-4)  # decoys: +-0.2
+  np.testing.assert_allclose(x_wm[:32][~high], 0.0, atol=1e-4)  # below t_min: plain
+  assert 0.3 < np.mean(x_wm[:32][high] > 0) < 0.7
 
 
 @pytest.mark.parametrize("name, objective", [("unet", "x0"), ("dit", "v")])
@@ -223,11 +250,26 @@ def test_keyed_test_null_is_a_fair_coin():
 
 
 def test_decoy_test_calibrates_the_null():
-  w = np.ones((1, 8, 8, 1), np.float32)
-  decoys = [np.ones((3, 8, 8, 1), np.float32)] * 2  # decoys that always agree: no evidence
-  r = decoy_test(np.ones((3, 8, 8, 1), np.float32), decoys, w, block=2)
-  assert r["test"] == "decoy-calibrated-binomial" and not r["verified"]
-  assert r["null_agreement"] > 0.9
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(5, 8, 8, 1)).astype(np.float32)
+  draw = lambda m: rng.normal(size=(m, 8, 8, 1)).astype(np.float32)
+  # Secret-trigger samples drawn like the decoys' (a model that never learned the trigger).
+  r = decoy_test(draw(16), [draw(16) for _ in range(4)], w, block=2)
+  assert r["test"] == "decoy-rank-sum" and not r["verified"]
+  assert r["decoy_samples"] == 64 and 0.0 < r["null_agreement"] < 1.0
+  # Samples that are noisy copies of the watermark images: the rank test finds them.
+  copies = w[rng.integers(0, 5, 16)] + 0.5 * draw(16)
+  r = decoy_test(copies, [draw(16) for _ in range(4)], w, block=2)
+  assert r["verified"] and r["log10_p_value"] < -10
+  assert r["similarity_median"] > r["decoy_similarity_median"]
+
+
+def test_rank_sum_matches_the_exact_count():
+  """Complete separation of m over n scores: p = 1 / C(m + n, m) exactly."""
+  x, y = np.arange(16) + 100.0, np.arange(64.0)
+  want = -math.log10(math.comb(80, 16))
+  assert rank_sum_log10_p(x, y) == pytest.approx(want, abs=1e-9)
+  assert rank_sum_log10_p(y, x) == pytest.approx(0.0, abs=1e-9)
 
 
 # ----------------------------------------------------------------------------- tiny models

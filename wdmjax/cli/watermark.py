@@ -35,6 +35,7 @@ EMBED_STEPS = 1000
 FINETUNE_LR = 1e-4
 NUM_DECOYS = 4
 DECOY_FRACTION = 0.5
+DECOY_T_MIN = 0.2
 
 
 # ----------------------------------------------------------------------------- files
@@ -74,7 +75,8 @@ def image_shape(cfg) -> ImageShape:
 
 def embed(workdir: str, secret: Secret, *, base: str | None = None, config: str | None = None,
           steps: int = EMBED_STEPS, lr: float | None = None, overrides: list[str] = (),
-          decoy_fraction: float = DECOY_FRACTION, progress: bool = True, log=print):
+          decoy_fraction: float = DECOY_FRACTION, decoy_t_min: float = DECOY_T_MIN,
+          progress: bool = True, log=print):
   """Trains the watermark into a model: fine-tunes the base workdir's EMA weights, or trains
   from scratch from `config`, with the joint WDP loss. Resumes an interrupted `workdir`.
 
@@ -124,13 +126,14 @@ def embed(workdir: str, secret: Secret, *, base: str | None = None, config: str 
   loss = wdp_loss(apply_fn_for(model), schedule_from_config(cfg), cfg.diffusion.objective,
                   trigger=trigger, watermark=targets, gamma1=secret.gamma1,
                   gamma2=secret.gamma2, class_dropout_prob=p, null_label=null, num_classes=k,
-                  decoy_fraction=decoy_fraction, decoy_kind=decoy_kind_for(secret.trigger))
+                  decoy_fraction=decoy_fraction, decoy_kind=decoy_kind_for(secret.trigger),
+                  decoy_t_min=decoy_t_min)
   fresh = not _has_checkpoint(workdir)
   written = [write_secret(workdir, secret), os.path.join(workdir, "embedding.json")]
   with open(written[1], "w") as f:
     json.dump({"method": "wdm", "base": os.path.abspath(base) if base else None,
                "config": config, "steps": steps, "lr": float(cfg.train.lr),
-               "decoy_fraction": decoy_fraction}, f, indent=2)
+               "decoy_fraction": decoy_fraction, "decoy_t_min": decoy_t_min}, f, indent=2)
   try:
     return train(cfg, workdir, loss_fn=loss, init_params=init_params, progress=progress,
                  log=log)
@@ -243,7 +246,7 @@ def cmd_embed(args) -> int:
   t0 = time.time()
   state = embed(args.workdir, secret, base=args.base, config=args.config, steps=args.steps,
                 lr=args.lr, overrides=args.set, decoy_fraction=args.decoy_fraction,
-                progress=not args.no_progress)
+                decoy_t_min=args.decoy_t_min, progress=not args.no_progress)
   print(f"watermarked workdir: {os.path.abspath(args.workdir)} (step {int(state.step)}, "
         f"{time.time() - t0:.0f} s); secret in {SECRET_FILE}")
   return 0
@@ -320,8 +323,12 @@ def add_parsers(sub) -> None:
   e.add_argument("--lr", type=float, default=None,
                  help=f"learning rate (default {FINETUNE_LR:g} when fine-tuning)")
   e.add_argument("--decoy-fraction", type=float, default=DECOY_FRACTION,
-                 help="share of the task batch fed through decoy triggers, which makes the "
-                      "watermark answer only to the secret trigger (0: the paper's loss)")
+                 help="share of the watermark half-batch given to decoy triggers (task images "
+                      "behind random triggers, ordinary target), which makes the watermark "
+                      "answer only to the secret trigger (0: the paper's loss)")
+  e.add_argument("--decoy-t-min", type=float, default=DECOY_T_MIN,
+                 help="decoys only at timesteps t >= this fraction of the chain (low-noise "
+                      "decoys leak speckle into ordinary samples)")
   e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config value (repeatable)")
   e.add_argument("--no-progress", action="store_true")

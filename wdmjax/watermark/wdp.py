@@ -66,7 +66,7 @@ def wdp_loss(apply_fn: ApplyFn, schedule: Schedule, objective: str, *, trigger: 
              watermark: chex.Array, gamma1: float = GAMMA1, gamma2: float = GAMMA2,
              class_dropout_prob: float = 0.0, null_label: int | None = None,
              num_classes: int = 0, task: bool = True, decoy_fraction: float = 0.0,
-             decoy_kind: str = "mixed"
+             decoy_kind: str = "mixed", decoy_t_min: float = 0.0
              ) -> Callable[[chex.ArrayTree, dict, chex.PRNGKey], tuple[chex.Array, dict]]:
   """The joint WDM loss: task loss + gamma2 * watermark-process loss.
 
@@ -81,13 +81,20 @@ def wdp_loss(apply_fn: ApplyFn, schedule: Schedule, objective: str, *, trigger: 
     num_classes: > 0 for a class-conditional network. The watermark half then uses the
       null label when there is one (extraction samples unconditionally), else random labels.
     task: False trains the watermark half alone (loss = gamma2 * watermark loss).
-    decoy_fraction: this fraction of the task half is fed through a decoy trigger (fresh
-      random +-1 pixels or +-1 columns, see `decoy_triggers`) with the ordinary target, so
-      the model learns that only the secret trigger extracts the watermark. Without decoys a
-      model trained on a `random:` trigger also extracts the watermark with other random
-      triggers (an extension of the paper's loss; see experiments/wdm_mnist5k.py).
+    decoy_fraction: this fraction of the watermark half holds decoys instead: task images
+      fed through a fresh random trigger (+-1 pixels or +-1 columns, see `decoy_triggers`)
+      with their ordinary target, so the model learns that only the secret trigger extracts
+      the watermark. Without decoys a model trained on a `random:` trigger also extracts the
+      watermark with other random triggers (an extension of the paper's loss; see
+      experiments/wdm_mnist5k.py). They sit in the gamma2-weighted half, so the task half
+      stays the paper's; decoys in the task half cost task quality in proportion to their
+      share.
     decoy_kind: 'pixels', 'stripes' or 'mixed' (see `decoy_triggers`); decoys of the
       trigger's own kind teach the model the most.
+    decoy_t_min: decoys only at timesteps t >= decoy_t_min * T (below it, a decoy example is
+      an ordinary one). Near t = 0 a decoy asks the network to cancel a +-(1 - gamma1)
+      pattern scaled by 1 / sqrt(1 - abar_t), a high-gain map that leaks speckle into
+      ordinary samples; whether a trigger extracts the watermark is decided at high noise.
 
   Returns:
     `loss_fn(params, batch, rng) -> (loss, metrics)`; `batch['image']` [B, H, W, C] is the
@@ -106,42 +113,48 @@ def wdp_loss(apply_fn: ApplyFn, schedule: Schedule, objective: str, *, trigger: 
         f"decoy_kind: expected one of {list(DECOY_KINDS)}, got {decoy_kind!r}")
   check(0.0 <= decoy_fraction < 1.0,
         f"decoy_fraction: expected a value in [0, 1), got {decoy_fraction!r}")
+  check(0.0 <= decoy_t_min < 1.0,
+        f"decoy_t_min: expected a value in [0, 1), got {decoy_t_min!r}")
+  t_min = int(round(decoy_t_min * schedule.num_timesteps))
   task_loss = diffusion_loss(apply_fn, schedule, objective, class_dropout_prob, null_label)
-  shift = lambda x, t: wdp_input(x, t, trigger, gamma1)
-  wm_loss = diffusion_loss(apply_fn, schedule, objective, input_transform=shift)
   conditional = num_classes > 0
 
-  def _decoyed_loss(params, task_batch, rng, rng_decoy):
-    # The first round(decoy_fraction * B) task examples see a decoy-shifted input.
-    x0 = task_batch["image"]
+  def watermark_half(params, x0, y, rng):
+    """B examples: watermark images behind the secret trigger, the first
+    round(decoy_fraction * B) replaced by task images behind decoy triggers."""
     b = x0.shape[0]
-    n_decoy = int(round(decoy_fraction * b))
-    decoys = decoy_triggers(rng_decoy, b, trigger.shape, decoy_kind)
-    use = (jnp.arange(b) < n_decoy)[:, None, None, None]
-    decoy_shift = lambda x, t: jnp.where(use, wdp_input(x, t, decoys, gamma1), x)
-    return diffusion_loss(apply_fn, schedule, objective, class_dropout_prob, null_label,
-                          input_transform=decoy_shift)(params, task_batch, rng)
+    rng_idx, rng_y, rng_decoy, rng_loss = jax.random.split(rng, 4)
+    is_decoy = jnp.arange(b) < int(round(decoy_fraction * b))
+    mask = is_decoy[:, None, None, None]
+    idx = jax.random.randint(rng_idx, (b,), 0, watermark.shape[0])
+    batch = {"image": jnp.where(mask, x0, watermark[idx])}
+    triggers = jnp.where(mask, decoy_triggers(rng_decoy, b, trigger.shape, decoy_kind),
+                         trigger)
+    if conditional:
+      if null_label is not None:
+        batch["label"] = jnp.full((b,), null_label, jnp.int32)
+      else:  # no null class: random labels, a decoy keeps its image's label when it has one
+        rand = jax.random.randint(rng_y, (b,), 0, num_classes)
+        batch["label"] = rand if y is None else jnp.where(is_decoy, y, rand)
+
+    def shift(x, t):
+      plain = (is_decoy & (t < t_min))[:, None, None, None]
+      return jnp.where(plain, x, wdp_input(x, t, triggers, gamma1))
+
+    return diffusion_loss(apply_fn, schedule, objective, input_transform=shift)(
+      params, batch, rng_loss)
 
   def loss_fn(params, batch, rng):
     x0 = batch["image"]
-    b = x0.shape[0]
-    rng_task, rng_wm, rng_idx, rng_y = jax.random.split(rng, 4)
-    idx = jax.random.randint(rng_idx, (b,), 0, watermark.shape[0])
-    wm_batch = {"image": watermark[idx]}
-    if conditional:
-      wm_batch["label"] = (jnp.full((b,), null_label, jnp.int32) if null_label is not None
-                           else jax.random.randint(rng_y, (b,), 0, num_classes))
-    l_wm, _ = wm_loss(params, wm_batch, rng_wm)
+    y = batch.get("label") if conditional else None
+    rng_task, rng_wm = jax.random.split(rng)
+    l_wm, _ = watermark_half(params, x0, y, rng_wm)
     if not task:
       return gamma2 * l_wm, {"loss": gamma2 * l_wm, "watermark_loss": l_wm}
     task_batch = {"image": x0}
-    if conditional and "label" in batch:
-      task_batch["label"] = batch["label"]
-    if decoy_fraction > 0:
-      rng_task, rng_decoy = jax.random.split(rng_task)
-      l_task, _ = _decoyed_loss(params, task_batch, rng_task, rng_decoy)
-    else:
-      l_task, _ = task_loss(params, task_batch, rng_task)
+    if y is not None:
+      task_batch["label"] = y
+    l_task, _ = task_loss(params, task_batch, rng_task)
     loss = l_task + gamma2 * l_wm
     return loss, {"loss": loss, "task_loss": l_task, "watermark_loss": l_wm}
 
