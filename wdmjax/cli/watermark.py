@@ -15,6 +15,7 @@ import time
 import jax
 import numpy as np
 
+from wdmjax.cli.peft import peft_args, spec_from_args
 from wdmjax.errors import WdmjaxError, check
 from wdmjax.watermark import (
   ALPHA,
@@ -76,9 +77,12 @@ def image_shape(cfg) -> ImageShape:
 def embed(workdir: str, secret: Secret, *, base: str | None = None, config: str | None = None,
           steps: int = EMBED_STEPS, lr: float | None = None, overrides: list[str] = (),
           decoy_fraction: float = DECOY_FRACTION, decoy_t_min: float = DECOY_T_MIN,
-          progress: bool = True, log=print):
+          peft=None, progress: bool = True, log=print):
   """Trains the watermark into a model: fine-tunes the base workdir's EMA weights, or trains
   from scratch from `config`, with the joint WDP loss. Resumes an interrupted `workdir`.
+  `peft` (a `wdmjax.peft.PeftSpec`, with `base`): a parameter-efficient fine-tune, e.g.
+  DiffFit, whose learning rate defaults to the base's times `wdmjax.peft.LR_MULT`; the
+  watermarked model is then a delta on the base.
 
   Returns the final TrainState.
   """
@@ -102,12 +106,17 @@ def embed(workdir: str, secret: Secret, *, base: str | None = None, config: str 
         f"--workdir: {workdir!r} already holds a model with a different secret; use a new "
         f"--workdir (or the same --trigger/--watermark/--key/--gamma1/--gamma2/--block)")
   init_params = None
+  check(peft is None or base is not None, "--peft: expected --base (a model to fine-tune)")
   if base is not None:
     check(os.path.abspath(base) != os.path.abspath(workdir),
           "--workdir: expected a new directory, not the --base workdir itself")
     cfg = read_config(base)
-    if not _has_checkpoint(workdir):
+    if not _has_checkpoint(workdir) and peft is None:
       _, _, init_params = load_trained(base, ema=True)
+    if lr is None and peft is not None and peft.strategy != "full":
+      from wdmjax.peft import LR_MULT
+
+      lr = float(cfg.train.lr) * LR_MULT
     apply_override(cfg, f"train.lr={FINETUNE_LR if lr is None else lr}")
     apply_override(cfg, "train.warmup_steps=0")
   else:
@@ -133,8 +142,13 @@ def embed(workdir: str, secret: Secret, *, base: str | None = None, config: str 
   with open(written[1], "w") as f:
     json.dump({"method": "wdm", "base": os.path.abspath(base) if base else None,
                "config": config, "steps": steps, "lr": float(cfg.train.lr),
-               "decoy_fraction": decoy_fraction, "decoy_t_min": decoy_t_min}, f, indent=2)
+               "decoy_fraction": decoy_fraction, "decoy_t_min": decoy_t_min,
+               "peft": None if peft is None else peft.strategy}, f, indent=2)
   try:
+    if peft is not None:
+      from wdmjax.peft import finetune
+
+      return finetune(cfg, workdir, base, peft, loss_fn=loss, progress=progress, log=log)
     return train(cfg, workdir, loss_fn=loss, init_params=init_params, progress=progress,
                  log=log)
   except WdmjaxError:
@@ -246,7 +260,8 @@ def cmd_embed(args) -> int:
   t0 = time.time()
   state = embed(args.workdir, secret, base=args.base, config=args.config, steps=args.steps,
                 lr=args.lr, overrides=args.set, decoy_fraction=args.decoy_fraction,
-                decoy_t_min=args.decoy_t_min, progress=not args.no_progress)
+                decoy_t_min=args.decoy_t_min, progress=not args.no_progress,
+                peft=None if args.peft is None else spec_from_args(args))
   print(f"watermarked workdir: {os.path.abspath(args.workdir)} (step {int(state.step)}, "
         f"{time.time() - t0:.0f} s); secret in {SECRET_FILE}")
   return 0
@@ -326,6 +341,7 @@ def add_parsers(sub) -> None:
                  help="share of the watermark half-batch given to decoy triggers (task images "
                       "behind random triggers, ordinary target), which makes the watermark "
                       "answer only to the secret trigger (0: the paper's loss)")
+  peft_args(e, required=False)
   e.add_argument("--decoy-t-min", type=float, default=DECOY_T_MIN,
                  help="decoys only at timesteps t >= this fraction of the chain (low-noise "
                       "decoys leak speckle into ordinary samples)")

@@ -14,11 +14,11 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 import chex
 import jax
 import ml_collections
-import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
@@ -126,7 +126,9 @@ def default_loss(cfg: ml_collections.ConfigDict, model) -> LossFn:
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn | None = None,
-          init_params: chex.ArrayTree | None = None, param_labels: chex.ArrayTree | None = None,
+          init_params: chex.ArrayTree | None = None,
+          frozen_params: chex.ArrayTree | None = None,
+          combine: Callable[[chex.ArrayTree, chex.ArrayTree], chex.ArrayTree] | None = None,
           progress: bool = True, log=print) -> TrainState:
   """Trains (or resumes) the configured model in `workdir`; returns the final state.
 
@@ -138,8 +140,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn | Non
       loss. Methods (WDM, ...) pass their own.
     init_params: start from these parameters (fine-tuning a base model) instead of a fresh
       initialisation; ignored when the workdir already has a checkpoint.
-    param_labels: a pytree like the parameters with leaves 'train' or 'freeze': frozen
-      leaves get zero updates (parameter-efficient fine-tuning).
+    frozen_params, combine: parameter-efficient fine-tuning (see `wdmjax.peft.finetune`):
+      `init_params` is then the trainable part only, the state (optimizer, EMA, checkpoints)
+      holds nothing else, and the network runs on `combine(trainable, frozen_params)`.
     progress: show a progress bar.
     log: where one-line messages go.
   """
@@ -160,11 +163,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn | Non
   if is_main:  # only after the model and the data were accepted: no half-made workdir
     write_config(cfg, workdir)
   tx = make_optimizer(tc.lr, tc.warmup_steps, tc.weight_decay, tc.grad_clip)
-  if param_labels is not None:
-    tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, param_labels)
+  partial = frozen_params is not None
+  check(not partial or (init_params is not None and combine is not None),
+        "frozen_params: expected init_params (the trainable part) and combine with it")
   loss_fn = loss_fn or default_loss(cfg, model)
-  step_fn = make_train_step(loss_fn, tx, tc.ema_decay, mesh)
+  step_fn = make_train_step(loss_fn, tx, tc.ema_decay, mesh, frozen=frozen_params,
+                            combine=combine)
   state = init_state(cfg, model, tx, mesh, init_params)
+  full = (lambda p: combine(p, frozen_params)) if partial else (lambda p: p)
   ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
   start = ckpt.latest_step()
   if start is not None:
@@ -194,7 +200,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn | Non
         if tc.ckpt_every and done % tc.ckpt_every == 0:
           ckpt.save(done, state)
         if tc.sample_every and done % tc.sample_every == 0 and is_main:
-          _write_samples(cfg, model, state, os.path.join(workdir, "samples", f"{done:07d}.png"))
+          _write_samples(cfg, model, state, os.path.join(workdir, "samples", f"{done:07d}.png"),
+                         full)
       step = int(state.step)
       ckpt.save(step, state)
       if stop.signum is not None:
@@ -211,8 +218,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn | Non
   return state
 
 
-def _write_samples(cfg, model, state: TrainState, path: str) -> str:
-  params = state.ema_params if cfg.sample.ema else state.params
+def _write_samples(cfg, model, state: TrainState, path: str, full=lambda p: p) -> str:
+  params = full(state.ema_params if cfg.sample.ema else state.params)
   imgs = sample_images(cfg, model, params, jax.random.PRNGKey(cfg.sample.seed), cfg.sample.num)
   k = num_classes(cfg)
   return save_grid(imgs, path, nrow=k if k and cfg.sample.num % k == 0 else None, upscale=2)
@@ -230,7 +237,14 @@ def write_final_samples(cfg, model, state: TrainState, workdir: str) -> str:
 
 def load_trained(workdir: str, ema: bool = True) -> tuple[ml_collections.ConfigDict, object,
                                                           chex.ArrayTree]:
-  """(config, model, params) of the newest checkpoint in `workdir` (EMA weights by default)."""
+  """(config, model, params) of the newest checkpoint in `workdir` (EMA weights by default).
+
+  A parameter-efficient fine-tune (a workdir with peft.json) is applied onto its base.
+  """
+  if os.path.exists(os.path.join(workdir, "peft.json")):
+    from wdmjax.peft.finetune import load_finetuned  # peft builds on this module
+
+    return load_finetuned(workdir, ema)
   cfg = read_config(workdir)
   model = model_from_config(cfg)
   mesh = make_mesh(1)
