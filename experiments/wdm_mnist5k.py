@@ -112,19 +112,25 @@ def clean_finetune(base: str, workdir: str, steps: int) -> float:
 class TaskQuality:
   """Frechet distance of generated digits to the real mnist5k in a classifier's features."""
 
-  def __init__(self, cfg):
+  def __init__(self, cfg, classes: list[int] | None = None):
+    """The classifier learns all of mnist5k; the real features are those of `classes`."""
     images, labels = load_arrays("mnist5k", "train")
     x = preprocess(np.asarray(images), cfg.data.resolution, cfg.data.channels)
+    labels = np.asarray(labels)
     t0 = time.time()
-    self.clf = train_classifier(x, np.asarray(labels), jax.random.PRNGKey(0), progress=True)
+    self.clf = train_classifier(x, labels, jax.random.PRNGKey(0), progress=True)
     print(f"classifier trained in {time.time() - t0:.0f} s")
-    self.real = classifier_features(self.clf.model, self.clf.params, x)
-    self.tv_real = total_variation(x)
+    keep = np.isin(labels, classes) if classes is not None else np.ones(len(x), bool)
+    self.real = classifier_features(self.clf.model, self.clf.params, x[keep])
+    self.tv_real = total_variation(x[keep])
+    self.classes = classes
 
   def fd(self, cfg, model, params, guidance: float | None = None) -> tuple[float, np.ndarray]:
     """FD of NUM_FD class-cycling samples (the config's guidance unless given; 1.0: none)."""
+    labels = (None if self.classes is None
+              else np.resize(np.asarray(self.classes, np.int32), NUM_FD))
     samples = sample_images(cfg, model, params, jax.random.PRNGKey(123), NUM_FD,
-                            guidance_scale=guidance)
+                            guidance_scale=guidance, labels=labels)
     feats = classifier_features(self.clf.model, self.clf.params, samples)
     return frechet_distance_from_features(feats, self.real), samples
 
@@ -214,7 +220,7 @@ def main() -> None:
       "embed_seconds": seconds, "decoy_fraction": run["decoy_fraction"],
       "decoy_t_min": run["decoy_t_min"], "gamma2": secret.gamma2,
       "keyed": secret.key is not None, "lr": run["lr"], "device": device_info()["device"],
-      **r}
+      "clean_reference": clean_q, **r}
     print(f"{name}: FD {q['fd']:.2f} / unguided {q['fd_unguided']:.2f}, DDIM log10 p "
           f"{r['ddim50']['log10_p_value']:.2f}, wrong trigger "
           f"{r['wrong_trigger']['log10_p_value']:.2f} ({time.time() - t0:.0f} s)", flush=True)
@@ -261,7 +267,8 @@ def markdown(res: dict) -> str:
     f"{res['num_extract']} extracted samples, cells are `agreeing bits/bits, log10 p`; "
     "verified means log10 p <= -6. Keyed runs use the exact binomial test, the unkeyed "
     "multi_plain runs the decoy rank-sum test (its p-value is the rank test's; the bits are "
-    "descriptive).",
+    "descriptive). A run marked with another device was measured there, its ratios against "
+    "a clean fine-tune on that device.",
     "",
     f"Task quality: base model FD {base['fd']:.2f}, unguided {base['fd_unguided']:.2f}, TV "
     f"{base['tv']:.3f}; clean fine-tune (plain loss, same steps) FD {clean['fd']:.2f}, "
@@ -273,6 +280,8 @@ def markdown(res: dict) -> str:
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for name, r in res["runs"].items():
+    if r.get("device", res["device"]) != res["device"]:  # measured apart: its own clean run
+      name = f"{name} ({r['device']})"
     lines.append(
       f"| {name} | {r['lr']:g} | {r['gamma2']:g} | {r['decoy_fraction']:g} | "
       f"{decoy_t(r)} | {r['ddim50']['test']} | "
