@@ -208,3 +208,26 @@ def test_cli_params_and_finetune(base_and_finetune):
               "--set", "model.width=64", "--steps", "2", "--no-progress")
   assert r.returncode == 2 and "does not take the parameters of --base" in r.stderr
   assert "Traceback" not in r.stderr
+
+
+def test_cli_finetune_and_a_difffit_watermark(base_and_finetune):
+  """`finetune` and `embed --peft difffit` leave deltas that the other commands load."""
+  root, base, _ = base_and_finetune
+  ft = str(root / "cli_bitfit")
+  r = run_cli("finetune", "--base", base, "--workdir", ft, "--peft", "bitfit", "--steps", "3",
+              "--no-progress")
+  assert r.returncode == 0, r.stderr
+  assert "delta" in r.stdout and os.path.exists(os.path.join(ft, DELTA_FILE))
+  assert json.load(open(os.path.join(ft, "config.json")))["train"]["lr"] == pytest.approx(1e-2)
+  wm = str(root / "cli_wdm")
+  r = run_cli("embed", "--base", base, "--workdir", wm, "--peft", "difffit", "--trigger",
+              "random:1", "--watermark", "keyed:2", "--key", "5", "--block", "2", "--steps",
+              "3", "--no-progress")
+  assert r.returncode == 0, r.stderr
+  assert json.load(open(os.path.join(wm, PEFT_FILE)))["strategy"] == "difffit"
+  r = run_cli("verify", "--workdir", wm, "--json", "--num", "2", "--steps", "3")
+  assert r.returncode == 0, r.stderr
+  assert json.loads(r.stdout)["test"] == "exact-binomial"
+  r = run_cli("embed", "--config", TINY_DIT, "--workdir", str(root / "x"), "--peft", "difffit",
+              "--trigger", "random:1", "--watermark", "keyed:2", "--key", "5", "--steps", "2")
+  assert r.returncode == 2 and "--peft: expected --base" in r.stderr
