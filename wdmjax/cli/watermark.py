@@ -87,6 +87,7 @@ def embed(workdir: str, secret: Secret, *, base: str | None = None, config: str 
   Returns the final TrainState.
   """
   from wdmjax.train import load_config, load_trained, train
+  from wdmjax.train.checkpoint import has_checkpoint
   from wdmjax.train.config import apply_override, validate
   from wdmjax.train.loop import read_config
   from wdmjax.train.sampling import (
@@ -111,7 +112,7 @@ def embed(workdir: str, secret: Secret, *, base: str | None = None, config: str 
     check(os.path.abspath(base) != os.path.abspath(workdir),
           "--workdir: expected a new directory, not the --base workdir itself")
     cfg = read_config(base)
-    if not _has_checkpoint(workdir) and peft is None:
+    if not has_checkpoint(workdir) and peft is None:
       _, _, init_params = load_trained(base, ema=True)
     if lr is None and peft is not None and peft.strategy != "full":
       from wdmjax.peft import LR_MULT
@@ -137,7 +138,7 @@ def embed(workdir: str, secret: Secret, *, base: str | None = None, config: str 
                   gamma2=secret.gamma2, class_dropout_prob=p, null_label=null, num_classes=k,
                   decoy_fraction=decoy_fraction, decoy_kind=decoy_kind_for(secret.trigger),
                   decoy_t_min=decoy_t_min)
-  fresh = not _has_checkpoint(workdir)
+  fresh = not has_checkpoint(workdir)
   written = [write_secret(workdir, secret), os.path.join(workdir, "embedding.json")]
   with open(written[1], "w") as f:
     json.dump({"method": "wdm", "base": os.path.abspath(base) if base else None,
@@ -152,7 +153,7 @@ def embed(workdir: str, secret: Secret, *, base: str | None = None, config: str 
     return train(cfg, workdir, loss_fn=loss, init_params=init_params, progress=progress,
                  log=log)
   except WdmjaxError:
-    if fresh and not _has_checkpoint(workdir):  # rejected before any step: leave nothing
+    if fresh and not has_checkpoint(workdir):  # rejected before any step: leave nothing
       for path in written:
         if os.path.exists(path):
           os.remove(path)
@@ -163,11 +164,6 @@ def decoy_kind_for(trigger_spec: str) -> str:
   """Decoys of the trigger's own kind: random pixels for `random:`, columns for `stripes:`."""
   kind = trigger_spec.partition(":")[0]
   return {"random": "pixels", "stripes": "stripes"}.get(kind, "mixed")
-
-
-def _has_checkpoint(workdir: str) -> bool:
-  d = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
 
 
 # ----------------------------------------------------------------------------- extract

@@ -21,11 +21,12 @@ import chex
 import jax
 import ml_collections
 
-from wdmjax.errors import check
+from wdmjax.errors import WdmjaxError, check
 from wdmjax.peft.delta import check_base, load_delta, params_hash, save_delta
 from wdmjax.peft.labels import check_strategy, count_trainable, param_labels
 from wdmjax.peft.lora import apply_lora, init_lora
 from wdmjax.peft.partition import merge, split
+from wdmjax.train.checkpoint import has_checkpoint
 
 PEFT_FILE = "peft.json"
 DELTA_FILE = "delta.npz"
@@ -144,13 +145,19 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str, base: str, spec: Peft
         f"{old and old['base']}); use a new --workdir")
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, PEFT_FILE)
+  fresh = not has_checkpoint(workdir)
   with open(path + ".tmp", "w") as f:
     json.dump(ref, f, indent=2)
   os.replace(path + ".tmp", path)
   log(f"{spec.strategy}: training {ref['trainable']:,} of {ref['total']:,} parameters "
       f"({100 * ref['fraction']:.3f}%)")
-  state = train(cfg, workdir, loss_fn=loss_fn, init_params=trainable, frozen_params=frozen,
-                combine=combine, progress=progress, log=log)
+  try:
+    state = train(cfg, workdir, loss_fn=loss_fn, init_params=trainable, frozen_params=frozen,
+                  combine=combine, progress=progress, log=log)
+  except WdmjaxError:
+    if fresh and not has_checkpoint(workdir):  # rejected before any step: leave no reference
+      os.remove(path)
+    raise
   save_delta(state.ema_params, os.path.join(workdir, DELTA_FILE))
   return state
 

@@ -15,6 +15,12 @@ import orbax.checkpoint as ocp
 from wdmjax.errors import WdmjaxError
 
 
+def has_checkpoint(workdir: str) -> bool:
+  """Whether `workdir` holds at least one complete checkpoint."""
+  d = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+
+
 class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` (keep the newest `keep`, resume the latest)."""
 
