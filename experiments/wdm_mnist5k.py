@@ -112,9 +112,9 @@ def clean_finetune(base: str, workdir: str, steps: int) -> float:
 class TaskQuality:
   """Frechet distance of generated digits to the real mnist5k in a classifier's features."""
 
-  def __init__(self, cfg, classes: list[int] | None = None):
-    """The classifier learns all of mnist5k; the real features are those of `classes`."""
-    images, labels = load_arrays("mnist5k", "train")
+  def __init__(self, cfg, classes: list[int] | None = None, data: str = "mnist5k"):
+    """The classifier learns all of `data`; the real features are those of `classes`."""
+    images, labels = load_arrays(data, "train")
     x = preprocess(np.asarray(images), cfg.data.resolution, cfg.data.channels)
     labels = np.asarray(labels)
     t0 = time.time()
