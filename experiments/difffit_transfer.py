@@ -32,7 +32,7 @@ import os
 import time
 
 import jax
-from wdm_mnist5k import TaskQuality
+from wdm_mnist5k import TaskQuality, write_json_and_markdown
 
 from wdmjax.cli.peft import finetune_config
 from wdmjax.cli.watermark import embed, verify_model
@@ -203,14 +203,8 @@ def style_shift(args, results: dict) -> None:
 
 
 def write(directory: str, results: dict, panels) -> None:
-  os.makedirs(directory, exist_ok=True)
   stem = os.path.join(directory, "difffit_transfer")
-  with open(stem + ".json.tmp", "w") as f:
-    json.dump(results, f, indent=2)
-  os.replace(stem + ".json.tmp", stem + ".json")
-  with open(stem + ".md.tmp", "w") as f:
-    f.write(markdown(results))
-  os.replace(stem + ".md.tmp", stem + ".md")
+  write_json_and_markdown(stem, results, markdown(results))
   if panels:
     from wdmjax.train.images import save_panels
 

@@ -233,15 +233,18 @@ def results_stem(steps: int) -> str:
   return os.path.join(RESULTS, name)
 
 
+def write_json_and_markdown(stem: str, results: dict, markdown_text: str) -> None:
+  """stem.json and stem.md, each written whole or not at all."""
+  os.makedirs(os.path.dirname(stem), exist_ok=True)
+  for ext, text in ((".json", json.dumps(results, indent=2)), (".md", markdown_text)):
+    with open(stem + ext + ".tmp", "w") as f:
+      f.write(text)
+    os.replace(stem + ext + ".tmp", stem + ext)
+
+
 def write_results(results: dict, rows, base_samples) -> None:
-  os.makedirs(RESULTS, exist_ok=True)
   stem = results_stem(results["steps"])
-  with open(stem + ".json.tmp", "w") as f:
-    json.dump(results, f, indent=2)
-  os.replace(stem + ".json.tmp", stem + ".json")
-  with open(stem + ".md.tmp", "w") as f:
-    f.write(markdown(results))
-  os.replace(stem + ".md.tmp", stem + ".md")
+  write_json_and_markdown(stem, results, markdown(results))
   if rows is not None:
     figure(rows, base_samples, stem + ".png")
 
