@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
-from scipy.stats import binom
 
 from tests.conftest import TINY_DIT, run_cli
 from wdmjax.data import load_arrays, make_mesh
@@ -18,7 +17,7 @@ from wdmjax.data.pipeline import preprocess
 from wdmjax.diffusion import diffusion_loss, make_schedule, sample
 from wdmjax.errors import WdmjaxError
 from wdmjax.models import build_model, init_params
-from wdmjax.stats import binom_log10_sf, min_agreeing_bits, rank_sum_log10_p
+from wdmjax.stats import rank_sum_log10_p
 from wdmjax.train import make_optimizer, make_train_step
 from wdmjax.train.sampling import apply_fn_for, model_fn_for
 from wdmjax.train.state import create_train_state
@@ -212,25 +211,6 @@ def test_watermark_specs_and_keying():
     make_watermark("class:digits:11", SHAPE)
   with pytest.raises(WdmjaxError, match="block"):
     Secret("random:1", "keyed:1", block=3).images(SHAPE)
-
-
-# ----------------------------------------------------------------------------- statistics
-
-
-@pytest.mark.parametrize("n", [1, 7, 20, 49])
-def test_log10_p_matches_scipy(n):
-  for k in range(0, n + 1):
-    want = math.log10(binom.sf(k - 1, n, 0.5))
-    assert binom_log10_sf(k, n) == pytest.approx(want, abs=1e-9)
-  assert binom_log10_sf(3, 10, 0.7) == pytest.approx(math.log10(binom.sf(2, 10, 0.7)))
-
-
-def test_log10_p_is_finite_far_in_the_tail():
-  got = binom_log10_sf(4096, 4096)
-  assert math.isfinite(got) and got == pytest.approx(4096 * math.log10(0.5))
-  assert math.isfinite(binom_log10_sf(4000, 4096))
-  assert min_agreeing_bits(49, 1e-6) == 41
-  assert binom_log10_sf(41, 49) <= -6 < binom_log10_sf(40, 49)
 
 
 def test_vote_ties_never_agree():

@@ -35,24 +35,13 @@ import optax
 from tqdm.auto import tqdm
 
 from wdmjax.errors import WdmjaxError, check
-from wdmjax.models.layers import check_int_sequence, check_positive_int
+from wdmjax.models.layers import check_int_sequence, check_positive_int, max_pool_2x2
 
 Array = jax.Array
 
 # Slack on the [-1, 1] range check: lets unclipped samples through, still catches images in
 # [0, 255] (convert those with `wdmjax.data.preprocess`).
 _RANGE_TOL = 0.05
-
-
-def _max_pool_2x2(x: Array) -> Array:
-  """x: [B, H, W, C] -> [B, H // 2, W // 2, C]; an odd last row / column is dropped.
-
-  Reshape + max rather than `nn.max_pool`, whose select-and-scatter backward is slow on
-  XLA:CPU.
-  """
-  b, h, w, c = x.shape
-  x = x[:, : h // 2 * 2, : w // 2 * 2]
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 class DigitClassifier(nn.Module):
@@ -81,7 +70,7 @@ class DigitClassifier(nn.Module):
     h = x.astype(jnp.float32)
     for i, width in enumerate(self.conv_widths):
       h = nn.relu(nn.Conv(width, (3, 3), padding="SAME", name=f"conv_{i}")(h))
-      h = _max_pool_2x2(h)
+      h = max_pool_2x2(h)
     h = h.reshape(h.shape[0], -1)
     h = nn.relu(nn.Dense(self.feature_dim, name="features")(h))
     if features:
@@ -182,8 +171,9 @@ def _init_params(model: DigitClassifier, key: Array, image_shape: tuple[int, int
 def train_classifier(images: np.ndarray, labels: np.ndarray, rng: Array, *, steps: int = 1000,
                      batch_size: int = 64, lr: float = 3e-3, num_classes: int = 10,
                      conv_widths: Sequence[int] = (16, 32), feature_dim: int = 128,
-                     progress: bool = False) -> ClassifierState:
-  """Trains a `DigitClassifier` with Adam (cosine-decayed learning rate, cross-entropy).
+                     progress: bool = False, model: nn.Module | None = None
+                     ) -> ClassifierState:
+  """Trains a `DigitClassifier` (or `model`) with Adam (cosine-decayed rate, cross-entropy).
 
   The data stay on the device; step s draws its batch with `fold_in(rng, s)`, so a run is
   a pure function of its arguments.
@@ -199,12 +189,15 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, rng: Array, *, step
     conv_widths: channels of the conv stages.
     feature_dim: width of the feature layer.
     progress: show a tqdm progress bar with the running loss.
+    model: another classifier module (images -> logits) to train instead, e.g.
+      `wdmjax.models.LeNet`; then num_classes, conv_widths and feature_dim are its own.
 
   Returns:
     ClassifierState(model, params).
   """
   x = _check_images(images)
   n = x.shape[0]
+  num_classes = getattr(model, "num_classes", num_classes)
   check(isinstance(num_classes, int | np.integer) and not isinstance(num_classes, bool)
         and num_classes >= 2,
         f"num_classes: expected an int >= 2, got {num_classes!r}")
@@ -215,11 +208,13 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, rng: Array, *, step
         f"lr: expected a positive float, got {lr!r}")
   check_int_sequence("conv_widths", conv_widths, allow_empty=False)
   check_positive_int("feature_dim", feature_dim)
-  model = DigitClassifier(num_classes=int(num_classes),
-                          conv_widths=tuple(int(v) for v in conv_widths),
-                          feature_dim=int(feature_dim))
-  check(min(x.shape[1:3]) >= model.min_size,
-        f"images: expected H, W >= {model.min_size}, got shape {x.shape}")
+  if model is None:
+    model = DigitClassifier(num_classes=int(num_classes),
+                            conv_widths=tuple(int(v) for v in conv_widths),
+                            feature_dim=int(feature_dim))
+  min_size = getattr(model, "min_size", 1)
+  check(min(x.shape[1:3]) >= min_size,
+        f"images: expected H, W >= {min_size}, got shape {x.shape}")
 
   key_ok = isinstance(rng, jax.Array) and (
       jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
@@ -242,7 +237,8 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, rng: Array, *, step
 
 @functools.partial(jax.jit, static_argnames=("model", "features"))
 def _apply(model: DigitClassifier, params: chex.ArrayTree, x: Array, *, features: bool) -> Array:
-  return model.apply({"params": params}, x, features=features)
+  # Other classifiers (e.g. LeNet) have no `features` switch: only logits are asked of them.
+  return model.apply({"params": params}, x, **({"features": True} if features else {}))
 
 
 def _batched_apply(model: DigitClassifier, params: chex.ArrayTree, images: np.ndarray,
@@ -281,9 +277,11 @@ def classifier_features(model: DigitClassifier, params: chex.ArrayTree, images: 
 
 def classifier_logits(model: DigitClassifier, params: chex.ArrayTree, images: np.ndarray,
                       batch_size: int = 256) -> np.ndarray:
-  """Logits [N, num_classes] float32 numpy array; arguments as in `classifier_features`."""
+  """Logits [N, num_classes] float32 numpy array; arguments as in `classifier_features`
+  (`model` may also be another classifier module, e.g. `wdmjax.models.LeNet`)."""
   x = _check_images(images)
-  _check_params_fit(model, params, x)
+  if isinstance(model, DigitClassifier):
+    _check_params_fit(model, params, x)
   check_positive_int("batch_size", batch_size)
   return _batched_apply(model, params, x, batch_size, features=False)
 

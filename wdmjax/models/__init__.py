@@ -20,6 +20,7 @@ from wdmjax.models.layers import (
   get_2d_sincos_pos_embed,
   timestep_embedding,
 )
+from wdmjax.models.lenet import LeNet, pretrained_lenet
 from wdmjax.models.unet import UNet
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
   "DiTBlock",
   "FinalLayer",
   "LabelEmbedder",
+  "LeNet",
   "QKVDense",
   "SelfAttention",
   "TimestepEmbedder",
@@ -42,5 +44,6 @@ __all__ = [
   "get_2d_sincos_pos_embed",
   "init_params",
   "param_count_from_config",
+  "pretrained_lenet",
   "timestep_embedding",
 ]

@@ -262,6 +262,17 @@ def check_inputs(x: Array, t: Array, y: Array | None, *, resolution: int, in_cha
     raise WdmjaxError(f"y: expected integer class labels, got dtype {jnp.result_type(y)}")
 
 
+def max_pool_2x2(x: Array) -> Array:
+  """x: [B, H, W, C] -> [B, H // 2, W // 2, C]; an odd last row / column is dropped.
+
+  Reshape + max rather than `nn.max_pool`, whose select-and-scatter backward is slow on
+  XLA:CPU.
+  """
+  b, h, w, c = x.shape
+  x = x[:, : h // 2 * 2, : w // 2 * 2]
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 def check_positive_int(name: str, value: Any) -> None:
   """Raises WdmjaxError unless `value` is an int > 0."""
   ok = isinstance(value, int | np.integer) and not isinstance(value, bool) and value > 0

@@ -24,7 +24,7 @@ import math
 import numpy as np
 
 from wdmjax.errors import check
-from wdmjax.stats import binom_log10_sf, rank_sum_log10_p
+from wdmjax.stats import exact_binomial_log10_sf, rank_sum_log10_p
 from wdmjax.watermark.triggers import ImageShape, block_signs, key_mask, reference_bits
 
 ALPHA = 1e-6
@@ -116,7 +116,7 @@ def report(test: str, k: int, n: int, p_null: float, alpha: float,
   """
   check(0.0 < alpha < 1.0, f"alpha: expected a level in (0, 1), got {alpha!r}")
   if log10_p is None:
-    log10_p = binom_log10_sf(k, n, p_null)
+    log10_p = exact_binomial_log10_sf(k, n, p_null)
   return {
     "test": test,
     "log10_p_value": log10_p,
