@@ -1,4 +1,4 @@
-"""The `wdmjax` command: train, sample, embed, extract, verify, finetune, params, demo.
+"""The `wdmjax` command: train, sample, embed, extract, verify, attack, finetune, params, demo.
 
 Errors in what the user typed are printed as one line (`wdmjax: error: ...`, exit status 2),
 never as a traceback.
@@ -11,6 +11,7 @@ import os
 import sys
 import time
 
+from wdmjax.cli.attack import add_parsers as add_attack_parsers
 from wdmjax.cli.demo import add_parser as add_demo_parser
 from wdmjax.cli.peft import add_parsers as add_peft_parsers
 from wdmjax.cli.watermark import add_parsers as add_watermark_parsers
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
   s.set_defaults(func=_cmd_sample)
 
   add_watermark_parsers(sub)
+  add_attack_parsers(sub)
   add_peft_parsers(sub)
   add_demo_parser(sub)
   return p

@@ -1,0 +1,22 @@
+"""Attacks on watermarked models (weights, sampling) and on their images."""
+
+from wdmjax.attacks.image import (
+  brightness,
+  center_crop,
+  compose,
+  contrast,
+  gaussian_blur,
+  gaussian_noise,
+  jpeg,
+  jpeg_ste,
+  random_crop,
+  resize,
+  rotate,
+)
+from wdmjax.attacks.model import kernel_sparsity, prune, quantize, quantize_int8, weight_noise
+from wdmjax.attacks.spec import ATTACKS, Attack, apply_attacks, attack_workdir, parse_attack
+
+__all__ = ["ATTACKS", "Attack", "apply_attacks", "attack_workdir", "brightness", "center_crop",
+           "compose", "contrast", "gaussian_blur", "gaussian_noise", "jpeg", "jpeg_ste",
+           "kernel_sparsity", "parse_attack", "prune", "quantize", "quantize_int8", "random_crop",
+           "resize", "rotate", "weight_noise"]

@@ -1,0 +1,33 @@
+"""`wdmjax attack`: a watermarked model after weight and sampling attacks, as a workdir."""
+
+from __future__ import annotations
+
+import time
+
+from wdmjax.attacks.spec import __doc__ as ATTACKS_DOC
+
+
+def cmd_attack(args) -> int:
+  from wdmjax.attacks import attack_workdir
+
+  t0 = time.time()
+  out = attack_workdir(args.workdir, args.out, args.attack, seed=args.seed,
+                       progress=not args.no_progress)
+  print(f"{' then '.join(args.attack)} -> {out} ({time.time() - t0:.1f} s)")
+  return 0
+
+
+def add_parsers(sub) -> None:
+  import argparse
+
+  a = sub.add_parser("attack", help="attack a trained workdir's weights or sampling; writes "
+                     "a workdir that sample and verify accept",
+                     description=ATTACKS_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+  a.add_argument("--workdir", required=True, help="the trained (watermarked) workdir")
+  a.add_argument("--out", required=True, help="the attacked workdir (new)")
+  a.add_argument("--attack", action="append", required=True, metavar="NAME:STRENGTH",
+                 help="e.g. prune:0.3, noise:0.01, quantize:int8, finetune:1000 (repeatable, "
+                 "applied in order)")
+  a.add_argument("--seed", type=int, default=0, help="for noise and fine-tuning")
+  a.add_argument("--no-progress", action="store_true")
+  a.set_defaults(func=cmd_attack)
