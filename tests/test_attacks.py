@@ -124,14 +124,15 @@ def test_model_attacks_compose_in_order(dit_params):
                0.5)
   for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(want), strict=True):
     np.testing.assert_array_equal(u, v)
-  cfg2, _ = apply_attacks(cfg, dit_params, [parse_attack("steps:7")])
+  cfg2, _ = apply_attacks(cfg, dit_params, [parse_attack("steps:7"), parse_attack("dropout:0.3")])
   assert cfg2.sample.steps == 7 and cfg.sample.steps == 10
+  assert cfg2.model.dropout == 0.3 and cfg2.sample.dropout and not cfg.sample.dropout
 
 
 @pytest.mark.parametrize("text,match", [
   ("zap:1", "expected a name in"), ("prune:1.5", r"F in \[0, 1\)"), ("prune", "STRENGTH"),
   ("noise:-1", "STD >= 0"), ("quantize:int4", "MODE"), ("finetune:0", "positive integer"),
-  ("raw:1", "no strength"), ("steps:x", "positive integer")])
+  ("raw:1", "no strength"), ("steps:x", "positive integer"), ("dropout:1", r"F in \[0, 1\)")])
 def test_bad_attack_names_and_strengths_give_clear_errors(text, match):
   with pytest.raises(WdmjaxError, match=match):
     parse_attack(text)
@@ -146,10 +147,12 @@ def test_attack_cli_writes_a_workdir_verify_accepts(tmp_path):
   out = str(tmp_path / "attacked")
   r = run_cli("attack", "--workdir", src, "--out", out, "--attack", "finetune:3",
               "--attack", "prune:0.3", "--attack", "quantize:int8", "--attack", "steps:6",
+              "--attack", "dropout:0.2",
               "--no-progress")
   assert r.returncode == 0, r.stderr
   meta = json.load(open(os.path.join(out, "attacks.json")))
-  assert meta["attacks"] == ["finetune:3", "prune:0.3", "quantize:int8", "steps:6"]
+  assert meta["attacks"] == ["finetune:3", "prune:0.3", "quantize:int8", "steps:6",
+                             "dropout:0.2"]
   r = run_cli("verify", "--workdir", out, "--json", "--num", "2", "--steps", "4")
   assert r.returncode == 0, r.stderr
   assert json.loads(r.stdout)["bits"] == 16
@@ -159,3 +162,19 @@ def test_attack_cli_writes_a_workdir_verify_accepts(tmp_path):
   r = run_cli("attack", "--workdir", src, "--out", str(tmp_path / "x"), "--attack", "prune",
               "--attack", "raw")
   assert r.returncode == 2 and not os.path.exists(tmp_path / "x")
+
+
+def test_sampling_dropout_changes_the_output_only_when_on(dit_params):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 1))
+  t, y = jnp.array([10, 50]), jnp.array([1, 2])
+  outs = {}
+  for rate in (0.0, 0.5):
+    model = build_model(dict(name="dit", resolution=8, in_channels=1, patch_size=2, width=32,
+                             depth=2, num_heads=2, num_classes=10, class_dropout_prob=0.1,
+                             dropout=rate))
+    for train in (False, True):
+      outs[rate, train] = model.apply({"params": dit_params}, x, t, y, train=train,
+                                      rngs={"dropout": jax.random.PRNGKey(1)})
+  np.testing.assert_array_equal(outs[0.0, True], outs[0.0, False])
+  np.testing.assert_array_equal(outs[0.5, False], outs[0.0, False])
+  assert float(jnp.abs(outs[0.5, True] - outs[0.5, False]).max()) > 1e-3

@@ -8,6 +8,7 @@
   finetune:N         N steps of full fine-tuning on the config's clean data (lr 1e-4)
   finetune_difffit:N N steps of DiffFit on clean data (lr 1e-3)
   steps:N            sample with N steps (a sampling option kept in the config)
+  dropout:P          sample with dropout at rate P in every block (kept in the config)
   raw                the raw weights instead of the EMA (first attack only)
 
 `attack_workdir` writes the attacked model as an ordinary workdir (plus attacks.json), which
@@ -30,7 +31,7 @@ from wdmjax.attacks.model import QUANT_MODES, prune, quantize, weight_noise
 from wdmjax.errors import check
 
 FINETUNE_LR = {"full": 1e-4, "difffit": 1e-3}
-_FLOAT = ("prune", "prune_layer", "noise", "noise_rel")
+_FLOAT = ("prune", "prune_layer", "noise", "noise_rel", "dropout")
 _INT = ("finetune", "finetune_difffit", "steps")
 ATTACKS = (*_FLOAT, "quantize", *_INT, "raw")
 
@@ -65,7 +66,7 @@ def parse_attack(text: str) -> Attack:
     x = float(value)
   except ValueError:
     x = float("nan")
-  if name.startswith("prune"):
+  if name.startswith("prune") or name == "dropout":
     check(0.0 <= x < 1.0, f"--attack: expected {name}:F with F in [0, 1), got {text!r}")
   else:
     check(x >= 0.0, f"--attack: expected {name}:STD with STD >= 0, got {text!r}")
@@ -115,6 +116,10 @@ def apply_attacks(cfg, params, attacks: list[Attack], seed: int = 0, progress: b
               f"--attack: expected steps:N with N <= {cfg.diffusion.num_timesteps}, got {a}")
         with cfg.unlocked():
           cfg.sample.steps = int(a.strength)
+      elif a.name == "dropout":
+        with cfg.unlocked():
+          cfg.model.dropout = float(a.strength)
+          cfg.sample.dropout = True
       elif a.name.startswith("finetune"):
         params = _finetune(cfg, params, a, scratch, seed + i, progress)
       else:

@@ -67,16 +67,19 @@ class DiTBlock(nn.Module):
   x = x + gate_mlp * gamma_mlp * Mlp(modulate(LN(x), shift_mlp, scale_mlp))
 
   `gamma_attn` and `gamma_mlp` ([width], init 1) are the DiffFit scale factors: inert
-  until fine-tuned. Blocks with use_gamma=False have no such parameters.
+  until fine-tuned. Blocks with use_gamma=False have no such parameters. `dropout` drops
+  attention and MLP outputs when not deterministic (0 by default, as in DiT; the attack
+  suite samples with it).
   """
   width: int
   num_heads: int
   mlp_ratio: float = 4.0
   use_gamma: bool = True
+  dropout: float = 0.0
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, c: Array) -> Array:
+  def __call__(self, x: Array, c: Array, deterministic: bool = True) -> Array:
     """x: [B, L, width] tokens, c: [B, width] conditioning -> [B, L, width]."""
     mod = nn.Dense(6 * self.width, dtype=self.dtype, kernel_init=zeros_init,
                    name="adaLN_modulation")(nn.silu(c))
@@ -84,12 +87,14 @@ class DiTBlock(nn.Module):
 
     h = modulate(_layer_norm("norm1", self.dtype)(x), shift_msa, scale_msa)
     h = SelfAttention(self.num_heads, dtype=self.dtype, name="attn")(h)
+    h = nn.Dropout(self.dropout, deterministic=deterministic)(h)
     if self.use_gamma:
       h = h * self.param("gamma_attn", nn.initializers.ones, (self.width,)).astype(self.dtype)
     x = x + gate_msa[:, None, :] * h
 
     h = modulate(_layer_norm("norm2", self.dtype)(x), shift_mlp, scale_mlp)
     h = Mlp(int(self.width * self.mlp_ratio), dtype=self.dtype, name="mlp")(h)
+    h = nn.Dropout(self.dropout, deterministic=deterministic)(h)
     if self.use_gamma:
       h = h * self.param("gamma_mlp", nn.initializers.ones, (self.width,)).astype(self.dtype)
     return x + gate_mlp[:, None, :] * h
@@ -133,6 +138,8 @@ class DiT(LabelAndOutputMixin, nn.Module):
     pos_coord_scale: the position embedding uses coordinates index / pos_coord_scale
       (use 2 to evaluate at twice the training resolution, as in DiffFit).
     gamma_blocks: the first gamma_blocks blocks carry DiffFit gammas (None: all).
+    dropout: dropout on each block's attention and MLP outputs when train=True (0: none;
+      no parameters, so any rate loads the same checkpoint).
     dtype: compute dtype (e.g. jnp.bfloat16); parameters stay float32, output is float32.
   """
   resolution: int
@@ -148,6 +155,7 @@ class DiT(LabelAndOutputMixin, nn.Module):
   out_channels: int | None = None
   pos_coord_scale: float = 1.0
   gamma_blocks: int | None = None
+  dropout: float = 0.0
   dtype: Dtype = jnp.float32
 
   def check_config(self) -> None:
@@ -172,6 +180,7 @@ class DiT(LabelAndOutputMixin, nn.Module):
           f"{self.class_dropout_prob!r}")
     if self.out_channels is not None:
       check_positive_int("out_channels", self.out_channels)
+    check(0.0 <= self.dropout < 1.0, f"dropout: expected a rate in [0, 1), got {self.dropout!r}")
     check(self.pos_coord_scale > 0, f"pos_coord_scale: expected > 0, got {self.pos_coord_scale!r}")
     check(self.gamma_blocks is None
           or (isinstance(self.gamma_blocks, int) and 0 <= self.gamma_blocks <= self.depth),
@@ -187,13 +196,12 @@ class DiT(LabelAndOutputMixin, nn.Module):
       x: [B, H, W, C] float, H = W = resolution, C = in_channels.
       t: [B] int or float timesteps in 0..T-1.
       y: [B] int32 class labels (negative or num_classes = null class), or None.
-      train: unused (DiT has no dropout; labels are dropped by the loss); kept for a
-        common signature.
+      train: applies `dropout` (a 'dropout' rng is then needed when dropout > 0); labels
+        are dropped by the loss, not here.
 
     Returns:
       [B, H, W, output_channels] float32.
     """
-    del train
     self.check_config()
     check_inputs(x, t, y, resolution=self.resolution, in_channels=self.in_channels,
                  num_classes=self.num_classes, use_null_class=self.use_null_class)
@@ -216,7 +224,7 @@ class DiT(LabelAndOutputMixin, nn.Module):
     n_gamma = self.depth if self.gamma_blocks is None else self.gamma_blocks
     for i in range(self.depth):
       h = DiTBlock(self.width, self.num_heads, self.mlp_ratio, use_gamma=i < n_gamma,
-                   dtype=dt, name=f"DiTBlock_{i}")(h, c)
+                   dropout=self.dropout, dtype=dt, name=f"DiTBlock_{i}")(h, c, not train)
 
     h = FinalLayer(self.width, p * p * self.output_channels, dtype=dt, name="final_layer")(h, c)
     # Unpatchify: [B, g*g, p*p*C] -> [B, g*p, g*p, C].

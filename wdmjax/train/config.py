@@ -31,7 +31,7 @@ def default_config() -> ml_collections.ConfigDict:
                  grad_clip=1.0, ema_decay=0.999, seed=0, log_every=50, ckpt_every=500,
                  keep_checkpoints=2, sample_every=0, async_checkpoint=False)
   c.sample = dict(sampler="ddim", steps=50, eta=0.0, num=64, guidance_scale=None, ema=True,
-                  seed=0)
+                  seed=0, dropout=False)
   c.mesh = dict(data=-1)
   return ml_collections.ConfigDict(c.to_dict())
 

@@ -51,8 +51,16 @@ def apply_fn_for(model: nn.Module) -> Callable:
   return apply
 
 
-def model_fn_for(model: nn.Module) -> Callable:
-  """(params, x, t, y) -> output, one function object per model so jitted samplers are reused."""
+def model_fn_for(model: nn.Module, dropout_key: chex.PRNGKey | None = None) -> Callable:
+  """(params, x, t, y) -> output, one function object per model so jitted samplers are reused.
+
+  With `dropout_key` the model runs with dropout on (train=True), a fresh mask per timestep
+  (a sampling-time attack); that function is new on every call, so its sampler recompiles.
+  """
+  if dropout_key is not None:
+    return lambda params, x, t, y: model.apply(
+        {"params": params}, x, t, y, train=True,
+        rngs={"dropout": jax.random.fold_in(dropout_key, jnp.asarray(t).reshape(-1)[0])})
   key = id(model)
   if key not in _MODEL_FNS:
     _MODEL_FNS[key] = lambda params, x, t, y: model.apply({"params": params}, x, t, y,
@@ -89,11 +97,13 @@ def sample_images(cfg: ml_collections.ConfigDict, model: nn.Module, params: chex
   y_all = sample_labels(cfg, num) if labels is None else jnp.asarray(labels, jnp.int32)
   use_cfg = guidance_scale is not None and y_all is not None and guidance_scale != 1.0
   res, ch = cfg.data.resolution, cfg.data.channels
+  # Sampling with dropout on (the `dropout` attack): one model function for all batches.
+  model_fn = model_fn_for(model, jax.random.fold_in(rng, 0xD0) if s.get("dropout") else None)
   out = []
   for i, start in enumerate(range(0, num, batch_size)):
     b = min(batch_size, num - start)
     y = None if y_all is None else y_all[start:start + b]
-    x = sample(model_fn_for(model), params, jax.random.fold_in(rng, i), schedule,
+    x = sample(model_fn, params, jax.random.fold_in(rng, i), schedule,
                shape=(b, res, res, ch), y=y, sampler=sampler, steps=steps, eta=eta,
                objective=cfg.diffusion.objective, guidance_scale=guidance_scale if use_cfg
                else None, null_label=-1 if use_cfg else None, input_transform=input_transform,
