@@ -1,7 +1,7 @@
 """DiffFit against full fine-tuning, BitFit and LoRA on a domain shift, at small scale.
 
   python experiments/difffit_transfer.py [--runs runs/difffit_transfer] [--pre-steps 2000]
-                                         [--steps 600] [--parts shift style]
+                                         [--steps 600] [--parts shift style sweep]
 
 1. Pre-trains the mnist5k DiT (experiments/configs/mnist5k_dit.py) on digits 0-4 only.
 2. Adapts it to digits 5-9 (classes it never saw: their label embeddings are untrained) with
@@ -20,6 +20,9 @@
    8x8 digits upsampled to 28 px by each strategy: the same classes drawn another way, the
    kind of transfer the paper makes (its base knows the concepts); FD in the features of a
    classifier trained on those digits.
+6. Sweep (part 'sweep'): on the style shift, DiffFit at two learning rates (3x and 10x the
+   base's) against full fine-tuning, each measured after 600 and after 2000 steps, to see
+   whether DiffFit's gap to full fine-tuning is one of learning rate or of training length.
 Parts 1-4 are 'shift'. Writes experiments/results/difffit_transfer.{json,md,png}. Workdirs
 are resumed.
 """
@@ -44,7 +47,10 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "mnist5k_dit.py")
 DOMAIN_A, DOMAIN_B = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
 STRATEGIES = ("full", "bitfit", "difffit", "lora")
-PARTS = ("shift", "style")
+PARTS = ("shift", "style", "sweep")
+# (strategy, lr) pairs of the sweep and the step counts at which each is measured.
+SWEEP = (("difffit", 3e-3), ("difffit", 1e-2), ("full", 1e-3))
+SWEEP_STEPS = (600, 2000)
 
 
 def labels_override(classes: list[int]) -> str:
@@ -86,7 +92,10 @@ def main() -> None:
   if "style" in args.parts:
     style_shift(args, results)
     write(args.results, results, None)
-  if set(args.parts) == {"style"}:
+  if "sweep" in args.parts:
+    style_sweep(args, results)
+    write(args.results, results, None)
+  if "shift" not in args.parts:
     return
 
   # 1. Pre-train on domain A.
@@ -174,15 +183,38 @@ def main() -> None:
   write(args.results, results, panels)
 
 
-def style_shift(args, results: dict) -> None:
-  """The shipped base (every mnist5k digit) adapted to scikit-learn's 8x8 digits upsampled
-  to 28 px: the same classes in another style, as the paper's transfers keep the concepts."""
+def style_base(args):
+  """The shipped base, its style-shift config and the FD measure on the upsampled digits."""
   from wdmjax.cli.demo import base_workdir
 
   base = base_workdir(os.path.join(args.runs, "mnist5k_base"), False, None)
   cfg0 = finetune_config(base, None, ["data.name=digits", "train.sample_every=0"], args.steps,
                          None, None, "full")
-  quality = TaskQuality(cfg0, None, data="digits")
+  return base, cfg0, TaskQuality(cfg0, None, data="digits")
+
+
+def style_sweep(args, results: dict) -> None:
+  """DiffFit's learning rate and training length against full fine-tuning (style shift)."""
+  base, _, quality = style_base(args)
+  rows = []
+  for strategy, lr in SWEEP:
+    workdir = os.path.join(args.runs, f"sweep_{strategy}_{lr:g}")
+    for steps in SWEEP_STEPS:  # the second run resumes the first: a constant learning rate
+      cfg = finetune_config(base, None, ["data.name=digits", "train.sample_every=0"], steps,
+                            lr, None, strategy)
+      finetune(cfg, workdir, base, PeftSpec(strategy), log=lambda *a: None)
+      cfg, model, params = load_trained(workdir)
+      q = quality.measure(cfg, model, params)[0]
+      rows.append({"strategy": strategy, "lr": lr, "steps": steps, **q})
+      print(f"sweep {strategy} lr {lr:g} {steps} steps: FD {q['fd']:.2f} / unguided "
+            f"{q['fd_unguided']:.2f}", flush=True)
+  results["sweep"] = rows
+
+
+def style_shift(args, results: dict) -> None:
+  """The shipped base (every mnist5k digit) adapted to scikit-learn's 8x8 digits upsampled
+  to 28 px: the same classes in another style, as the paper's transfers keep the concepts."""
+  base, cfg0, quality = style_base(args)
   _, model, base_params = load_trained(base)
   results["style_base_fd"] = quality.fd(cfg0, model, base_params)[0]
   rows = {}
@@ -248,6 +280,13 @@ def markdown(res: dict) -> str:
         f"{r['fd']:.2f} | {r['fd_ratio_to_full']:.2f} | {r['fd_unguided']:.2f} | "
         f"{r['fd_unguided_ratio_to_full']:.2f} | {r['delta_bytes'] / 1024:.1f} | "
         f"{r['optimizer_state_bytes'] / 1024:.1f} | {r['step_s']:.3f} |")
+  if res.get("sweep"):
+    lines += ["", "Sweep on the style shift (part 'sweep'): FD with guidance 2 / without, "
+              "after 600 and 2000 steps at a constant learning rate.", "",
+              "| strategy | lr | steps | FD | FD unguided |", "|---|---|---|---|---|"]
+    for r in res["sweep"]:
+      lines.append(f"| {r['strategy']} | {r['lr']:g} | {r['steps']} | {r['fd']:.2f} | "
+                   f"{r['fd_unguided']:.2f} |")
   wm = res.get("wdm_difffit")
   if wm:
     lines += ["", "WDM embedded with DiffFit into the pre-trained model (trigger random:1, "
