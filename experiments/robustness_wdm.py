@@ -4,7 +4,7 @@
                                        [--only prune noise ...]
 
 Embeds the watermark of experiments/wdm_mnist5k.py's `random` run (trigger random:1, keyed
-watermark, key 42, gamma1 0.8, gamma2 0.1, 600 steps from the shipped base), then applies
+watermark, key 42, gamma1 0.8, gamma2 0.1, 600 steps at lr 3e-4 from the shipped base), then applies
 each attack of `SWEEP` at each strength (`wdmjax.attacks`, the same code as `wdmjax attack`)
 and reports for every attacked model: the verification (DDIM at the config's step count,
 16 samples: bit agreement, log10 p, verified at 1e-6) and the task Frechet distance (guided
@@ -23,7 +23,7 @@ import os
 import time
 
 import jax
-from wdm_mnist5k import TaskQuality, device_info, write_json_and_markdown
+from wdm_mnist5k import LR, TaskQuality, device_info, write_json_and_markdown
 
 from wdmjax.attacks import apply_attacks, parse_attack
 from wdmjax.cli.demo import base_workdir
@@ -73,7 +73,7 @@ def main() -> None:
 
   base = base_workdir(os.path.join(args.runs, "mnist5k_base"), False, None)
   wm = os.path.join(args.runs, "watermarked")
-  embed(wm, SECRET, base=base, steps=EMBED_STEPS, overrides=["train.sample_every=0"])
+  embed(wm, SECRET, base=base, steps=EMBED_STEPS, lr=LR, overrides=["train.sample_every=0"])
   cfg, model, params = load_trained(wm)
   quality = TaskQuality(cfg)
   clean = measure(quality, cfg, model, params)

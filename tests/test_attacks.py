@@ -14,8 +14,11 @@ from tests.conftest import TINY_DIT, run_cli
 from wdmjax.attacks import (
   apply_attacks,
   brightness,
+  center_crop,
   compose,
   contrast,
+  gaussian_blur,
+  gaussian_noise,
   jpeg,
   jpeg_ste,
   kernel_sparsity,
@@ -23,6 +26,8 @@ from wdmjax.attacks import (
   prune,
   quantize,
   quantize_int8,
+  random_crop,
+  resize,
   rotate,
   weight_noise,
 )
@@ -178,3 +183,28 @@ def test_sampling_dropout_changes_the_output_only_when_on(dit_params):
   np.testing.assert_array_equal(outs[0.0, True], outs[0.0, False])
   np.testing.assert_array_equal(outs[0.5, False], outs[0.0, False])
   assert float(jnp.abs(outs[0.5, True] - outs[0.5, False]).max()) > 1e-3
+
+
+def test_geometric_and_photometric_attacks_do_what_they_say():
+  x = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, (3, 16, 16, 3)), jnp.float32)
+  np.testing.assert_allclose(center_crop(x, 1.0), x, atol=1e-5)  # full area: unchanged
+  np.testing.assert_allclose(resize(x, 1.0), x, atol=1e-5)
+  i = np.arange(16, dtype=np.float32)
+  smooth = jnp.asarray(np.sin(i[:, None] / 4) * np.cos(i[None, :] / 5))[None, :, :, None]
+  crop = center_crop(smooth, 0.25)  # the central 8x8, upsampled 2x
+  np.testing.assert_allclose(crop.reshape(1, 8, 2, 8, 2, 1).mean((2, 4)),
+                             smooth[:, 4:12, 4:12], atol=0.05)
+  r = random_crop(x, jax.random.PRNGKey(0), 0.5)
+  assert r.shape == x.shape and float(jnp.abs(r - x).mean()) > 0.05
+  flat = jnp.full((1, 16, 16, 1), 0.3)
+  np.testing.assert_allclose(gaussian_blur(flat, 2.0), flat, atol=1e-6)  # keeps a constant
+  blurred = gaussian_blur(x, 1.5)
+  assert float(jnp.abs(jnp.diff(blurred, axis=1)).mean()) < 0.5 * float(
+    jnp.abs(jnp.diff(x, axis=1)).mean())
+  z = jnp.zeros((4, 32, 32, 1))
+  assert float(gaussian_noise(z, jax.random.PRNGKey(0), 0.1).std()) == pytest.approx(0.1, rel=0.05)
+  assert float(brightness(x, 0.5).max()) <= 1.0
+  with pytest.raises(WdmjaxError, match="crop"):
+    center_crop(x, 0.0)
+  with pytest.raises(WdmjaxError, match=r"images: expected shape \[B, H, W, C\]"):
+    resize(x[0], 0.5)
