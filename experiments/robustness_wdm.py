@@ -162,7 +162,7 @@ def plot(path: str, res: dict) -> None:
     need = int(threshold_for_fpr(res["unattacked"]["bits"], 1e-6)) / res["unattacked"]["bits"]
   for i, fam in enumerate(fams):
     rs = [r for r in res["rows"] if r["family"] == fam]
-    labels = ["none"] + [str(r["strength"]) for r in rs]
+    labels = ["none"] + [fam if r["strength"] is None else str(r["strength"]) for r in rs]
     agree = [res["unattacked"]["bit_agreement"]] + [r["bit_agreement"] for r in rs]
     fd = [res["unattacked"]["fd"]] + [r["fd"] for r in rs]
     top, bottom = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
