@@ -13,22 +13,28 @@ import time
 
 from wdmjax.cli.attack import add_parsers as add_attack_parsers
 from wdmjax.cli.demo import add_parser as add_demo_parser
+from wdmjax.cli.multihost import add_distributed_args, connect
 from wdmjax.cli.peft import add_parsers as add_peft_parsers
 from wdmjax.cli.watermark import add_parsers as add_watermark_parsers
 from wdmjax.errors import WdmjaxError, check
 
 
 def _cmd_train(args) -> int:
+  import jax
+
   from wdmjax.train import load_config, train
   from wdmjax.train.loop import write_final_samples
   from wdmjax.train.sampling import model_from_config
 
   cfg = load_config(args.config, args.set)
   state = train(cfg, args.workdir, progress=not args.no_progress)
+  main_process = jax.process_index() == 0
   if int(state.step) >= cfg.train.steps and not args.no_samples:
     path = write_final_samples(cfg, model_from_config(cfg), state, args.workdir)
-    print(f"samples: {path}")
-  print(f"workdir: {os.path.abspath(args.workdir)} (step {int(state.step)})")
+    if main_process:
+      print(f"samples: {path}")
+  if main_process:
+    print(f"workdir: {os.path.abspath(args.workdir)} (step {int(state.step)})")
   return 0
 
 
@@ -66,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="override a config value, e.g. --set train.steps=100 (repeatable)")
   t.add_argument("--no-progress", action="store_true", help="no progress bar")
   t.add_argument("--no-samples", action="store_true", help="no final sample grid")
+  add_distributed_args(t)
   t.set_defaults(func=_cmd_train)
 
   s = sub.add_parser("sample", help="draw a sample grid from a trained workdir")
@@ -90,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   try:
+    if hasattr(args, "coordinator"):
+      connect(args)
     return args.func(args)
   except WdmjaxError as e:
     print(f"wdmjax: error: {e}", file=sys.stderr)

@@ -257,20 +257,21 @@ def make_mesh(num_devices: int | None = None, axis: str = 'data') -> Mesh:
 
 
 def shard_batch(
-    batch: Mapping[str, np.ndarray], mesh: Mesh, axis: str = 'data'
+    batch: Mapping[str, np.ndarray], mesh: Mesh, axis: str | tuple[str, ...] = 'data'
 ) -> dict[str, jax.Array]:
   """Process-local numpy batch -> global `jax.Array`s split along the leading dim.
 
   Args:
     batch: dict of arrays [B_local, ...], one leading size for all.
     mesh: the device mesh; `axis` must be one of its axes, spanning the processes.
-    axis: the mesh axis that splits the batch.
+    axis: the mesh axis (or axes, e.g. `('data', 'fsdp')`) that split the batch.
 
   Returns:
     dict of jax.Array [B_local * process_count, ...] with sharding
     `NamedSharding(mesh, P(axis))`.
   """
-  if axis not in mesh.axis_names:
+  axes = (axis,) if isinstance(axis, str) else tuple(axis)
+  if not axes or any(a not in mesh.axis_names for a in axes):
     raise WdmjaxError(f'axis: expected one of the mesh axes {mesh.axis_names}, got {axis!r}')
   sizes = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in batch.items()}
   if not sizes or len(set(sizes.values())) != 1 or None in sizes.values():
@@ -279,13 +280,13 @@ def shard_batch(
     )
   local = next(iter(sizes.values()))
   global_size = local * jax.process_count()
-  axis_size = mesh.shape[axis]
+  axis_size = int(np.prod([mesh.shape[a] for a in axes]))
   if global_size % axis_size:
     raise WdmjaxError(
         f'batch: expected a global batch size divisible by mesh axis {axis!r} of size '
         f'{axis_size}, got {global_size}'
     )
-  sharding = NamedSharding(mesh, PartitionSpec(axis))
+  sharding = NamedSharding(mesh, PartitionSpec(axes))
   return {
       k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
       for k, v in batch.items()

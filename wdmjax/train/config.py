@@ -32,7 +32,8 @@ def default_config() -> ml_collections.ConfigDict:
                  keep_checkpoints=2, sample_every=0, async_checkpoint=False)
   c.sample = dict(sampler="ddim", steps=50, eta=0.0, num=64, guidance_scale=None, ema=True,
                   seed=0, dropout=False)
-  c.mesh = dict(data=-1)
+  # Devices = data x fsdp; parameters and optimizer state are sharded over fsdp (FSDP).
+  c.mesh = dict(data=-1, fsdp=1)
   return ml_collections.ConfigDict(c.to_dict())
 
 
@@ -139,6 +140,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         f"data.labels: expected None or a list of class indices, got {cfg.data.labels!r}")
   check(isinstance(cfg.mesh.data, int) and (cfg.mesh.data == -1 or cfg.mesh.data >= 1),
         f"mesh.data: expected -1 (all devices) or a positive integer, got {cfg.mesh.data!r}")
+  _positive_int(cfg, "mesh.fsdp")
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:

@@ -19,11 +19,10 @@ from collections.abc import Callable
 import chex
 import jax
 import ml_collections
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from wdmjax.data import InputPipeline, make_mesh, shard_batch
+from wdmjax.data import InputPipeline, load_source, shard_batch
 from wdmjax.diffusion import diffusion_loss
 from wdmjax.errors import WdmjaxError, check
 from wdmjax.train.checkpoint import Checkpointer
@@ -37,15 +36,24 @@ from wdmjax.train.sampling import (
   sample_images,
   schedule_from_config,
 )
+from wdmjax.train.sharding import (
+  batch_axes,
+  make_mesh,
+  process_batch_slot,
+  state_shardings,
+  to_host,
+)
 from wdmjax.train.state import TrainState, create_train_state, make_optimizer
 from wdmjax.train.step import LossFn, make_train_step
 
 
 class StopRequest:
-  """Turns SIGTERM and SIGINT into a flag that the loop checks between steps."""
+  """Turns SIGTERM and SIGINT (or the given `signals`) into a flag that the loop checks
+  between steps."""
 
-  def __init__(self):
+  def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
     self.signum: int | None = None
+    self.signals = signals
 
   def __call__(self, signum, frame):
     self.signum = signum
@@ -55,7 +63,7 @@ class StopRequest:
     if threading.current_thread() is not threading.main_thread():
       yield self
       return
-    old = {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
+    old = {s: signal.signal(s, self) for s in self.signals}
     try:
       yield self
     finally:
@@ -92,8 +100,10 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 def init_state(cfg: ml_collections.ConfigDict, model, tx, mesh,
                params: chex.ArrayTree | None = None) -> TrainState:
-  """A step-0 state replicated over the mesh: `params` (e.g. a base model's, for
-  fine-tuning) with a fresh optimizer and EMA, or new parameters from `train.seed`."""
+  """A step-0 state laid out on the mesh (FSDP-sharded where the mesh has an `fsdp` axis,
+  replicated otherwise): `params` (e.g. a base model's, for fine-tuning) with a fresh
+  optimizer and EMA, or new parameters from `train.seed`. The state is created in place on
+  its devices, so a model too large for one device never exists whole on one."""
   res, ch = cfg.data.resolution, cfg.data.channels
   rng = jax.random.PRNGKey(cfg.train.seed)
   init_rng, state_rng = jax.random.split(rng)
@@ -107,7 +117,8 @@ def init_state(cfg: ml_collections.ConfigDict, model, tx, mesh,
     fresh = model.init({"params": init_rng, "dropout": init_rng}, x, t, y)["params"]
     return create_train_state(fresh, tx, state_rng)
 
-  return jax.jit(init, out_shardings=NamedSharding(mesh, P()))(params)
+  shardings = state_shardings(jax.eval_shape(init, params), mesh)
+  return jax.jit(init, out_shardings=shardings)(params)
 
 
 def default_loss(cfg: ml_collections.ConfigDict, model) -> LossFn:
@@ -148,14 +159,24 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn | Non
   """
   t0 = time.time()
   tc = cfg.train
-  mesh = make_mesh(None if cfg.mesh.data == -1 else cfg.mesh.data)
+  mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
   check(tc.batch_size % mesh.size == 0,
-        f"train.batch_size: expected a multiple of the {mesh.size} devices, got {tc.batch_size}")
+        f"train.batch_size: expected a multiple of the {mesh.size} devices of the mesh, got "
+        f"{tc.batch_size}")
+  multi = jax.process_count() > 1
   is_main = jax.process_index() == 0
+  log_main = log if is_main else (lambda *a, **k: None)
   model = model_from_config(cfg)
+  slot, slots = process_batch_slot(mesh, tc.batch_size)
+  if multi:  # embedded sets are built on first use: process 0 first, then the others find
+    # it built (shared data dir) or build their own (a host's local disk), never racing
+    if is_main:
+      load_source(cfg.data.name, cfg.data.split, cfg.data.data_dir)
+    multihost_utils.sync_global_devices("wdmjax: data set prepared")
   data = InputPipeline(cfg.data.name, batch_size=tc.batch_size, resolution=cfg.data.resolution,
                        channels=cfg.data.channels, seed=tc.seed, labels=cfg.data.labels,
-                       split=cfg.data.split, data_dir=cfg.data.data_dir)
+                       split=cfg.data.split, data_dir=cfg.data.data_dir,
+                       process_index=slot, process_count=slots)
   k = num_classes(cfg)
   check(k == 0 or data.num_classes <= k,
         f"model.num_classes: expected at least the {data.num_classes} classes of "
@@ -167,27 +188,32 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn | Non
   check(not partial or (init_params is not None and combine is not None),
         "frozen_params: expected init_params (the trainable part) and combine with it")
   loss_fn = loss_fn or default_loss(cfg, model)
-  step_fn = make_train_step(loss_fn, tx, tc.ema_decay, mesh, frozen=frozen_params,
-                            combine=combine)
   state = init_state(cfg, model, tx, mesh, init_params)
+  step_fn = make_train_step(loss_fn, tx, tc.ema_decay, mesh, frozen=frozen_params,
+                            combine=combine,
+                            state_sharding=jax.tree.map(lambda x: x.sharding, state))
   full = (lambda p: combine(p, frozen_params)) if partial else (lambda p: p)
   ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
   start = ckpt.latest_step()
   if start is not None:
     state = ckpt.restore(state, start)
-    log(f"resumed from {ckpt.directory}/{start}")
+    log_main(f"resumed from {ckpt.directory}/{start}")
   start = int(state.step)
   writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"), enabled=is_main)
   bar = tqdm(total=tc.steps, initial=start, disable=not (progress and is_main),
              desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
-  stop = StopRequest()
+  # One process alone must never stop: the others would wait for it in the next collective.
+  # With several processes a SIGTERM (a preemption notice) goes to JAX's preemption service,
+  # which agrees on a step at which all of them save and stop.
+  stop = StopRequest(signals=() if multi else (signal.SIGTERM, signal.SIGINT))
   step = start
   try:
     with stop.installed():
       for step in range(start, tc.steps):
-        if stop.signum is not None:
+        if stop.signum is not None or (multi and _preempted(step)):
+          stop.signum = stop.signum or signal.SIGTERM
           break
-        batch = shard_batch(data.batch(step), mesh)
+        batch = shard_batch(data.batch(step), mesh, batch_axes(mesh))
         state, metrics = step_fn(state, batch)
         done = step + 1
         bar.update(1)
@@ -199,36 +225,67 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn | Non
                 f"train: loss became {float(m['loss'])} at step {done}; lower train.lr")
         if tc.ckpt_every and done % tc.ckpt_every == 0:
           ckpt.save(done, state)
-        if tc.sample_every and done % tc.sample_every == 0 and is_main:
+        if tc.sample_every and done % tc.sample_every == 0:
           _write_samples(cfg, model, state, os.path.join(workdir, "samples", f"{done:07d}.png"),
                          full)
       step = int(state.step)
       ckpt.save(step, state)
       if stop.signum is not None:
-        log(f"stopped by signal {stop.signum} at step {step}; checkpoint saved, "
-            f"rerun the same command to resume")
+        log_main(f"stopped by signal {stop.signum} at step {step}; checkpoint saved, "
+                 f"rerun the same command to resume")
   except WdmjaxError:
     raise
+  except jax.errors.JaxRuntimeError as e:
+    if not multi:
+      raise
+    raise WdmjaxError(
+      f"train: a collective with the other {jax.process_count() - 1} processes failed near "
+      f"step {step} ({str(e).splitlines()[0][:200]}); another process of this run has "
+      f"probably died, see its log. Restart every process with the same command to resume "
+      f"from the last checkpoint in {ckpt.directory}") from e
   finally:
     bar.close()
     ckpt.close()
   if is_main:
     with open(os.path.join(workdir, "train_summary.json"), "w") as f:
-      json.dump({"step": step, "seconds": time.time() - t0}, f)
+      json.dump({"step": step, "seconds": time.time() - t0, "processes": jax.process_count(),
+                 "mesh": dict(mesh.shape)}, f)
   return state
 
 
-def _write_samples(cfg, model, state: TrainState, path: str, full=lambda p: p) -> str:
-  params = full(state.ema_params if cfg.sample.ema else state.params)
+def _preempted(step: int) -> bool:
+  """Whether every process has reached the step agreed on after a preemption notice."""
+  try:
+    return multihost_utils.reached_preemption_sync_point(step)
+  except RuntimeError:  # the preemption service is disabled (jax_enable_preemption_service)
+    return False
+
+
+def _write_samples(cfg, model, state: TrainState, path: str, full=lambda p: p) -> str | None:
+  """Samples a grid into `path` on process 0. Every process must call it: with several
+  processes the (possibly sharded) weights are first gathered to each host."""
+  params = state.ema_params if cfg.sample.ema else state.params
+  if jax.process_count() > 1:
+    params = to_host(params)
+    if jax.process_index() != 0:
+      return None
+  params = full(params)
   imgs = sample_images(cfg, model, params, jax.random.PRNGKey(cfg.sample.seed), cfg.sample.num)
   k = num_classes(cfg)
   return save_grid(imgs, path, nrow=k if k and cfg.sample.num % k == 0 else None, upscale=2)
 
 
 def write_final_samples(cfg, model, state: TrainState, workdir: str) -> str:
-  """workdir/samples/final.png; reuses the periodic grid of the last step when there is one."""
+  """workdir/samples/final.png; reuses the periodic grid of the last step when there is one.
+  Every process calls it (see `_write_samples`); process 0 writes."""
   final = os.path.join(workdir, "samples", "final.png")
-  periodic = os.path.join(workdir, "samples", f"{int(state.step):07d}.png")
+  step = int(state.step)
+  periodic = os.path.join(workdir, "samples", f"{step:07d}.png")
+  made = bool(cfg.train.sample_every) and step % cfg.train.sample_every == 0
+  if jax.process_count() > 1 and made:  # decided alike on every process: no lone collective
+    if jax.process_index() == 0:
+      shutil.copyfile(periodic, final)
+    return final
   if os.path.exists(periodic):
     shutil.copyfile(periodic, final)
     return final

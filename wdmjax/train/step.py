@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from wdmjax.errors import check
+from wdmjax.train.sharding import batch_sharding, state_shardings
 from wdmjax.train.state import TrainState
 
 LossFn = Callable[[chex.ArrayTree, dict, chex.PRNGKey], tuple[chex.Array, dict]]
@@ -50,27 +51,32 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, ema_decay: float,
-                    mesh: Mesh, data_axis: str = "data", frozen: chex.ArrayTree | None = None,
+                    mesh: Mesh, frozen: chex.ArrayTree | None = None,
                     combine: Callable[[chex.ArrayTree, chex.ArrayTree], chex.ArrayTree]
-                    | None = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """`train_step` compiled with `jax.jit`: the batch is sharded over the mesh's data axis, the
-  state replicated and donated (its buffers are reused for the new state).
+                    | None = None, state_sharding: chex.ArrayTree | None = None
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """`train_step` compiled with `jax.jit`: the batch is split over every batch axis of the
+  mesh (`data`, and `fsdp` where present), the state is donated (its buffers are reused
+  for the new state) and laid out as `state_sharding` (a pytree of shardings, e.g.
+  `sharding.state_shardings` for FSDP), replicated by default. Metrics come back replicated.
 
   Parameter-efficient fine-tuning: the state holds only the trainable parameters, `frozen`
   the rest, and the loss sees `combine(trainable, frozen)` (e.g. `wdmjax.peft.merge`). The
   gradient is taken with respect to the trainable part alone, so the frozen weights'
   gradients are never computed, and the optimizer and the EMA never see them. `frozen` is
-  placed on the mesh once and passed to every step (not donated, not baked into the program).
+  placed on the mesh once (sharded by the FSDP rule) and passed to every step (not donated,
+  not baked into the program).
   """
   replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P(data_axis))
+  batch = batch_sharding(mesh)
+  state_sharding = replicated if state_sharding is None else state_sharding
 
   if frozen is None:
     def step(state, batch):
       return train_step(state, batch, loss_fn=loss_fn, tx=tx, ema_decay=ema_decay)
 
-    return jax.jit(step, in_shardings=(replicated, batch_sharding),
-                   out_shardings=(replicated, replicated), donate_argnums=0)
+    return jax.jit(step, in_shardings=(state_sharding, batch),
+                   out_shardings=(state_sharding, replicated), donate_argnums=0)
 
   check(combine is not None, "combine: expected a function (trainable, frozen) -> params")
 
@@ -78,9 +84,10 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, ema_decay
     part_loss = lambda p, b, r: loss_fn(combine(p, frozen), b, r)
     return train_step(state, batch, loss_fn=part_loss, tx=tx, ema_decay=ema_decay)
 
-  jitted = jax.jit(partial_step, in_shardings=(replicated, batch_sharding, replicated),
-                   out_shardings=(replicated, replicated), donate_argnums=0)
-  frozen = jax.device_put(frozen, replicated)
+  frozen_sharding = state_shardings(frozen, mesh)
+  jitted = jax.jit(partial_step, in_shardings=(state_sharding, batch, frozen_sharding),
+                   out_shardings=(state_sharding, replicated), donate_argnums=0)
+  frozen = jax.device_put(frozen, frozen_sharding)
 
   def step(state, batch):
     return jitted(state, batch, frozen)

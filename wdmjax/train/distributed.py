@@ -1,0 +1,107 @@
+"""Multi-host runs on JAX's own multi-controller runtime (`jax.distributed`).
+
+Every host runs the same command; `initialize` connects them before any JAX computation.
+On Cloud TPU pods, SLURM and Open MPI, JAX finds the coordinator, the process count and this
+process's id by itself; elsewhere (several processes on one machine, a hand-made cluster)
+they are given explicitly, e.g. `--coordinator 10.0.0.2:8476 --num-processes 4
+--process-id 1`. On CPU the processes talk over gloo.
+
+When a process dies, the coordination service stops hearing its heartbeats and, after
+`heartbeat_timeout` seconds, terminates every other process with "another task died"; a
+survivor blocked in a collective with a dead peer fails at once with a gloo/NCCL error. So a
+crashed worker never leaves the others hanging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+import jax
+
+from wdmjax.errors import check
+
+# Environment variables that mean "this process is one of several that JAX can discover".
+_CLUSTER_HINTS = {
+    "Cloud TPU pod": ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"),
+    "SLURM": ("SLURM_JOB_ID",),
+    "Open MPI": ("OMPI_MCA_orte_hnp_uri", "PMIX_SERVER_URI2"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessInfo:
+  index: int
+  count: int
+  how: str  # "single", "explicit" or the detected cluster
+
+  @property
+  def is_main(self) -> bool:
+    return self.index == 0
+
+
+def detect_cluster() -> str | None:
+  """The cluster kind JAX can auto-configure from this environment, if there is one with more
+  than one process (a single-host TPU VM or a 1-task SLURM job needs no coordination)."""
+  env = os.environ
+  if env.get("TPU_WORKER_HOSTNAMES", "").count(",") >= 1 or env.get(
+      "MEGASCALE_COORDINATOR_ADDRESS"):
+    return "Cloud TPU pod"
+  if env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+    return "SLURM"
+  if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+    return "Open MPI"
+  return None
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, *, heartbeat_timeout: int = 100,
+               initialization_timeout: int = 300) -> ProcessInfo:
+  """Connects this process to the others of the run (a no-op for a single process).
+
+  Args:
+    coordinator: `host:port` of process 0's coordination service; with `num_processes` and
+      `process_id`, or none of the three (auto-detection on TPU pods, SLURM, Open MPI).
+    num_processes: the number of processes P >= 1.
+    process_id: this process's index in [0, P).
+    heartbeat_timeout: seconds without a heartbeat after which a process counts as dead and
+      the others are stopped with an error.
+    initialization_timeout: seconds to wait for every process to connect.
+
+  Must run before any JAX computation; calling it again is a no-op.
+  """
+  given = [coordinator is not None, num_processes is not None, process_id is not None]
+  check(all(given) or not any(given),
+        "--coordinator, --num-processes, --process-id: expected all three or none "
+        f"(auto-detection), got coordinator={coordinator!r}, num_processes={num_processes!r}, "
+        f"process_id={process_id!r}")
+  check(isinstance(heartbeat_timeout, int) and heartbeat_timeout >= 1,
+        f"--heartbeat-timeout: expected a whole number of seconds >= 1, got {heartbeat_timeout!r}")
+  if jax.distributed.is_initialized():
+    return ProcessInfo(jax.process_index(), jax.process_count(), "already initialized")
+  kwargs = dict(heartbeat_timeout_seconds=heartbeat_timeout,
+                initialization_timeout=initialization_timeout)
+  if all(given):
+    check(isinstance(coordinator, str) and re.fullmatch(r"\[?[\w.:-]+\]?:\d+", coordinator),
+          f"--coordinator: expected HOST:PORT, got {coordinator!r}")
+    check(isinstance(num_processes, int) and num_processes >= 1,
+          f"--num-processes: expected an integer >= 1, got {num_processes!r}")
+    check(isinstance(process_id, int) and 0 <= process_id < num_processes,
+          f"--process-id: expected an integer in [0, {num_processes}), got {process_id!r}")
+    if num_processes == 1:
+      return ProcessInfo(0, 1, "single")
+    _use_gloo_on_cpu()
+    jax.distributed.initialize(coordinator, num_processes, process_id, **kwargs)
+    return ProcessInfo(jax.process_index(), jax.process_count(), "explicit")
+  cluster = detect_cluster()
+  if cluster is None:
+    return ProcessInfo(0, 1, "single")
+  _use_gloo_on_cpu()
+  jax.distributed.initialize(**kwargs)
+  return ProcessInfo(jax.process_index(), jax.process_count(), cluster)
+
+
+def _use_gloo_on_cpu() -> None:
+  # Cross-process collectives of the CPU backend; GPU (NCCL) and TPU (ICI/DCN) ignore it.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -1,0 +1,126 @@
+"""Device meshes and shardings: data parallelism and FSDP over a (`data`, `fsdp`) mesh.
+
+The global batch is split over every device of the mesh (both axes). Under FSDP (fully
+sharded data parallelism, ZeRO-3) each parameter, its EMA copy and its optimizer moments are
+also split over the `fsdp` axis along one dimension; `jax.jit` then all-gathers a weight where
+the forward pass needs it and reduce-scatters its gradient, so a device holds about 1/fsdp of
+the state. The rule looks only at a leaf's shape, so a parameter and its Adam moments (same
+shape) always share a sharding, as do the shapes of a checkpoint restored on another mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import chex
+import jax
+import numpy as np
+from jax.experimental import mesh_utils, multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from wdmjax.errors import check
+
+MESH_AXES = ("data", "fsdp")
+# Leaves smaller than this many elements stay replicated: splitting a bias or a norm scale
+# saves nothing and costs one more collective per leaf.
+FSDP_MIN_SIZE = 2**12
+
+
+def make_mesh(data: int = -1, fsdp: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 2-D mesh with axes (`data`, `fsdp`) of shape (data, fsdp).
+
+  Args:
+    data: data-parallel size; -1 takes every remaining device (len(devices) // fsdp).
+    fsdp: the size of the axis that parameters and optimizer state are sharded over.
+    devices: default `jax.devices()` (all processes' devices). With several processes the
+      mesh must span all of them, because every process feeds its share of the batch.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  check(isinstance(fsdp, int) and fsdp >= 1, f"mesh.fsdp: expected an integer >= 1, got {fsdp!r}")
+  check(len(devices) % fsdp == 0 or data != -1,
+        f"mesh.fsdp: expected a divisor of the {len(devices)} devices, got {fsdp}")
+  if data == -1:
+    data = len(devices) // fsdp
+  check(isinstance(data, int) and data >= 1,
+        f"mesh.data: expected -1 or an integer >= 1, got {data!r}")
+  n = data * fsdp
+  check(n <= len(devices), f"mesh: data x fsdp = {data} x {fsdp} = {n} exceeds the "
+                           f"{len(devices)} devices")
+  check(jax.process_count() == 1 or n == len(devices),
+        f"mesh: expected data x fsdp to cover all {len(devices)} devices of the "
+        f"{jax.process_count()} processes, got {data} x {fsdp} = {n}")
+  if n == len(devices):  # topology-aware order on TPU slices (ICI neighbours stay close)
+    grid = mesh_utils.create_device_mesh((data, fsdp), devices)
+  else:
+    grid = np.asarray(devices[:n]).reshape(data, fsdp)
+  return Mesh(grid, MESH_AXES)
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  """The mesh axes the batch dimension is split over: every batch-parallel axis present."""
+  return tuple(a for a in MESH_AXES if a in mesh.axis_names)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """The batch's leading dimension split over `batch_axes(mesh)`."""
+  return NamedSharding(mesh, P(batch_axes(mesh)))
+
+
+def fsdp_spec(shape: Sequence[int], fsdp: int, min_size: int = FSDP_MIN_SIZE) -> P:
+  """The partition of one leaf: its largest dimension divisible by `fsdp` goes over the
+  `fsdp` axis (the last such on ties, the output side of a kernel); small leaves and leaves
+  with no divisible dimension stay replicated."""
+  if fsdp <= 1 or math.prod(shape) < min_size:
+    return P()
+  dims = [i for i, s in enumerate(shape) if s % fsdp == 0]
+  if not dims:
+    return P()
+  best = max(dims, key=lambda i: (shape[i], i))
+  return P(*[("fsdp" if i == best else None) for i in range(len(shape))])
+
+
+def state_shardings(tree: chex.ArrayTree, mesh: Mesh,
+                    min_size: int = FSDP_MIN_SIZE) -> chex.ArrayTree:
+  """A NamedSharding for every leaf of `tree` (arrays or `jax.ShapeDtypeStruct`s): FSDP over
+  the mesh's `fsdp` axis where it has one, replicated otherwise."""
+  fsdp = dict(mesh.shape).get("fsdp", 1)
+  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), fsdp, min_size)),
+                      tree)
+
+
+def bytes_per_device(tree: chex.ArrayTree) -> dict[jax.Device, int]:
+  """Bytes of `tree`'s shards held by each of this process's devices."""
+  out: dict[jax.Device, int] = {}
+  for leaf in jax.tree.leaves(tree):
+    for shard in leaf.addressable_shards:
+      out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+  return out
+
+
+def to_host(tree: chex.ArrayTree) -> chex.ArrayTree:
+  """The full value of every leaf as numpy on this process. With several processes this is a
+  collective (all must call it): sharded leaves are all-gathered across hosts."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def process_batch_slot(mesh: Mesh, global_batch: int) -> tuple[int, int]:
+  """(slot, slots): this process's rows of the global batch are the slot-th of `slots` equal
+  contiguous blocks, as the mesh places them. The input pipeline reads exactly those rows,
+  so the global batch does not depend on how devices are ordered in the mesh."""
+  sharding = batch_sharding(mesh)
+  index_map = sharding.addressable_devices_indices_map((global_batch,))
+  starts = sorted({(s[0].start or 0) for s in index_map.values()})
+  stops = sorted({(s[0].stop if s[0].stop is not None else global_batch)
+                  for s in index_map.values()})
+  lo, hi = starts[0], stops[-1]
+  local = global_batch // jax.process_count()
+  check(hi - lo == local and lo % local == 0,
+        f"mesh: this process's devices hold rows [{lo}, {hi}) of the batch of {global_batch}, "
+        f"expected one contiguous block of {local}; use a mesh whose data axes follow the "
+        f"process order")
+  return lo // local, global_batch // local
