@@ -50,14 +50,15 @@ def _launch(out, phases, processes, devices, timeout=300):
     assert info["of"] == processes and info["devices"] == processes * devices
 
 
-def _phase(name, workdir, steps, *extra):
-  return {"name": name, "workdir": str(workdir), "set": [f"train.steps={steps}", *COMMON, *extra]}
+def _phase(name, workdir, steps, *extra, base=None):
+  return {"name": name, "workdir": str(workdir), "set": [f"train.steps={steps}", *COMMON, *extra],
+          "base": base and str(base)}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """Three launches: 1x4 (reference runs), 2x2 (same runs, a resumed 1x4 checkpoint, FSDP),
-  1x4 again (a resumed 2x2 checkpoint)."""
+  """Three launches: 1x4 (reference runs), 2x2 (same runs, a resumed 1x4 checkpoint, FSDP,
+  an FSDP DiffFit fine-tune), 1x4 again (a resumed 2x2 checkpoint, the same fine-tune)."""
   tmp = tmp_path_factory.mktemp("multihost")
   out = tmp / "out"
   out.mkdir()
@@ -67,9 +68,13 @@ def runs(tmp_path_factory):
   shutil.copytree(tmp / "one_dp", tmp / "one_to_two")
   _launch(out, [_phase("two_dp", tmp / "two_dp", N),
                 _phase("two_fsdp", tmp / "two_fsdp", N, "mesh.fsdp=2"),
-                _phase("one_to_two", tmp / "one_to_two", 2 * N)], processes=2, devices=2)
+                _phase("one_to_two", tmp / "one_to_two", 2 * N),
+                _phase("two_difffit", tmp / "two_difffit", N, "mesh.fsdp=2", "train.lr=1e-2",
+                       base=tmp / "one_dp")], processes=2, devices=2)
   shutil.copytree(tmp / "two_dp", tmp / "two_to_one")
-  _launch(out, [_phase("two_to_one", tmp / "two_to_one", 2 * N)], processes=1, devices=4)
+  _launch(out, [_phase("two_to_one", tmp / "two_to_one", 2 * N),
+                _phase("one_difffit", tmp / "one_difffit", N, "train.lr=1e-2",
+                       base=tmp / "one_dp")], processes=1, devices=4)
   print(f"multi-process launches: {time.time() - t0:.1f} s")
   return tmp
 
@@ -129,6 +134,15 @@ def test_fsdp_gives_the_loss_of_data_parallelism_on_half_the_bytes(runs):
   assert 0.45 < ratio < 0.65, ratio
   with open(runs / "two_fsdp" / "train_summary.json") as f:
     assert json.load(f)["mesh"] == {"data": 2, "fsdp": 2}
+
+
+def test_difffit_fine_tuning_under_fsdp_on_two_processes_matches_one(runs):
+  two, one = _load(runs, "two_difffit"), _load(runs, "one_difffit")
+  assert len(_host(two)) == len(_host(one)) > 5  # the trainable part only
+  for a, b in zip(_host(two), _host(one), strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+  assert (runs / "two_difffit" / "delta.npz").exists()
+  assert (runs / "two_difffit" / "peft.json").exists()
 
 
 def test_a_killed_worker_stops_the_others_with_a_clear_error(tmp_path):

@@ -4,7 +4,8 @@ dumps what each process holds, so the test can compare processes and process cou
     python tests/multihost/worker.py SPEC.json PROCESS_ID
 
 SPEC: {"coordinator": "localhost:PORT" | null, "num_processes": P, "config": PATH,
-       "phases": [{"name": ..., "workdir": ..., "set": ["train.steps=4", ...]}], "out": DIR}
+       "phases": [{"name": ..., "workdir": ..., "set": ["train.steps=4", ...],
+                   "base": WORKDIR (optional: a DiffFit fine-tune of it)}], "out": DIR}
 """
 
 import json
@@ -18,6 +19,7 @@ import numpy as np
 def main(spec_path: str, process_id: int) -> None:
   with open(spec_path) as f:
     spec = json.load(f)
+  from wdmjax.peft import PeftSpec, finetune
   from wdmjax.train import load_config, train
   from wdmjax.train.distributed import initialize
   from wdmjax.train.sharding import bytes_per_device, to_host
@@ -26,7 +28,11 @@ def main(spec_path: str, process_id: int) -> None:
     initialize(spec["coordinator"], spec["num_processes"], process_id, heartbeat_timeout=20)
   for phase in spec["phases"]:
     cfg = load_config(spec["config"], phase["set"])
-    state = train(cfg, phase["workdir"], progress=False, log=lambda *a: None)
+    if phase.get("base"):
+      state = finetune(cfg, phase["workdir"], phase["base"], PeftSpec("difffit"),
+                       progress=False, log=lambda *a: None)
+    else:
+      state = train(cfg, phase["workdir"], progress=False, log=lambda *a: None)
     leaves = jax.tree.leaves(state.params)
     dump = {f"host_{i}": v for i, v in enumerate(jax.tree.leaves(to_host(state.params)))}
     # Every device's own copy of each replicated leaf, read locally (no collective), so that

@@ -6,6 +6,7 @@ import json
 import os
 import time
 
+from wdmjax.cli.multihost import add_distributed_args
 from wdmjax.errors import check
 
 
@@ -45,6 +46,8 @@ def spec_from_args(args):
 
 
 def cmd_finetune(args) -> int:
+  import jax
+
   from wdmjax.peft import DELTA_FILE, finetune
 
   spec = spec_from_args(args)
@@ -52,6 +55,8 @@ def cmd_finetune(args) -> int:
                         spec.strategy)
   t0 = time.time()
   state = finetune(cfg, args.workdir, args.base, spec, progress=not args.no_progress)
+  if jax.process_index() != 0:
+    return 0
   delta = os.path.join(args.workdir, DELTA_FILE)
   print(f"{spec.strategy} fine-tune: {os.path.abspath(args.workdir)} (step {int(state.step)}, "
         f"{time.time() - t0:.0f} s); delta {os.path.getsize(delta) / 1024:.1f} KiB")
@@ -103,6 +108,7 @@ def add_parsers(sub) -> None:
   f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config value (repeatable)")
   f.add_argument("--no-progress", action="store_true")
+  add_distributed_args(f)
   f.set_defaults(func=cmd_finetune)
 
   q = sub.add_parser("params", help="count the parameters a fine-tuning strategy trains "

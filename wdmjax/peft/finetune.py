@@ -128,8 +128,14 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str, base: str, spec: Peft
   """Fine-tunes the EMA weights of the trained workdir `base` by `spec` into `workdir`
   (resumed if it holds this fine-tune already). `cfg` is the fine-tune's config (its model
   must take the base's parameters; data, resolution, learning rate may differ). Returns the
-  final TrainState (trainable part only)."""
+  final TrainState (trainable part only).
+
+  In a multi-host run every process calls it; process 0 writes peft.json and the delta."""
   from wdmjax.train import load_trained, train
+  from wdmjax.train.sharding import to_host
+
+  main = jax.process_index() == 0
+  log = log if main else (lambda *a, **k: None)
 
   check(os.path.abspath(base) != os.path.abspath(workdir),
         "--workdir: expected a new directory, not the --base workdir itself")
@@ -146,29 +152,32 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str, base: str, spec: Peft
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, PEFT_FILE)
   fresh = not has_checkpoint(workdir)
-  with open(path + ".tmp", "w") as f:
-    json.dump(ref, f, indent=2)
-  os.replace(path + ".tmp", path)
+  if main:
+    with open(path + ".tmp", "w") as f:
+      json.dump(ref, f, indent=2)
+    os.replace(path + ".tmp", path)
   log(f"{spec.strategy}: training {ref['trainable']:,} of {ref['total']:,} parameters "
       f"({100 * ref['fraction']:.3f}%)")
   try:
     state = train(cfg, workdir, loss_fn=loss_fn, init_params=trainable, frozen_params=frozen,
                   combine=combine, progress=progress, log=log)
   except WdmjaxError:
-    if fresh and not has_checkpoint(workdir):  # rejected before any step: leave no reference
+    if main and fresh and not has_checkpoint(workdir):  # rejected before any step
       os.remove(path)
     raise
-  save_delta(state.ema_params, os.path.join(workdir, DELTA_FILE))
+  ema = to_host(state.ema_params)  # a collective with several processes
+  if main:
+    save_delta(ema, os.path.join(workdir, DELTA_FILE))
   return state
 
 
 def load_finetuned(workdir: str, ema: bool = True):
   """(config, model, params) of a fine-tune: its newest checkpoint applied onto its base."""
-  from wdmjax.data import make_mesh
   from wdmjax.train import load_trained
   from wdmjax.train.checkpoint import Checkpointer
   from wdmjax.train.loop import init_state, read_config
   from wdmjax.train.sampling import model_from_config
+  from wdmjax.train.sharding import local_mesh
   from wdmjax.train.state import make_optimizer
 
   ref = read_reference(workdir)
@@ -182,7 +191,7 @@ def load_finetuned(workdir: str, ema: bool = True):
   trainable, frozen, _, combine = prepare(spec, base_params, jax.random.PRNGKey(cfg.train.seed))
   tx = make_optimizer(cfg.train.lr, cfg.train.warmup_steps, cfg.train.weight_decay,
                       cfg.train.grad_clip)
-  state = init_state(cfg, model, tx, make_mesh(1), trainable)
+  state = init_state(cfg, model, tx, local_mesh(), trainable)
   ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
   try:
     state = ckpt.restore(state)

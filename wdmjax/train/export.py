@@ -16,12 +16,12 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from wdmjax.data import make_mesh
 from wdmjax.errors import check
 from wdmjax.train.checkpoint import Checkpointer
 from wdmjax.train.config import from_json, to_json
 from wdmjax.train.loop import init_state, write_config
 from wdmjax.train.sampling import model_from_config
+from wdmjax.train.sharding import local_mesh
 from wdmjax.train.state import make_optimizer
 
 
@@ -58,7 +58,7 @@ def workdir_from_params(cfg: ml_collections.ConfigDict, params: chex.ArrayTree, 
   model = model_from_config(cfg)
   tx = make_optimizer(cfg.train.lr, cfg.train.warmup_steps, cfg.train.weight_decay,
                       cfg.train.grad_clip)
-  state = init_state(cfg, model, tx, make_mesh(1), params)
+  state = init_state(cfg, model, tx, local_mesh(), params)
   state = state.replace(step=jnp.asarray(step, jnp.int32))
   write_config(cfg, workdir)
   ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)

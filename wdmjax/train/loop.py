@@ -38,6 +38,7 @@ from wdmjax.train.sampling import (
 )
 from wdmjax.train.sharding import (
   batch_axes,
+  local_mesh,
   make_mesh,
   process_batch_slot,
   state_shardings,
@@ -117,6 +118,8 @@ def init_state(cfg: ml_collections.ConfigDict, model, tx, mesh,
     fresh = model.init({"params": init_rng, "dropout": init_rng}, x, t, y)["params"]
     return create_train_state(fresh, tx, state_rng)
 
+  if params is not None:  # may live on other devices (a base loaded on one): the jit places
+    params = jax.device_get(params)  # this process's copy onto the mesh
   shardings = state_shardings(jax.eval_shape(init, params), mesh)
   return jax.jit(init, out_shardings=shardings)(params)
 
@@ -304,7 +307,7 @@ def load_trained(workdir: str, ema: bool = True) -> tuple[ml_collections.ConfigD
     return load_finetuned(workdir, ema)
   cfg = read_config(workdir)
   model = model_from_config(cfg)
-  mesh = make_mesh(1)
+  mesh = local_mesh()
   tx = make_optimizer(cfg.train.lr, cfg.train.warmup_steps, cfg.train.weight_decay,
                       cfg.train.grad_clip)
   state = init_state(cfg, model, tx, mesh)

@@ -59,6 +59,12 @@ def make_mesh(data: int = -1, fsdp: int = 1,
   return Mesh(grid, MESH_AXES)
 
 
+def local_mesh() -> Mesh:
+  """A 1 x 1 mesh on this process's first device: for loading a workdir on every process
+  of a multi-host run (each gets its own full copy), or on a single machine."""
+  return Mesh(np.asarray(jax.local_devices()[:1]).reshape(1, 1), MESH_AXES)
+
+
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
   """The mesh axes the batch dimension is split over: every batch-parallel axis present."""
   return tuple(a for a in MESH_AXES if a in mesh.axis_names)

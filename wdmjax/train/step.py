@@ -87,6 +87,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, ema_decay
   frozen_sharding = state_shardings(frozen, mesh)
   jitted = jax.jit(partial_step, in_shardings=(state_sharding, batch, frozen_sharding),
                    out_shardings=(state_sharding, replicated), donate_argnums=0)
+  if jax.process_count() > 1:  # from each process's own copy onto the global mesh
+    frozen = jax.device_get(frozen)
   frozen = jax.device_put(frozen, frozen_sharding)
 
   def step(state, batch):
