@@ -341,3 +341,73 @@ def test_concurrent_builds_without_tensorflow_on_two_devices(tmp_path):
     assert result['odd'] is not None and 'divisible' in result['odd']
     assert result['tf'] == []
   assert not list((tmp_path / 'tfds' / 'digits').glob('incomplete*'))
+
+
+def test_streaming_batches_equal_in_memory_batches_and_read_only_the_share(data_dir):
+  """in_memory=False reads each process's own examples only, and gives the same batches."""
+  for p in range(2):
+    mem = data.InputPipeline('digits', 48, 8, 1, seed=5, data_dir=data_dir, process_index=p,
+                             process_count=2)
+    stream = data.InputPipeline('digits', 48, 8, 1, seed=5, data_dir=data_dir, process_index=p,
+                                process_count=2, in_memory=False)
+    read = []
+    source = stream._source
+    original = source.__getitems__
+    source.__getitems__ = lambda idx, o=original, r=read: r.extend(idx) or o(idx)
+    try:
+      for step in (0, 37, 38):  # 38 straddles an epoch boundary
+        a, b = mem.batch(step), stream.batch(step)
+        np.testing.assert_array_equal(a['image'], b['image'])
+        np.testing.assert_array_equal(a['label'], b['label'])
+    finally:
+      source.__getitems__ = original
+    want = np.concatenate([stream.indices(s) for s in (0, 37, 38)])
+    assert sorted(read) == sorted(want.tolist()) and len(read) == 3 * 24
+  with pytest.raises(WdmjaxError, match='labels: filtering classes needs data.in_memory'):
+    data.InputPipeline('digits', 8, 8, 1, data_dir=data_dir, labels=[1], in_memory=False)
+
+
+def _write_latent_shards(directory, sizes, r=32, seed=0):
+  rng = np.random.default_rng(seed)
+  os.makedirs(directory, exist_ok=True)
+  shards = []
+  for i, n in enumerate(sizes):
+    z = rng.normal(size=(n, r, r, 4)).astype(np.float32)
+    y = rng.integers(0, 1000, size=n)
+    np.savez(os.path.join(directory, f'shard_{i:03d}.npz'), latents=z, labels=y)
+    shards.append((z, y))
+  return shards
+
+
+def test_latent_shards_become_a_tfds_set_read_as_latents(tmp_path, data_dir):
+  from tests.conftest import run_cli
+  shards = _write_latent_shards(tmp_path / 'npz', [5, 7])
+  r = run_cli('latents', '--npz-dir', str(tmp_path / 'npz'), '--image-size', '256',
+              '--data-dir', data_dir)
+  assert r.returncode == 0 and '12 latents' in r.stdout, r.stderr
+  latents = np.concatenate([z for z, _ in shards]).astype(np.float16).astype(np.float32)
+  labels = np.concatenate([y for _, y in shards])
+  pipe = data.InputPipeline('imagenet_latents/256', 4, 32, 4, data_dir=data_dir, in_memory=False)
+  assert pipe.num_classes == 1000 and pipe.num_examples == 12
+  b = pipe.batch(0)
+  idx = pipe.indices(0)
+  assert b['image'].dtype == np.float32 and b['image'].shape == (4, 32, 32, 4)
+  np.testing.assert_array_equal(b['image'], latents[idx])  # no resizing, no rescaling
+  np.testing.assert_array_equal(b['label'], labels[idx])
+  with pytest.raises(WdmjaxError, match=r'data.resolution, data.channels: .* set '
+                                        r'data.resolution=32 data.channels=4'):
+    data.InputPipeline('imagenet_latents/256', 4, 28, 4, data_dir=data_dir)
+  with pytest.raises(WdmjaxError, match=r"imagenet_latents/512' is not prepared"):
+    data.load_source('imagenet_latents/512', data_dir=data_dir)
+  with pytest.raises(WdmjaxError, match=r'expected one of \[.imagenet_latents/256'):
+    data.load_source('imagenet_latents/1024', data_dir=data_dir)
+
+
+def test_bad_latent_shards_are_refused_by_name(tmp_path):
+  from tests.conftest import run_cli
+  os.makedirs(tmp_path / 'bad')
+  np.savez(tmp_path / 'bad' / 'a.npz', latents=np.zeros((2, 16, 16, 4)), labels=np.zeros(2, int))
+  r = run_cli('latents', '--npz-dir', str(tmp_path / 'bad'), '--data-dir', str(tmp_path / 'd'))
+  assert r.returncode == 2 and 'expected `latents` float [N, 32, 32, 4]' in r.stderr, r.stderr
+  r = run_cli('latents', '--npz-dir', str(tmp_path / 'none'), '--data-dir', str(tmp_path / 'd'))
+  assert r.returncode == 2 and 'expected *.npz latent shards' in r.stderr, r.stderr

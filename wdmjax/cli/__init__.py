@@ -31,7 +31,7 @@ def _cmd_train(args) -> int:
   main_process = jax.process_index() == 0
   if int(state.step) >= cfg.train.steps and not args.no_samples:
     path = write_final_samples(cfg, model_from_config(cfg), state, args.workdir)
-    if main_process:
+    if main_process and path:
       print(f"samples: {path}")
   if main_process:
     print(f"workdir: {os.path.abspath(args.workdir)} (step {int(state.step)})")
@@ -57,6 +57,16 @@ def _cmd_sample(args) -> int:
   save_grid(imgs, args.out, nrow=k if k and args.num % k == 0 else None, upscale=2)
   print(f"{args.num} samples ({args.sampler or cfg.sample.sampler}, "
         f"{args.steps or cfg.sample.steps} steps) in {time.time() - t0:.1f} s -> {args.out}")
+  return 0
+
+
+def _cmd_latents(args) -> int:
+  from wdmjax.data.latents import prepare_latents
+
+  check(args.image_size in (256, 512), f"--image-size: expected 256 or 512, got {args.image_size}")
+  builder = prepare_latents(args.npz_dir, args.image_size, args.data_dir)
+  n = builder.info.splits["train"].num_examples
+  print(f"imagenet_latents/{args.image_size}: {n:,} latents in {builder.data_dir}")
   return 0
 
 
@@ -86,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--raw", action="store_true", help="use the raw weights, not the EMA")
   s.add_argument("--out", default="grid.png")
   s.set_defaults(func=_cmd_sample)
+
+  la = sub.add_parser("latents", help="build the imagenet_latents TFDS set from VAE latent "
+                      "shards (*.npz with latents [N, R, R, 4] and labels [N])")
+  la.add_argument("--npz-dir", required=True, help="the directory of *.npz shards")
+  la.add_argument("--image-size", type=int, default=256, help="256 (32x32 latents) or 512")
+  la.add_argument("--data-dir", default=None, help="TFDS data dir (default: "
+                  "$WDMJAX_DATA_DIR or ~/.cache/wdmjax/tensorflow_datasets)")
+  la.set_defaults(func=_cmd_latents)
 
   add_watermark_parsers(sub)
   add_attack_parsers(sub)

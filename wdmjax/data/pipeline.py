@@ -90,8 +90,29 @@ def preprocess(images: np.ndarray, resolution: int, channels: int) -> np.ndarray
   return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def prepare_images(images: np.ndarray, resolution: int, channels: int) -> np.ndarray:
+  """`preprocess` for uint8 images; float arrays are latents, taken as they are.
+
+  Latents (e.g. `imagenet_latents/256`) are already what the model sees, so they cannot be
+  resized or recoloured: their shape must be [N, resolution, resolution, channels].
+  """
+  images = np.asarray(images)
+  if not np.issubdtype(images.dtype, np.floating):
+    return preprocess(images, resolution, channels)
+  want = (resolution, resolution, channels)
+  if images.ndim != 4 or images.shape[1:] != want:
+    raise WdmjaxError(
+        f'data.resolution, data.channels: the data set holds latents of shape '
+        f'{images.shape[1:]}, expected {want}; set data.resolution={images.shape[1]} '
+        f'data.channels={images.shape[-1]}'
+    )
+  return np.ascontiguousarray(images, dtype=np.float32)
+
+
 class InputPipeline:
-  """Step-addressed batches of a small data set held in memory, preprocessed once.
+  """Step-addressed batches of a data set, held in memory (preprocessed once) or read by
+  random access batch by batch (`in_memory=False`, for data sets larger than a host's
+  memory: each process then reads only the examples of its own share of each batch).
 
   `batch(step)` is a pure function of `step` (see the module docstring), so a run
   resumed at step s sees exactly the batches it would have seen, and the P processes'
@@ -108,6 +129,8 @@ class InputPipeline:
     data_dir: TFDS data directory (default: see `wdmjax.data.default_data_dir`).
     process_index: this process, default `jax.process_index()`.
     process_count: number of processes P, default `jax.process_count()`.
+    in_memory: load and preprocess the whole split once (small sets), or read each batch
+      from the array_record files (large sets; `labels` filtering needs in_memory).
   """
 
   def __init__(
@@ -122,6 +145,7 @@ class InputPipeline:
       data_dir: str | os.PathLike | None = None,
       process_index: int | None = None,
       process_count: int | None = None,
+      in_memory: bool = True,
   ):
     process_count = jax.process_count() if process_count is None else process_count
     process_index = jax.process_index() if process_index is None else process_index
@@ -140,8 +164,29 @@ class InputPipeline:
       raise WdmjaxError(f'seed: expected a non-negative int, got {seed!r}')
 
     source = load_source(name, split, data_dir)
-    images, all_labels = load_arrays(name, split, data_dir)
     self._num_classes = source.num_classes
+    self.name = name
+    self.split = split
+    self.batch_size = int(batch_size)
+    self.resolution = int(resolution)
+    self.channels = int(channels)
+    self.seed = int(seed)
+    self.process_index = int(process_index)
+    self.process_count = int(process_count)
+    self.local_batch_size = self.batch_size // self.process_count
+    self._perms: dict[int, np.ndarray] = {}
+    self.in_memory = bool(in_memory)
+    if not self.in_memory:
+      if labels is not None:
+        raise WdmjaxError(
+            f'labels: filtering classes needs data.in_memory=True, got labels={list(labels)!r}'
+        )
+      if len(source) == 0:
+        raise WdmjaxError(f'split: expected a non-empty split of {name!r}, got {split!r}')
+      self._source, self._num = source, len(source)
+      self.batch(0)  # a clear error now for a shape the model cannot take
+      return
+    images, all_labels = load_arrays(name, split, data_dir)
     if labels is not None:
       keep = np.unique(np.asarray(list(labels), dtype=np.int64))
       mask = np.isin(all_labels, keep)
@@ -153,25 +198,16 @@ class InputPipeline:
         )
       images, all_labels = images[mask], all_labels[mask]
 
-    self.name = name
-    self.split = split
-    self.batch_size = int(batch_size)
-    self.resolution = int(resolution)
-    self.channels = int(channels)
-    self.seed = int(seed)
-    self.process_index = int(process_index)
-    self.process_count = int(process_count)
-    self.local_batch_size = self.batch_size // self.process_count
-    self._images = preprocess(images, resolution, channels)
+    self._images = prepare_images(images, resolution, channels)
     self._labels = np.ascontiguousarray(all_labels, dtype=np.int32)
     self._images.flags.writeable = False
     self._labels.flags.writeable = False
-    self._perms: dict[int, np.ndarray] = {}
+    self._num = len(self._labels)
 
   @property
   def num_examples(self) -> int:
     """Examples per epoch (after the label filter)."""
-    return len(self._labels)
+    return self._num
 
   @property
   def num_classes(self) -> int:
@@ -215,7 +251,12 @@ class InputPipeline:
       `image`: float32 [B_local, R, R, C] in [-1, 1]; `label`: int32 [B_local].
     """
     idx = self.indices(step)
-    return {'image': self._images[idx], 'label': self._labels[idx]}
+    if self.in_memory:
+      return {'image': self._images[idx], 'label': self._labels[idx]}
+    examples = self._source.__getitems__(idx.tolist())
+    images = prepare_images(np.stack([e['image'] for e in examples]), self.resolution,
+                            self.channels)
+    return {'image': images, 'label': np.asarray([e['label'] for e in examples], np.int32)}
 
   def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Batches of steps start_step, start_step + 1, ... (endless)."""

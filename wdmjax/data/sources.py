@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from wdmjax.data.builders import EMBEDDED_BUILDERS, embedded_builder, resolve_data_dir
+from wdmjax.data.latents import prepared_builder
 from wdmjax.errors import WdmjaxError
 
 # Examples per `__getitems__` call: large enough to amortise the per-call overhead.
@@ -76,6 +77,13 @@ def _catalog_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
 def _load_source_cached(name: str, split: str, data_dir: str) -> ImageLabelSource:
   if name in EMBEDDED_BUILDERS:
     builder = embedded_builder(name, data_dir)
+  elif (builder := prepared_builder(name, data_dir)) is not None:
+    if not builder.is_prepared():
+      raise WdmjaxError(
+          f'name: data set {name!r} is not prepared in data_dir {data_dir!r}; build it from '
+          f'latent shards with `wdmjax latents --npz-dir DIR --image-size '
+          f'{name.partition("/")[2]} --data-dir {data_dir}`'
+      )
   else:
     builder = _catalog_builder(name, data_dir)
   features = builder.info.features
@@ -142,7 +150,9 @@ def _load_arrays_cached(name: str, split: str, data_dir: str) -> tuple[np.ndarra
         f'name: expected images of one shape to load {name!r} into memory, got {len(shapes)} '
         f'shapes, e.g. {sorted(shapes)[:3]}'
     )
-  images = np.stack(images).astype(np.uint8, copy=False)
+  images = np.stack(images)
+  if not np.issubdtype(images.dtype, np.floating):  # latents stay float
+    images = images.astype(np.uint8, copy=False)
   labels = np.asarray(labels, np.int32)
   # Shared by every caller through the cache, so nobody may change them in place.
   images.flags.writeable = False
@@ -153,7 +163,8 @@ def _load_arrays_cached(name: str, split: str, data_dir: str) -> tuple[np.ndarra
 def load_arrays(
     name: str, split: str = 'train', data_dir: str | os.PathLike | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-  """The whole split in memory: images uint8 [N, H, W, C], labels int32 [N] (read-only).
+  """The whole split in memory: images uint8 [N, H, W, C] (float for latent sets), labels
+  int32 [N] (read-only).
 
   Meant for small data sets. Cached in-process per (name, split, data_dir).
   """

@@ -21,8 +21,10 @@ from wdmjax.errors import WdmjaxError, check
 def default_config() -> ml_collections.ConfigDict:
   """Every section and key a config may set, with defaults."""
   c = ml_collections.ConfigDict()
+  # in_memory False: read each batch from the array_record files (sets larger than memory).
+  # channels 4: latents (e.g. imagenet_latents/256), which the pipeline takes as they are.
   c.data = dict(name="mnist5k", split="train", resolution=32, channels=1, labels=None,
-                data_dir=None)
+                data_dir=None, in_memory=True)
   # Model keys are passed to the model constructor; `name` picks the architecture.
   c.model = dict(name="dit")
   c.diffusion = dict(schedule="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02,
@@ -117,7 +119,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   for key in ("train.log_every", "train.ckpt_every", "train.sample_every", "train.warmup_steps",
               "train.keep_checkpoints"):
     _positive_int(cfg, key, minimum=0)
-  check(cfg.data.channels in (1, 3), f"data.channels: expected 1 or 3, got {cfg.data.channels}")
+  check(cfg.data.channels in (1, 3, 4),
+        f"data.channels: expected 1 or 3 (images) or 4 (latents), got {cfg.data.channels}")
   check(isinstance(cfg.train.lr, (int, float)) and cfg.train.lr > 0,
         f"train.lr: expected a positive number, got {cfg.train.lr!r}")
   check(0.0 <= cfg.train.ema_decay < 1.0,

@@ -179,7 +179,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn | Non
   data = InputPipeline(cfg.data.name, batch_size=tc.batch_size, resolution=cfg.data.resolution,
                        channels=cfg.data.channels, seed=tc.seed, labels=cfg.data.labels,
                        split=cfg.data.split, data_dir=cfg.data.data_dir,
-                       process_index=slot, process_count=slots)
+                       process_index=slot, process_count=slots, in_memory=cfg.data.in_memory)
   k = num_classes(cfg)
   check(k == 0 or data.num_classes <= k,
         f"model.num_classes: expected at least the {data.num_classes} classes of "
@@ -266,7 +266,10 @@ def _preempted(step: int) -> bool:
 
 def _write_samples(cfg, model, state: TrainState, path: str, full=lambda p: p) -> str | None:
   """Samples a grid into `path` on process 0. Every process must call it: with several
-  processes the (possibly sharded) weights are first gathered to each host."""
+  processes the (possibly sharded) weights are first gathered to each host. Latent models
+  (4 channels) get no grid: a picture needs the VAE's decoder, which is not part of wdmjax."""
+  if cfg.data.channels not in (1, 3):
+    return None
   params = state.ema_params if cfg.sample.ema else state.params
   if jax.process_count() > 1:
     params = to_host(params)
@@ -278,7 +281,7 @@ def _write_samples(cfg, model, state: TrainState, path: str, full=lambda p: p) -
   return save_grid(imgs, path, nrow=k if k and cfg.sample.num % k == 0 else None, upscale=2)
 
 
-def write_final_samples(cfg, model, state: TrainState, workdir: str) -> str:
+def write_final_samples(cfg, model, state: TrainState, workdir: str) -> str | None:
   """workdir/samples/final.png; reuses the periodic grid of the last step when there is one.
   Every process calls it (see `_write_samples`); process 0 writes."""
   final = os.path.join(workdir, "samples", "final.png")

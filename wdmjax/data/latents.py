@@ -1,0 +1,119 @@
+"""Latent data sets: pre-encoded VAE latents (e.g. ImageNet through the Stable Diffusion VAE),
+the input of latent diffusion models such as DiT-XL/2.
+
+Encoding needs the VAE and the images, which stay outside wdmjax: encode each image with the
+VAE's encoder (DiT: `stabilityai/sd-vae-ft-ema`, a sample of the posterior times 0.18215),
+and write shards `*.npz` with `latents` float [N, R, R, 4] (R = image side / 8) and
+`labels` int [N] into one directory. `prepare_latents` (or `wdmjax latents`) turns them
+into a TFDS array_record data set, `imagenet_latents/256` (R = 32) or `imagenet_latents/512`
+(R = 64), which the input pipeline reads by random access, each host only its own examples.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from wdmjax.data.builders import FILE_FORMAT, resolve_data_dir
+from wdmjax.errors import WdmjaxError
+
+LATENT_CHANNELS = 4
+NUM_CLASSES = 1000
+
+
+class LatentConfig(tfds.core.BuilderConfig):
+  def __init__(self, *, image_size: int, **kwargs):
+    super().__init__(name=str(image_size), **kwargs)
+    self.image_size = image_size
+    self.latent_size = image_size // 8
+
+
+class ImagenetLatents(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """ImageNet as VAE latents: image float16 [R, R, 4] (the latent), label 0..999."""
+
+  name = 'imagenet_latents'
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  BUILDER_CONFIGS = [LatentConfig(image_size=256), LatentConfig(image_size=512)]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
+  code_path = tfds.core.Path(__file__)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    r = self.builder_config.latent_size
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=f'ImageNet {self.builder_config.image_size}px encoded by a VAE to '
+                    f'{r}x{r}x{LATENT_CHANNELS} latents (scaled as the diffusion model sees them).',
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Tensor(shape=(r, r, LATENT_CHANNELS), dtype=np.float16),
+            'label': tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+        }),
+        supervised_keys=('image', 'label'),
+        disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict:
+    return {'train': self._generate_examples(os.fspath(dl_manager.manual_dir))}
+
+  def _generate_examples(self, manual_dir: str):
+    r = self.builder_config.latent_size
+    for path in latent_shards(manual_dir):
+      with np.load(path) as z:
+        latents, labels = z['latents'], z['labels']
+      _check_shard(path, latents, labels, r)
+      stem = os.path.basename(path)
+      for i, (x, y) in enumerate(zip(latents.astype(np.float16), labels, strict=True)):
+        yield f'{stem}:{i}', {'image': x, 'label': int(y)}
+
+
+def latent_shards(directory: str) -> list[str]:
+  paths = sorted(glob.glob(os.path.join(directory, '*.npz')))
+  if not paths:
+    raise WdmjaxError(f'--npz-dir: expected *.npz latent shards in {directory!r}, found none')
+  return paths
+
+
+def _check_shard(path: str, latents: np.ndarray, labels: np.ndarray, r: int) -> None:
+  want = (r, r, LATENT_CHANNELS)
+  if latents.ndim != 4 or latents.shape[1:] != want or not np.issubdtype(latents.dtype,
+                                                                          np.floating):
+    raise WdmjaxError(f'{path}: expected `latents` float [N, {r}, {r}, {LATENT_CHANNELS}], got '
+                      f'{latents.dtype} {latents.shape}')
+  if labels.shape != (len(latents),) or not np.issubdtype(labels.dtype, np.integer):
+    raise WdmjaxError(f'{path}: expected `labels` int [{len(latents)}], got {labels.dtype} '
+                      f'{labels.shape}')
+  if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+    raise WdmjaxError(f'{path}: expected labels in [0, {NUM_CLASSES}), got '
+                      f'[{labels.min()}, {labels.max()}]')
+
+
+PREPARED_BUILDERS = {ImagenetLatents.name: ImagenetLatents}
+
+
+def prepared_builder(name: str, data_dir: str | os.PathLike | None = None
+                     ) -> tfds.core.GeneratorBasedBuilder | None:
+  """The builder of `imagenet_latents/256` (etc.) in `data_dir`, or None for other names."""
+  base, _, config = name.partition('/')
+  if base not in PREPARED_BUILDERS:
+    return None
+  cls = PREPARED_BUILDERS[base]
+  configs = [c.name for c in cls.BUILDER_CONFIGS]
+  if config not in configs:
+    raise WdmjaxError(f'data.name: expected one of {[f"{base}/{c}" for c in configs]}, '
+                      f'got {name!r}')
+  return cls(config=config, data_dir=resolve_data_dir(data_dir), file_format=FILE_FORMAT)
+
+
+def prepare_latents(npz_dir: str, image_size: int = 256,
+                    data_dir: str | os.PathLike | None = None) -> tfds.core.DatasetBuilder:
+  """Builds `imagenet_latents/{image_size}` in `data_dir` from the shards in `npz_dir`."""
+  name = f'{ImagenetLatents.name}/{image_size}'
+  builder = prepared_builder(name, data_dir)
+  latent_shards(npz_dir)  # a clear error before TFDS starts
+  builder.download_and_prepare(
+      file_format=FILE_FORMAT,
+      download_config=tfds.download.DownloadConfig(manual_dir=npz_dir))
+  return prepared_builder(name, data_dir)
