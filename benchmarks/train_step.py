@@ -38,6 +38,7 @@ from wdmjax.data import make_mesh
 from wdmjax.diffusion import ddim_sample, diffusion_loss, make_schedule, respaced_timesteps
 from wdmjax.models import build_model, count_params, init_params
 from wdmjax.train import create_train_state, make_optimizer, make_train_step
+from wdmjax.train.plan import matmul_flops
 
 try:  # the peer is optional: --skip-torch runs without it
   import torch
@@ -180,41 +181,6 @@ def xla_flops(compiled: Any) -> float:
   return float(cost.get("flops", 0.0))
 
 
-def _sub_jaxprs(params: dict[str, Any]) -> list[Any]:
-  subs = []
-  for v in params.values():
-    for item in v if isinstance(v, (list, tuple)) else (v,):
-      if isinstance(item, jax.extend.core.ClosedJaxpr):
-        subs.append(item.jaxpr)
-      elif isinstance(item, jax.extend.core.Jaxpr):
-        subs.append(item)
-  return subs
-
-
-def jaxpr_matmul_flops(jaxpr: Any) -> float:
-  """FLOPs (2 per multiply-add) of every dot_general and convolution in a jaxpr.
-
-  Elementwise work (norms, activations, softmax, the optimiser) is left out on purpose:
-  this is the "model FLOPs" convention of MFU.
-  """
-  total = 0.0
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name == "dot_general":
-      lhs = eqn.invars[0].aval.shape
-      (contract, _), _ = eqn.params["dimension_numbers"]
-      k = math.prod(lhs[d] for d in contract)
-      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * k
-    elif name == "conv_general_dilated":
-      rhs = eqn.invars[1].aval.shape
-      rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, *spatial)
-      k = math.prod(rhs[d] for d in rhs_spec[1:])
-      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * k
-    for sub in _sub_jaxprs(eqn.params):
-      total += jaxpr_matmul_flops(sub)
-  return total
-
-
 def dit_analytic_flops(cfg: dict[str, Any], batch: int) -> float:
   """Closed-form forward FLOPs of the DiT: 2 * matmul params * rows + attention.
 
@@ -277,7 +243,7 @@ class JaxBench:
     x1, t1 = self.batch["image"][:1], jnp.zeros((1,), jnp.int32)
     y1 = self.batch["label"][:1] if conditional else None
     fwd = jax.make_jaxpr(lambda p: model.apply({"params": p}, x1, t1, y1))(params)
-    self.fwd_matmul_flops_per_image = jaxpr_matmul_flops(fwd.jaxpr)
+    self.fwd_matmul_flops_per_image = matmul_flops(fwd.jaxpr)
 
     def sample(params, x_T, y):
       denoise = lambda x, t: model.apply({"params": params}, x, t, y)

@@ -70,6 +70,45 @@ def _cmd_latents(args) -> int:
   return 0
 
 
+def _cmd_plan(args) -> int:
+  import json
+
+  from wdmjax.train import load_config
+  from wdmjax.train.plan import CHIPS, plan_step
+
+  cfg = load_config(args.config, args.set)
+  chips = args.chip or sorted(CHIPS)
+  for c in chips:
+    check(c in CHIPS, f"--chip: expected one of {sorted(CHIPS)}, got {c!r}")
+  check(0 < args.mfu <= 1, f"--mfu: expected a fraction in (0, 1], got {args.mfu}")
+  p = plan_step(cfg, args.devices, args.fsdp, args.peft)
+  rows = []
+  for c in chips:
+    t = p.step_seconds(c, args.mfu)
+    per_dev = p.state_bytes_per_device + p.frozen_bytes_per_device
+    rows.append({"chip": c, "step_s": t, "images_per_s": p.batch / t,
+                 "hours": t * cfg.train.steps / 3600, "state_gib_per_chip": per_dev / 2**30,
+                 "chip_gib": CHIPS[c][1]})
+  if args.json:
+    print(json.dumps({**p.to_dict(), "mfu": args.mfu, "steps": cfg.train.steps, "chips": rows}))
+    return 0
+  gib = 2**30
+  print(f"{p.params:,} parameters ({p.trainable:,} trained), global batch {p.batch}, mesh "
+        f"{p.mesh}")
+  print(f"train state {p.state_bytes / gib:.2f} GiB: {p.state_bytes_per_device / gib:.2f} GiB "
+        f"per device" + (f", frozen weights {p.frozen_bytes_per_device / gib:.2f} GiB per "
+                         f"device" if p.frozen_bytes_per_device else ""))
+  print(f"model FLOPs per step {p.flops_per_step / 1e12:.1f} TFLOP "
+        f"({p.flops_per_step / p.batch / 1e9:.1f} GFLOP per example, forward + backward)")
+  print(f"at {100 * args.mfu:.0f}% MFU on {p.devices} chips ({cfg.train.steps:,} steps):")
+  print("| chip | step (s) | images/s | run (h) | state per chip (GiB) | chip memory (GiB) |")
+  print("|---|---|---|---|---|---|")
+  for r in rows:
+    print(f"| {r['chip']} | {r['step_s']:.3f} | {r['images_per_s']:,.0f} | {r['hours']:.1f} | "
+          f"{r['state_gib_per_chip']:.2f} | {r['chip_gib']:.0f} |")
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="wdmjax", description=__doc__.splitlines()[0])
   sub = p.add_subparsers(dest="command", required=True)
@@ -104,6 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
   la.add_argument("--data-dir", default=None, help="TFDS data dir (default: "
                   "$WDMJAX_DATA_DIR or ~/.cache/wdmjax/tensorflow_datasets)")
   la.set_defaults(func=_cmd_latents)
+
+  pl = sub.add_parser("plan", help="plan a run from abstract shapes: parameters, state bytes "
+                      "per chip, model FLOPs per step, step time at an assumed MFU")
+  pl.add_argument("--config", required=True)
+  pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  pl.add_argument("--devices", type=int, required=True, help="chips in the mesh")
+  pl.add_argument("--fsdp", type=int, default=None, help="FSDP axis size (default mesh.fsdp)")
+  pl.add_argument("--peft", default=None, help="plan a fine-tune by this strategy (difffit, ...)")
+  pl.add_argument("--chip", action="append", default=None,
+                  help="chip kind (repeatable; default all known)")
+  pl.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation")
+  pl.add_argument("--json", action="store_true")
+  pl.set_defaults(func=_cmd_plan)
 
   add_watermark_parsers(sub)
   add_attack_parsers(sub)

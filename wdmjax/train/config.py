@@ -40,9 +40,20 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """Loads `path` (a Python file defining `get_config()`), merges it over the defaults,
-  applies `key=value` overrides (`train.steps=100`) and validates the result."""
-  check(os.path.isfile(path), f"--config: config file not found: {path!r}")
+  """Loads `path` (a Python file defining `get_config()`, or the name of a config shipped
+  with the package, e.g. `dit_xl2_imagenet256`, for hosts that have only the installed
+  wheel), merges it over the defaults, applies `key=value` overrides (`train.steps=100`)
+  and validates the result."""
+  from wdmjax.train.presets import PRESETS
+
+  if path in PRESETS and not os.path.isfile(path):
+    cfg = PRESETS[path]()
+    for item in overrides:
+      apply_override(cfg, item)
+    validate(cfg)
+    return cfg
+  check(os.path.isfile(path), f"--config: config file not found: {path!r} (or a shipped "
+                              f"config: {', '.join(sorted(PRESETS))})")
   spec = importlib.util.spec_from_file_location("wdmjax_user_config", path)
   module = importlib.util.module_from_spec(spec)
   try:
