@@ -1,4 +1,5 @@
-"""The `wdmjax` command: train, sample, embed, extract, verify, attack, finetune, params, demo.
+"""The `wdmjax` command: train, sample, embed, extract, verify, attack, finetune, params,
+plan, latents, demo.
 
 Errors in what the user typed are printed as one line (`wdmjax: error: ...`, exit status 2),
 never as a traceback.
