@@ -1,5 +1,7 @@
-"""The `wdmjax` command: train, sample, embed, extract, verify, attack, finetune, params,
-plan, latents, demo.
+"""The `wdmjax` command: diffusion models, their watermarks and the tools around them.
+
+Subcommands: train, sample, embed, extract, verify, attack, finetune, params, plan, latents,
+demo.
 
 Errors in what the user typed are printed as one line (`wdmjax: error: ...`, exit status 2),
 never as a traceback.
