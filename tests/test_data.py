@@ -411,3 +411,15 @@ def test_bad_latent_shards_are_refused_by_name(tmp_path):
   assert r.returncode == 2 and 'expected `latents` float [N, 32, 32, 4]' in r.stderr, r.stderr
   r = run_cli('latents', '--npz-dir', str(tmp_path / 'none'), '--data-dir', str(tmp_path / 'd'))
   assert r.returncode == 2 and 'expected *.npz latent shards' in r.stderr, r.stderr
+
+
+def test_batch_rows_read_only_those_positions(data_dir):
+  """A host whose devices hold rows 0-3 and 8-11 of a batch of 16 reads just those."""
+  pipe = data.InputPipeline('digits', 16, 8, 1, seed=2, data_dir=data_dir, in_memory=False)
+  rows = np.array([0, 1, 2, 3, 8, 9, 10, 11])
+  whole, part = pipe.batch(7), pipe.batch(7, rows)
+  np.testing.assert_array_equal(part['image'], whole['image'][rows])
+  np.testing.assert_array_equal(part['label'], whole['label'][rows])
+  with pytest.raises(WdmjaxError, match=r'rows: expected a non-empty 1-D array of positions '
+                                        r'in \[0, 16\)'):
+    pipe.batch(0, np.array([3, 16]))

@@ -67,7 +67,7 @@ def runs(tmp_path_factory):
           processes=1, devices=4)
   shutil.copytree(tmp / "one_dp", tmp / "one_to_two")
   _launch(out, [_phase("two_dp", tmp / "two_dp", N),
-                _phase("two_fsdp", tmp / "two_fsdp", N, "mesh.fsdp=2"),
+                _phase("two_fsdp", tmp / "two_fsdp", N, "mesh.fsdp=2", f"train.sample_every={N}"),
                 _phase("one_to_two", tmp / "one_to_two", 2 * N),
                 _phase("two_difffit", tmp / "two_difffit", N, "mesh.fsdp=2", "train.lr=1e-2",
                        base=tmp / "one_dp")], processes=2, devices=2)
@@ -134,6 +134,8 @@ def test_fsdp_gives_the_loss_of_data_parallelism_on_half_the_bytes(runs):
   assert 0.45 < ratio < 0.65, ratio
   with open(runs / "two_fsdp" / "train_summary.json") as f:
     assert json.load(f)["mesh"] == {"data": 2, "fsdp": 2}
+  # The sharded weights were gathered to the hosts and process 0 drew the grid.
+  assert os.listdir(runs / "two_fsdp" / "samples") == [f"{N:07d}.png"]
 
 
 def test_difffit_fine_tuning_under_fsdp_on_two_processes_matches_one(runs):

@@ -244,13 +244,23 @@ class InputPipeline:
       pos += take
     return np.concatenate(parts).astype(np.int64, copy=False)
 
-  def batch(self, step: int) -> dict[str, np.ndarray]:
-    """This process's batch at `step`.
+  def batch(self, step: int, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """This process's batch at `step`, or only its `rows` (positions in that batch; only
+    those examples are read, e.g. the rows of the global batch a host's devices hold).
 
     Returns:
-      `image`: float32 [B_local, R, R, C] in [-1, 1]; `label`: int32 [B_local].
+      `image`: float32 [B_local, R, R, C] in [-1, 1]; `label`: int32 [B_local] (B_local =
+      len(rows) with rows).
     """
     idx = self.indices(step)
+    if rows is not None:
+      rows = np.asarray(rows)
+      if rows.ndim != 1 or rows.size == 0 or rows.min() < 0 or rows.max() >= len(idx):
+        raise WdmjaxError(
+            f'rows: expected a non-empty 1-D array of positions in [0, {len(idx)}), got '
+            f'shape {rows.shape}'
+        )
+      idx = idx[rows]
     if self.in_memory:
       return {'image': self._images[idx], 'label': self._labels[idx]}
     examples = self._source.__getitems__(idx.tolist())

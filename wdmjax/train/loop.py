@@ -40,7 +40,7 @@ from wdmjax.train.sharding import (
   batch_axes,
   local_mesh,
   make_mesh,
-  process_batch_slot,
+  process_batch_rows,
   state_shardings,
   to_host,
 )
@@ -170,7 +170,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn | Non
   is_main = jax.process_index() == 0
   log_main = log if is_main else (lambda *a, **k: None)
   model = model_from_config(cfg)
-  slot, slots = process_batch_slot(mesh, tc.batch_size)
+  rows = process_batch_rows(mesh, tc.batch_size)
   if multi:  # embedded sets are built on first use: process 0 first, then the others find
     # it built (shared data dir) or build their own (a host's local disk), never racing
     if is_main:
@@ -179,7 +179,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn | Non
   data = InputPipeline(cfg.data.name, batch_size=tc.batch_size, resolution=cfg.data.resolution,
                        channels=cfg.data.channels, seed=tc.seed, labels=cfg.data.labels,
                        split=cfg.data.split, data_dir=cfg.data.data_dir,
-                       process_index=slot, process_count=slots, in_memory=cfg.data.in_memory)
+                       process_index=0, process_count=1, in_memory=cfg.data.in_memory)
   k = num_classes(cfg)
   check(k == 0 or data.num_classes <= k,
         f"model.num_classes: expected at least the {data.num_classes} classes of "
@@ -216,7 +216,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn | Non
         if stop.signum is not None or (multi and _preempted(step)):
           stop.signum = stop.signum or signal.SIGTERM
           break
-        batch = shard_batch(data.batch(step), mesh, batch_axes(mesh))
+        batch = shard_batch(data.batch(step, rows), mesh, batch_axes(mesh))
         state, metrics = step_fn(state, batch)
         done = step + 1
         bar.update(1)

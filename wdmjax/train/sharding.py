@@ -114,19 +114,17 @@ def to_host(tree: chex.ArrayTree) -> chex.ArrayTree:
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def process_batch_slot(mesh: Mesh, global_batch: int) -> tuple[int, int]:
-  """(slot, slots): this process's rows of the global batch are the slot-th of `slots` equal
-  contiguous blocks, as the mesh places them. The input pipeline reads exactly those rows,
-  so the global batch does not depend on how devices are ordered in the mesh."""
-  sharding = batch_sharding(mesh)
-  index_map = sharding.addressable_devices_indices_map((global_batch,))
-  starts = sorted({(s[0].start or 0) for s in index_map.values()})
-  stops = sorted({(s[0].stop if s[0].stop is not None else global_batch)
-                  for s in index_map.values()})
-  lo, hi = starts[0], stops[-1]
-  local = global_batch // jax.process_count()
-  check(hi - lo == local and lo % local == 0,
-        f"mesh: this process's devices hold rows [{lo}, {hi}) of the batch of {global_batch}, "
-        f"expected one contiguous block of {local}; use a mesh whose data axes follow the "
-        f"process order")
-  return lo // local, global_batch // local
+def process_batch_rows(mesh: Mesh, global_batch: int) -> np.ndarray:
+  """The rows of the global batch that this process's devices hold, in increasing order:
+  int64 [global_batch / process_count]. The input pipeline reads exactly these, and
+  `jax.make_array_from_process_local_data` places them (it maps a process's slices in
+  increasing order onto its local data), so the global batch is the same whatever the
+  device order of the mesh, e.g. a TPU slice whose hosts interleave along the data axis."""
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
+  blocks = sorted({(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop)
+                   for s in index_map.values()})
+  rows = np.concatenate([np.arange(a, b) for a, b in blocks])
+  check(len(rows) * jax.process_count() == global_batch,
+        f"mesh: this process's devices hold {len(rows)} rows of the batch of {global_batch}, "
+        f"expected {global_batch // jax.process_count()}")
+  return rows
