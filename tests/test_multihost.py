@@ -147,31 +147,61 @@ def test_difffit_fine_tuning_under_fsdp_on_two_processes_matches_one(runs):
   assert (runs / "two_difffit" / "peft.json").exists()
 
 
-def test_a_killed_worker_stops_the_others_with_a_clear_error(tmp_path):
-  port, workdir = _free_port(), tmp_path / "w"
+def _start_two(workdir, heartbeat=5):
+  """Two CLI training processes of 2 devices each, started on one endless run."""
+  port = _free_port()
   cmd = [sys.executable, "-m", "wdmjax.cli", "train", "--config", TINY_DIT, "--workdir",
          str(workdir), "--no-progress", "--no-samples", "--set", "train.steps=100000",
-         "--set", "train.log_every=1", "--coordinator", f"localhost:{port}",
-         "--num-processes", "2", "--heartbeat-timeout", "5"]
+         "--set", "train.log_every=1", "--set", "train.ckpt_every=0",
+         "--coordinator", f"localhost:{port}", "--num-processes", "2",
+         "--heartbeat-timeout", str(heartbeat)]
   procs = [subprocess.Popen([*cmd, "--process-id", str(i)], cwd=ROOT, env=_env(2),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and all(p.poll() is None for p in procs):
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+      break
+    time.sleep(0.1)
+  if not all(p.poll() is None for p in procs):
+    for p in procs:
+      p.kill()
+    pytest.fail("a worker ended early: " + procs[0].communicate()[1][-3000:])
+  return procs
+
+
+def _reap(procs):
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+
+
+def test_sigterm_to_one_worker_makes_all_save_at_one_step(tmp_path):
+  """A preemption notice reaching one host: JAX's preemption service agrees on a step, every
+  process saves there and exits cleanly (a lone stop would leave the others hanging)."""
+  procs = _start_two(tmp_path / "w")
   try:
-    metrics = workdir / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and all(p.poll() is None for p in procs):
-      if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
-        break
-      time.sleep(0.1)
-    assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-3000:]
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=120) for p in procs]
+  finally:
+    _reap(procs)
+  assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+  saved = [int(s) for s in os.listdir(tmp_path / "w" / "checkpoints")]
+  assert len(saved) == 1 and f"stopped by signal 15 at step {saved[0]}" in outs[0][0]
+  # Only process 0 speaks (gloo's own connection lines aside).
+  assert "stopped by signal" not in outs[1][0] and "workdir:" not in outs[1][0]
+
+
+def test_a_killed_worker_stops_the_others_with_a_clear_error(tmp_path):
+  procs = _start_two(tmp_path / "w")
+  try:
     procs[1].send_signal(signal.SIGKILL)
     t0 = time.time()
     _, err = procs[0].communicate(timeout=120)
     waited = time.time() - t0
   finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+    _reap(procs)
   assert procs[0].returncode != 0
   assert waited < 60, waited
   clear = ("another process of this run has probably died" in err
