@@ -67,7 +67,9 @@ def runs(tmp_path_factory):
           processes=1, devices=4)
   shutil.copytree(tmp / "one_dp", tmp / "one_to_two")
   _launch(out, [_phase("two_dp", tmp / "two_dp", N),
-                _phase("two_fsdp", tmp / "two_fsdp", N, "mesh.fsdp=2", f"train.sample_every={N}"),
+                # every leaf of 64+ elements sharded: the tiny DiT's kernels are 32 x 32
+                _phase("two_fsdp", tmp / "two_fsdp", N, "mesh.fsdp=2", "mesh.fsdp_min_size=64",
+                       f"train.sample_every={N}"),
                 _phase("one_to_two", tmp / "one_to_two", 2 * N),
                 _phase("two_difffit", tmp / "two_difffit", N, "mesh.fsdp=2", "train.lr=1e-2",
                        base=tmp / "one_dp")], processes=2, devices=2)
@@ -131,7 +133,8 @@ def test_fsdp_gives_the_loss_of_data_parallelism_on_half_the_bytes(runs):
   # Sharded leaves are absent from the local replicas: most of the bytes are really split.
   assert sum(k.startswith("local_") for k in fsdp) < sum(k.startswith("local_") for k in dp)
   ratio = fsdp["bytes_per_device"].max() / dp["bytes_per_device"].max()
-  assert 0.45 < ratio < 0.65, ratio
+  print(f"FSDP bytes per device / data parallelism's: {ratio:.3f}")
+  assert 0.48 < ratio < 0.55, ratio
   with open(runs / "two_fsdp" / "train_summary.json") as f:
     assert json.load(f)["mesh"] == {"data": 2, "fsdp": 2}
   # The sharded weights were gathered to the hosts and process 0 drew the grid.

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import ml_collections
 
 from wdmjax.errors import WdmjaxError, check
+from wdmjax.train.sharding import FSDP_MIN_SIZE
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -35,7 +36,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.sample = dict(sampler="ddim", steps=50, eta=0.0, num=64, guidance_scale=None, ema=True,
                   seed=0, dropout=False)
   # Devices = data x fsdp; parameters and optimizer state are sharded over fsdp (FSDP).
-  c.mesh = dict(data=-1, fsdp=1)
+  # Leaves under fsdp_min_size elements stay replicated (see train.sharding.fsdp_spec).
+  c.mesh = dict(data=-1, fsdp=1, fsdp_min_size=FSDP_MIN_SIZE)
   return ml_collections.ConfigDict(c.to_dict())
 
 
@@ -155,6 +157,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   check(isinstance(cfg.mesh.data, int) and (cfg.mesh.data == -1 or cfg.mesh.data >= 1),
         f"mesh.data: expected -1 (all devices) or a positive integer, got {cfg.mesh.data!r}")
   _positive_int(cfg, "mesh.fsdp")
+  _positive_int(cfg, "mesh.fsdp_min_size")
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:

@@ -120,7 +120,7 @@ def init_state(cfg: ml_collections.ConfigDict, model, tx, mesh,
 
   if params is not None:  # may live on other devices (a base loaded on one): the jit places
     params = jax.device_get(params)  # this process's copy onto the mesh
-  shardings = state_shardings(jax.eval_shape(init, params), mesh)
+  shardings = state_shardings(jax.eval_shape(init, params), mesh, cfg.mesh.fsdp_min_size)
   return jax.jit(init, out_shardings=shardings)(params)
 
 
@@ -194,7 +194,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn | Non
   state = init_state(cfg, model, tx, mesh, init_params)
   step_fn = make_train_step(loss_fn, tx, tc.ema_decay, mesh, frozen=frozen_params,
                             combine=combine,
-                            state_sharding=jax.tree.map(lambda x: x.sharding, state))
+                            state_sharding=jax.tree.map(lambda x: x.sharding, state),
+                            fsdp_min_size=cfg.mesh.fsdp_min_size)
   full = (lambda p: combine(p, frozen_params)) if partial else (lambda p: p)
   ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
   start = ckpt.latest_step()

@@ -123,6 +123,7 @@ def plan_step(cfg: ml_collections.ConfigDict, devices: int, fsdp: int | None = N
         f"train.batch_size: expected a multiple of the {devices} devices, got "
         f"{cfg.train.batch_size}")
   mesh = AbstractMesh((devices // fsdp, fsdp), MESH_AXES)
+  min_size = cfg.mesh.fsdp_min_size
   model = model_from_config(cfg)
   tc, res, ch = cfg.train, cfg.data.resolution, cfg.data.channels
   tx = make_optimizer(tc.lr, tc.warmup_steps, tc.weight_decay, tc.grad_clip)
@@ -153,12 +154,13 @@ def plan_step(cfg: ml_collections.ConfigDict, devices: int, fsdp: int | None = N
       return train_step(s, bt, loss_fn=part, tx=tx, ema_decay=tc.ema_decay)
 
     jaxpr = jax.make_jaxpr(step)(state, batch, frozen)
-    frozen_bytes = _bytes_per_device(frozen, state_shardings(frozen, mesh))
+    frozen_bytes = _bytes_per_device(frozen, state_shardings(frozen, mesh, min_size))
   count = lambda t: int(sum(math.prod(s.shape) for s in jax.tree.leaves(t)))
   state_bytes = int(sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize
                         for s in jax.tree.leaves(state)))
   return StepPlan(params=count(params), trainable=count(trainable), batch=b,
                   mesh=dict(mesh.shape), state_bytes=state_bytes,
-                  state_bytes_per_device=_bytes_per_device(state, state_shardings(state, mesh)),
+                  state_bytes_per_device=_bytes_per_device(
+                    state, state_shardings(state, mesh, min_size)),
                   frozen_bytes_per_device=frozen_bytes,
                   flops_per_step=matmul_flops(jaxpr.jaxpr))

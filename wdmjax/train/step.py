@@ -12,7 +12,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from wdmjax.errors import check
-from wdmjax.train.sharding import batch_sharding, state_shardings
+from wdmjax.train.sharding import FSDP_MIN_SIZE, batch_sharding, state_shardings
 from wdmjax.train.state import TrainState
 
 LossFn = Callable[[chex.ArrayTree, dict, chex.PRNGKey], tuple[chex.Array, dict]]
@@ -53,7 +53,8 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, ema_decay: float,
                     mesh: Mesh, frozen: chex.ArrayTree | None = None,
                     combine: Callable[[chex.ArrayTree, chex.ArrayTree], chex.ArrayTree]
-                    | None = None, state_sharding: chex.ArrayTree | None = None
+                    | None = None, state_sharding: chex.ArrayTree | None = None,
+                    fsdp_min_size: int = FSDP_MIN_SIZE
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """`train_step` compiled with `jax.jit`: the batch is split over every batch axis of the
   mesh (`data`, and `fsdp` where present), the state is donated (its buffers are reused
@@ -64,7 +65,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, ema_decay
   the rest, and the loss sees `combine(trainable, frozen)` (e.g. `wdmjax.peft.merge`). The
   gradient is taken with respect to the trainable part alone, so the frozen weights'
   gradients are never computed, and the optimizer and the EMA never see them. `frozen` is
-  placed on the mesh once (sharded by the FSDP rule) and passed to every step (not donated,
+  placed on the mesh once (sharded by the FSDP rule, leaves of at least `fsdp_min_size`
+  elements) and passed to every step (not donated,
   not baked into the program).
   """
   replicated = NamedSharding(mesh, P())
@@ -84,7 +86,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, ema_decay
     part_loss = lambda p, b, r: loss_fn(combine(p, frozen), b, r)
     return train_step(state, batch, loss_fn=part_loss, tx=tx, ema_decay=ema_decay)
 
-  frozen_sharding = state_shardings(frozen, mesh)
+  frozen_sharding = state_shardings(frozen, mesh, fsdp_min_size)
   jitted = jax.jit(partial_step, in_shardings=(state_sharding, batch, frozen_sharding),
                    out_shardings=(state_sharding, replicated), donate_argnums=0)
   if jax.process_count() > 1:  # from each process's own copy onto the global mesh
