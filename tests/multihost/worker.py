@@ -47,6 +47,8 @@ def main(spec_path: str, process_id: int) -> None:
     np.savez(os.path.join(spec["out"], name), **dump)
   print(json.dumps({"process": jax.process_index(), "of": jax.process_count(),
                     "devices": jax.device_count()}), flush=True)
+  from wdmjax.train.distributed import exit_run
+  exit_run(0)
 
 
 if __name__ == "__main__":

@@ -172,7 +172,12 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if hasattr(args, "coordinator"):
       connect(args)
-    return args.func(args)
+    code = args.func(args)
+    if hasattr(args, "coordinator"):
+      from wdmjax.train.distributed import exit_run
+
+      exit_run(code)
+    return code
   except WdmjaxError as e:
     print(f"wdmjax: error: {e}", file=sys.stderr)
     return 2

@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
+import time
 
 import jax
 
@@ -100,6 +102,27 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   _use_gloo_on_cpu()
   jax.distributed.initialize(**kwargs)
   return ProcessInfo(jax.process_index(), jax.process_count(), cluster)
+
+
+def exit_run(code: int = 0) -> None:
+  """Ends this process of a finished multi-process run (returns for a single process).
+
+  JAX's own teardown at interpreter exit can abort process 0 (a check failure in the
+  coordination service's gRPC server when a peer's request is still in flight), turning a
+  finished, saved run into exit status -6. So the processes meet at a barrier, the others
+  exit at once and process 0, which hosts the service, exits a moment later. Call it only
+  after every process has finished its work (a barrier with a failed peer would wait).
+  """
+  if jax.process_count() == 1 or not jax.distributed.is_initialized():
+    return
+  from jax.experimental import multihost_utils
+
+  multihost_utils.sync_global_devices("wdmjax: exit")
+  sys.stdout.flush()
+  sys.stderr.flush()
+  if jax.process_index() == 0:
+    time.sleep(1.0)
+  os._exit(code)
 
 
 def _use_gloo_on_cpu() -> None:
