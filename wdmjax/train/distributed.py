@@ -94,14 +94,24 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if num_processes == 1:
       return ProcessInfo(0, 1, "single")
     _use_gloo_on_cpu()
+    _announce(f"process {process_id} of {num_processes}: joining the run at {coordinator}",
+              initialization_timeout)
     jax.distributed.initialize(coordinator, num_processes, process_id, **kwargs)
     return ProcessInfo(jax.process_index(), jax.process_count(), "explicit")
   cluster = detect_cluster()
   if cluster is None:
     return ProcessInfo(0, 1, "single")
   _use_gloo_on_cpu()
+  _announce(f"joining the {cluster} run", initialization_timeout)
   jax.distributed.initialize(**kwargs)
   return ProcessInfo(jax.process_index(), jax.process_count(), cluster)
+
+
+def _announce(what: str, timeout: int) -> None:
+  # JAX aborts the process (no Python exception) when the others do not connect in time,
+  # so say beforehand what is being waited for.
+  print(f"wdmjax: {what}; waiting up to {timeout} s for every process to connect",
+        file=sys.stderr, flush=True)
 
 
 def exit_run(code: int = 0) -> None:
