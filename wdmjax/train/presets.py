@@ -99,8 +99,8 @@ def difffit_dit_xl2_512() -> ml_collections.ConfigDict:
   the base's times 10 (1e-3), as in the DiffFit paper, and `pos_coord_scale` 2 stretches the
   2-D position embedding so the 64x64 grid spans the coordinates the base learned on 32x32
   (DiffFit's positional-embedding trick). Only biases, norms, gammas and the class embedding
-  train (0.095% of the parameters), so the frozen weights dominate the memory: fsdp 4
-  shards them together with the small trainable state.
+  train (0.25% of the parameters, most of it the 1001 x 1152 class table), so the frozen
+  weights dominate the memory: fsdp 4 shards them together with the small trainable state.
   """
   cfg = dit_xl2_imagenet256()
   with cfg.unlocked():
