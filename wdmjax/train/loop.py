@@ -103,8 +103,9 @@ def init_state(cfg: ml_collections.ConfigDict, model, tx, mesh,
                params: chex.ArrayTree | None = None) -> TrainState:
   """A step-0 state laid out on the mesh (FSDP-sharded where the mesh has an `fsdp` axis,
   replicated otherwise): `params` (e.g. a base model's, for fine-tuning) with a fresh
-  optimizer and EMA, or new parameters from `train.seed`. The state is created in place on
-  its devices, so a model too large for one device never exists whole on one."""
+  optimizer and EMA, or new parameters from `train.seed`. Fresh parameters, the EMA and
+  the optimizer state are created in place on their devices, so they never exist whole on
+  one device; given `params` pass through each host's memory once."""
   res, ch = cfg.data.resolution, cfg.data.channels
   rng = jax.random.PRNGKey(cfg.train.seed)
   init_rng, state_rng = jax.random.split(rng)
