@@ -50,6 +50,21 @@ class Checkpointer:
       raise WdmjaxError(f"checkpoint {self.directory}/{step} does not match this model "
                         f"config ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
 
+  def restore_part(self, target: dict, step: int | None = None) -> dict:
+    """Restores only the top-level entries of the saved state named in `target` (e.g.
+    `{"ema_params": shapes}`, leaves `jax.ShapeDtypeStruct`s with shardings); the rest of
+    the checkpoint is not read."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise WdmjaxError(f"workdir: no checkpoint found in {self.directory!r}")
+    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
+    try:
+      return self.manager.restore(step, args=ocp.args.PyTreeRestore(
+        target, restore_args=restore_args, partial_restore=True))
+    except (ValueError, KeyError) as e:
+      raise WdmjaxError(f"checkpoint {self.directory}/{step} does not match this model "
+                        f"config ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 

@@ -312,13 +312,21 @@ def load_trained(workdir: str, ema: bool = True) -> tuple[ml_collections.ConfigD
     return load_finetuned(workdir, ema)
   cfg = read_config(workdir)
   model = model_from_config(cfg)
-  mesh = local_mesh()
-  tx = make_optimizer(cfg.train.lr, cfg.train.warmup_steps, cfg.train.weight_decay,
-                      cfg.train.grad_clip)
-  state = init_state(cfg, model, tx, mesh)
+  # Only the wanted weights are read, onto this process's first device: the optimizer
+  # state and the other copy (3/4 of a checkpoint) are never allocated.
+  res, ch = cfg.data.resolution, cfg.data.channels
+  key = jax.random.PRNGKey(0)
+  y = jax.numpy.zeros((1,), jax.numpy.int32) if num_classes(cfg) else None
+  shapes = jax.eval_shape(lambda: model.init({"params": key, "dropout": key},
+                                             jax.numpy.zeros((1, res, res, ch)),
+                                             jax.numpy.zeros((1,), jax.numpy.int32), y)["params"])
+  device = jax.sharding.SingleDeviceSharding(local_mesh().devices.flat[0])
+  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                        shapes)
+  part = "ema_params" if ema else "params"
   ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
   try:
-    state = ckpt.restore(state)
+    params = ckpt.restore_part({part: target})[part]
   finally:
     ckpt.close()
-  return cfg, model, state.ema_params if ema else state.params
+  return cfg, model, params
