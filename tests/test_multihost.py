@@ -50,9 +50,9 @@ def _launch(out, phases, processes, devices, timeout=300):
     assert info["of"] == processes and info["devices"] == processes * devices
 
 
-def _phase(name, workdir, steps, *extra, base=None):
+def _phase(name, workdir, steps, *extra, base=None, embed=False):
   return {"name": name, "workdir": str(workdir), "set": [f"train.steps={steps}", *COMMON, *extra],
-          "base": base and str(base)}
+          "base": base and str(base), "embed": embed}
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +72,15 @@ def runs(tmp_path_factory):
                        f"train.sample_every={N}"),
                 _phase("one_to_two", tmp / "one_to_two", 2 * N),
                 _phase("two_difffit", tmp / "two_difffit", N, "mesh.fsdp=2", "train.lr=1e-2",
-                       base=tmp / "one_dp")], processes=2, devices=2)
+                       base=tmp / "one_dp"),
+                _phase("two_embed", tmp / "two_embed", N, base=tmp / "one_dp", embed=True)],
+          processes=2, devices=2)
   shutil.copytree(tmp / "two_dp", tmp / "two_to_one")
   _launch(out, [_phase("two_to_one", tmp / "two_to_one", 2 * N),
                 _phase("one_difffit", tmp / "one_difffit", N, "train.lr=1e-2",
-                       base=tmp / "one_dp")], processes=1, devices=4)
+                       base=tmp / "one_dp"),
+                _phase("one_embed", tmp / "one_embed", N, base=tmp / "one_dp", embed=True)],
+          processes=1, devices=4)
   print(f"multi-process launches: {time.time() - t0:.1f} s")
   return tmp
 
@@ -148,6 +152,15 @@ def test_difffit_fine_tuning_under_fsdp_on_two_processes_matches_one(runs):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
   assert (runs / "two_difffit" / "delta.npz").exists()
   assert (runs / "two_difffit" / "peft.json").exists()
+
+
+def test_wdm_embedding_on_two_processes_matches_one(runs):
+  two, one = _load(runs, "two_embed"), _load(runs, "one_embed")
+  for a, b in zip(_host(two), _host(one), strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+  with open(runs / "two_embed" / "secret.json") as f:
+    assert json.load(f)["key"] == 3
+  assert not [n for n in os.listdir(runs / "two_embed") if n.endswith(".tmp")]
 
 
 def _start_two(workdir, heartbeat=5):

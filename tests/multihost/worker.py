@@ -5,7 +5,9 @@ dumps what each process holds, so the test can compare processes and process cou
 
 SPEC: {"coordinator": "localhost:PORT" | null, "num_processes": P, "config": PATH,
        "phases": [{"name": ..., "workdir": ..., "set": ["train.steps=4", ...],
-                   "base": WORKDIR (optional: a DiffFit fine-tune of it)}], "out": DIR}
+                   "base": WORKDIR (optional: a DiffFit fine-tune of it),
+                   "embed": true (optional: with "base", a WDM watermark embedded into it)}],
+       "out": DIR}
 """
 
 import json
@@ -19,16 +21,23 @@ import numpy as np
 def main(spec_path: str, process_id: int) -> None:
   with open(spec_path) as f:
     spec = json.load(f)
+  from wdmjax.cli.watermark import embed
   from wdmjax.peft import PeftSpec, finetune
   from wdmjax.train import load_config, train
   from wdmjax.train.distributed import initialize
   from wdmjax.train.sharding import bytes_per_device, to_host
+  from wdmjax.watermark import Secret
 
   if spec["num_processes"] > 1:
     initialize(spec["coordinator"], spec["num_processes"], process_id, heartbeat_timeout=20)
   for phase in spec["phases"]:
     cfg = load_config(spec["config"], phase["set"])
-    if phase.get("base"):
+    if phase.get("embed"):
+      secret = Secret("random:1", "keyed:2", key=3, block=2)
+      steps = int(cfg.train.steps)
+      state = embed(phase["workdir"], secret, base=phase["base"], steps=steps,
+                    overrides=phase["set"], progress=False, log=lambda *a: None)
+    elif phase.get("base"):
       state = finetune(cfg, phase["workdir"], phase["base"], PeftSpec("difffit"),
                        progress=False, log=lambda *a: None)
     else:

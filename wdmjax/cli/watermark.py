@@ -15,6 +15,7 @@ import time
 import jax
 import numpy as np
 
+from wdmjax.cli.multihost import add_distributed_args
 from wdmjax.cli.peft import peft_args, spec_from_args
 from wdmjax.errors import WdmjaxError, check
 from wdmjax.watermark import (
@@ -84,6 +85,8 @@ def embed(workdir: str, secret: Secret, *, base: str | None = None, config: str 
   DiffFit, whose learning rate defaults to the base's times `wdmjax.peft.LR_MULT`; the
   watermarked model is then a delta on the base.
 
+  In a multi-host run every process calls it; process 0 writes the secret and the record.
+
   Returns the final TrainState.
   """
   from wdmjax.train import load_config, load_trained, train
@@ -139,12 +142,15 @@ def embed(workdir: str, secret: Secret, *, base: str | None = None, config: str 
                   decoy_fraction=decoy_fraction, decoy_kind=decoy_kind_for(secret.trigger),
                   decoy_t_min=decoy_t_min)
   fresh = not has_checkpoint(workdir)
-  written = [write_secret(workdir, secret), os.path.join(workdir, "embedding.json")]
-  with open(written[1], "w") as f:
-    json.dump({"method": "wdm", "base": os.path.abspath(base) if base else None,
-               "config": config, "steps": steps, "lr": float(cfg.train.lr),
-               "decoy_fraction": decoy_fraction, "decoy_t_min": decoy_t_min,
-               "peft": None if peft is None else peft.strategy}, f, indent=2)
+  main = jax.process_index() == 0
+  written = []
+  if main:
+    written = [write_secret(workdir, secret), os.path.join(workdir, "embedding.json")]
+    with open(written[1], "w") as f:
+      json.dump({"method": "wdm", "base": os.path.abspath(base) if base else None,
+                 "config": config, "steps": steps, "lr": float(cfg.train.lr),
+                 "decoy_fraction": decoy_fraction, "decoy_t_min": decoy_t_min,
+                 "peft": None if peft is None else peft.strategy}, f, indent=2)
   try:
     if peft is not None:
       from wdmjax.peft import finetune
@@ -258,8 +264,9 @@ def cmd_embed(args) -> int:
                 lr=args.lr, overrides=args.set, decoy_fraction=args.decoy_fraction,
                 decoy_t_min=args.decoy_t_min, progress=not args.no_progress,
                 peft=None if args.peft is None else spec_from_args(args))
-  print(f"watermarked workdir: {os.path.abspath(args.workdir)} (step {int(state.step)}, "
-        f"{time.time() - t0:.0f} s); secret in {SECRET_FILE}")
+  if jax.process_index() == 0:
+    print(f"watermarked workdir: {os.path.abspath(args.workdir)} (step {int(state.step)}, "
+          f"{time.time() - t0:.0f} s); secret in {SECRET_FILE}")
   return 0
 
 
@@ -344,6 +351,7 @@ def add_parsers(sub) -> None:
   e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config value (repeatable)")
   e.add_argument("--no-progress", action="store_true")
+  add_distributed_args(e)
   e.set_defaults(func=cmd_embed)
 
   x = sub.add_parser("extract", help="sample a watermarked model with its trigger")
