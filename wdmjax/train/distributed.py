@@ -45,7 +45,7 @@ class ProcessInfo:
 
 def detect_cluster() -> str | None:
   """The cluster kind JAX can auto-configure from this environment, if there is one with more
-  than one process (a single-host TPU VM or a 1-task SLURM job needs no coordination)."""
+  than one process (a 1-task SLURM job needs no coordination)."""
   env = os.environ
   if env.get("TPU_WORKER_HOSTNAMES", "").count(",") >= 1 or env.get(
       "MEGASCALE_COORDINATOR_ADDRESS"):
@@ -54,6 +54,23 @@ def detect_cluster() -> str | None:
     return "SLURM"
   if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
     return "Open MPI"
+  return _cloud_tpu_vm()
+
+
+def _cloud_tpu_vm() -> str | None:
+  """A Cloud TPU VM, found the way JAX finds it: its workers are listed by the VM's metadata
+  server, not in the environment, so this asks JAX's own detectors (a private module, hence
+  guarded: without it, pass the three flags)."""
+  try:
+    from jax._src import cloud_tpu_init, clusters
+
+    if not cloud_tpu_init.running_in_cloud_tpu_vm:
+      return None
+    for env in clusters.ClusterEnv._cluster_types:
+      if "tpu" in env.name.lower() and not env.opt_in_only_method and env.is_env_present():
+        return "Cloud TPU VM"
+  except Exception:  # a JAX without these internals, or no metadata server
+    return None
   return None
 
 
