@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from wdmjax.data import InputPipeline, load_source, shard_batch
 from wdmjax.diffusion import diffusion_loss
 from wdmjax.errors import WdmjaxError, check
+from wdmjax.models import init_params
 from wdmjax.train.checkpoint import Checkpointer
 from wdmjax.train.config import from_json, to_json
 from wdmjax.train.images import save_grid
@@ -314,12 +315,7 @@ def load_trained(workdir: str, ema: bool = True) -> tuple[ml_collections.ConfigD
   model = model_from_config(cfg)
   # Only the wanted weights are read, onto this process's first device: the optimizer
   # state and the other copy (3/4 of a checkpoint) are never allocated.
-  res, ch = cfg.data.resolution, cfg.data.channels
-  key = jax.random.PRNGKey(0)
-  y = jax.numpy.zeros((1,), jax.numpy.int32) if num_classes(cfg) else None
-  shapes = jax.eval_shape(lambda: model.init({"params": key, "dropout": key},
-                                             jax.numpy.zeros((1, res, res, ch)),
-                                             jax.numpy.zeros((1,), jax.numpy.int32), y)["params"])
+  shapes = jax.eval_shape(lambda r: init_params(model, r), jax.random.PRNGKey(0))
   device = jax.sharding.SingleDeviceSharding(local_mesh().devices.flat[0])
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                         shapes)

@@ -109,8 +109,9 @@ def plan_step(cfg: ml_collections.ConfigDict, devices: int, fsdp: int | None = N
     peft: a fine-tuning strategy (`difffit`, ...): the state then holds its trainable part
       and the frozen weights are counted apart.
   """
+  from wdmjax.models import count_params, init_params
   from wdmjax.train.loop import default_loss
-  from wdmjax.train.sampling import model_from_config, num_classes
+  from wdmjax.train.sampling import model_from_config
   from wdmjax.train.state import create_train_state, make_optimizer
   from wdmjax.train.step import train_step
 
@@ -130,11 +131,7 @@ def plan_step(cfg: ml_collections.ConfigDict, devices: int, fsdp: int | None = N
   b = tc.batch_size
   x = jax.ShapeDtypeStruct((b, res, res, ch), jnp.float32)
   y = jax.ShapeDtypeStruct((b,), jnp.int32)
-  key = jax.random.PRNGKey(0)
-  y0 = jnp.zeros((1,), jnp.int32) if num_classes(cfg) else None
-  params = jax.eval_shape(lambda: model.init(
-    {"params": key, "dropout": key}, jnp.zeros((1, res, res, ch)), jnp.zeros((1,), jnp.int32),
-    y0)["params"])
+  params = jax.eval_shape(lambda r: init_params(model, r), jax.random.PRNGKey(0))
   loss_fn = default_loss(cfg, model)
   trainable, frozen = params, None
   if peft is not None:  # labels come from parameter paths, so shapes are enough
@@ -155,10 +152,9 @@ def plan_step(cfg: ml_collections.ConfigDict, devices: int, fsdp: int | None = N
 
     jaxpr = jax.make_jaxpr(step)(state, batch, frozen)
     frozen_bytes = _bytes_per_device(frozen, state_shardings(frozen, mesh, min_size))
-  count = lambda t: int(sum(math.prod(s.shape) for s in jax.tree.leaves(t)))
   state_bytes = int(sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize
                         for s in jax.tree.leaves(state)))
-  return StepPlan(params=count(params), trainable=count(trainable), batch=b,
+  return StepPlan(params=count_params(params), trainable=count_params(trainable), batch=b,
                   mesh=dict(mesh.shape), state_bytes=state_bytes,
                   state_bytes_per_device=_bytes_per_device(
                     state, state_shardings(state, mesh, min_size)),
