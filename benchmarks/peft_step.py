@@ -24,12 +24,11 @@ import jax
 import jax.numpy as jnp
 from train_step import NUM_CLASSES_DIT, CpuMonitor, alternate, clean_median, model_configs
 
-from wdmjax.data import make_mesh
 from wdmjax.diffusion import diffusion_loss, make_schedule
 from wdmjax.models import build_model, init_params
 from wdmjax.peft import PeftSpec, prepare
 from wdmjax.train import create_train_state, make_optimizer, make_train_step
-from wdmjax.train.sampling import apply_fn_for
+from wdmjax.train.sharding import make_mesh
 
 
 def tree_bytes(tree) -> int:
@@ -79,8 +78,11 @@ def main(argv: list[str] | None = None) -> dict:
   cfg = model_configs(args.quick)["dit"]
   model = build_model(cfg)
   params = init_params(model, jax.random.PRNGKey(0))
-  loss = diffusion_loss(apply_fn_for(model), make_schedule("linear", 1000), "eps", 0.1,
-                        model.null_label)
+
+  def apply_fn(params, x, t, y, rng, train):
+    return model.apply({"params": params}, x, t, y, train=train, rngs={"dropout": rng})
+
+  loss = diffusion_loss(apply_fn, make_schedule("linear", 1000), "eps", 0.1, model.null_label)
   tx = make_optimizer(1e-4, 0, 0.0, 1.0)
   mesh = make_mesh(1)
   res, ch = cfg["resolution"], cfg["in_channels"]

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.stats import multivariate_normal
 
+from wdmjax.data import mnist5k_split
 from wdmjax.models import pretrained_lenet
-from wdmjax.models.lenet import mnist5k_split
 from wdmjax.robustness import p_robust, taylor_z_and_cov
 from wdmjax.stats import mvn_cdf
 

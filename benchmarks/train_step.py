@@ -4,8 +4,9 @@ For a DiT and a UNet config this measures, in one run and with the two framework
 alternated (the machine is noisy, compare only inside one run):
   * one AdamW train step (eps-MSE loss, random t and noise, EMA, grad norm), median seconds;
   * one DDIM sampling pass (default 50 steps, x0 clipped) of a batch, median seconds;
-  * model FLOPs per train step, from XLA's cost analysis and from an analytic count, the
-    achieved FLOP/s and the MFU against an fp32 2048x2048 matmul peak measured in this run.
+  * model FLOPs per train step, from XLA's cost analysis and from the forward jaxpr's matmuls
+    (`wdmjax.train.plan.matmul_flops`, times 3), the achieved FLOP/s and the MFU against an
+    fp32 2048x2048 matmul peak measured in this run.
 
   pip install -e ".[bench]"
   python benchmarks/train_step.py                     # both models, full sizes (~10 min)
@@ -27,18 +28,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from wdmjax.data import make_mesh
 from wdmjax.diffusion import ddim_sample, diffusion_loss, make_schedule, respaced_timesteps
 from wdmjax.models import build_model, count_params, init_params
 from wdmjax.train import create_train_state, make_optimizer, make_train_step
 from wdmjax.train.plan import matmul_flops
+from wdmjax.train.sharding import make_mesh
 
 try:  # the peer is optional: --skip-torch runs without it
   import torch
@@ -202,10 +202,7 @@ def dit_analytic_flops(cfg: dict[str, Any], batch: int) -> float:
 class JaxBench:
   """wdmjax's own train step (make_train_step, donated state) and a jitted DDIM sampler."""
 
-  def __init__(self, cfg: dict[str, Any], batch: int, sample_batch: int, sample_steps: int,
-               interceptor: Callable | None = None):
-    """`interceptor`: a flax method interceptor wrapped around every model call (used by
-    profile_step.py to try other implementations of a layer; None = wdmjax as it is)."""
+  def __init__(self, cfg: dict[str, Any], batch: int, sample_batch: int, sample_steps: int):
     self.cfg = cfg
     self.model = build_model(cfg)
     model = self.model
@@ -216,8 +213,7 @@ class JaxBench:
     schedule = make_schedule("linear", NUM_TIMESTEPS)
 
     def apply_fn(params, x, t, y, rng, train):
-      with nn.intercept_methods(interceptor) if interceptor else contextlib.nullcontext():
-        return model.apply({"params": params}, x, t, y, train=train, rngs={"dropout": rng})
+      return model.apply({"params": params}, x, t, y, train=train, rngs={"dropout": rng})
 
     conditional = model.num_classes > 0
     # Label dropout at the DiT's class_dropout_prob, as diffusers' LabelEmbedding does.

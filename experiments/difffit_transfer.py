@@ -3,7 +3,8 @@
   python experiments/difffit_transfer.py [--runs runs/difffit_transfer] [--pre-steps 2000]
                                          [--steps 600] [--parts shift style sweep]
 
-1. Pre-trains the mnist5k DiT (experiments/configs/mnist5k_dit.py) on digits 0-4 only.
+1. Pre-trains the mnist5k DiT (the shipped config mnist5k_dit, wdmjax/configs/mnist5k_dit.py)
+   on digits 0-4 only.
 2. Adapts it to digits 5-9 (classes it never saw: their label embeddings are untrained) with
    full fine-tuning (the base's learning rate) and with bitfit, difffit and lora (10x the
    base's rate, the DiffFit paper's recipe), the same number of steps each. Reported per
@@ -37,14 +38,16 @@ import time
 import jax
 from wdm_mnist5k import TaskQuality, write_json_and_markdown
 
-from wdmjax.cli.peft import finetune_config
-from wdmjax.cli.watermark import embed, verify_model
-from wdmjax.peft import DELTA_FILE, PeftSpec, finetune
-from wdmjax.train import load_config, load_trained, make_grid, train
+from wdmjax import peft
+from wdmjax.configs import load_config
+from wdmjax.peft import PeftSpec
+from wdmjax.runs import base_workdir, embed, finetune, finetune_config, load_model, verify_model
+from wdmjax.train import make_grid, save_panels, train
 from wdmjax.watermark import Secret
+from wdmjax.workdir import Workdir
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "mnist5k_dit.py")
+CONFIG = "mnist5k_dit"  # the shipped config, wdmjax/configs/mnist5k_dit.py
 DOMAIN_A, DOMAIN_B = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
 STRATEGIES = ("full", "bitfit", "difffit", "lora")
 PARTS = ("shift", "style", "sweep")
@@ -63,12 +66,11 @@ def tree_bytes(tree) -> int:
 
 def timed_finetune(cfg, workdir: str, base: str, spec: PeftSpec) -> tuple[dict, float]:
   t0 = time.time()
-  state = finetune(cfg, workdir, base, spec, log=lambda *a: None)
+  state = peft.finetune(cfg, workdir, base, load_model(base).params, spec)
   seconds = time.time() - t0
-  with open(os.path.join(workdir, "peft.json")) as f:
-    ref = json.load(f)
+  ref = Workdir(workdir).read_json(Workdir.PEFT)
   return {"trainable": ref["trainable"], "total": ref["total"], "fraction": ref["fraction"],
-          "delta_bytes": os.path.getsize(os.path.join(workdir, DELTA_FILE)),
+          "delta_bytes": os.path.getsize(Workdir(workdir).file(Workdir.DELTA)),
           "optimizer_state_bytes": tree_bytes(state.opt_state)}, seconds
 
 
@@ -103,13 +105,13 @@ def main() -> None:
   cfg_a = load_config(CONFIG, [labels_override(DOMAIN_A), f"train.steps={args.pre_steps}",
                                "train.sample_every=0"])
   t0 = time.time()
-  train(cfg_a, base)
+  train(cfg_a, base, log=print)
   results["pre_seconds"] = time.time() - t0
 
   # 2. Adapt to domain B.
-  _, model, base_params = load_trained(base)
+  base_params = load_model(base).params
   quality = TaskQuality(cfg_a, DOMAIN_B)
-  fd, _ = quality.fd(cfg_a, model, base_params)
+  fd, _ = quality.fd(cfg_a, base_params)
   results["base_fd_on_b"] = fd
   rows, panels = {}, []
   for strategy in STRATEGIES:
@@ -117,8 +119,8 @@ def main() -> None:
                             args.steps, None, None, strategy)
     workdir = os.path.join(args.runs, f"b_{strategy}")
     info, seconds = timed_finetune(cfg_b, workdir, base, PeftSpec(strategy))
-    cfg, model, params = load_trained(workdir)
-    q, samples = quality.measure(cfg, model, params)
+    cfg, params = load_model(workdir)
+    q, samples = quality.measure(cfg, params)
     panels.append((strategy, samples[:10]))
     rows[strategy] = {**info, **q, "lr": float(cfg.train.lr), "seconds": seconds,
                       "step_s": seconds / args.steps}
@@ -137,25 +139,25 @@ def main() -> None:
   clean_a = os.path.join(args.runs, "a_difffit_clean")
   timed_finetune(finetune_config(base, None, ["train.sample_every=0"], args.steps, None, None,
                                  "difffit"), clean_a, base, PeftSpec("difffit"))
-  cfg, model, params = load_trained(clean_a)
-  clean_q = quality_a.measure(cfg, model, params)[0]
+  cfg, params = load_model(clean_a)
+  clean_q = quality_a.measure(cfg, params)[0]
   wm = os.path.join(args.runs, "a_difffit_wdm")
   t0 = time.time()
   embed(wm, secret, base=base, steps=args.steps, peft=PeftSpec("difffit"),
-        overrides=["train.sample_every=0"])
+        overrides=["train.sample_every=0"], log=print)
   seconds = time.time() - t0
-  cfg, model, params = load_trained(wm)
-  wm_q = quality_a.measure(cfg, model, params)[0]
-  v = verify_model(cfg, model, params, secret, num=16)
-  w = verify_model(cfg, model, params, Secret(**{**secret.__dict__, "trigger": "random:999"}),
+  cfg, params = load_model(wm)
+  wm_q = quality_a.measure(cfg, params)[0]
+  v = verify_model(cfg, params, secret, num=16)
+  w = verify_model(cfg, params, Secret(**{**secret.__dict__, "trigger": "random:999"}),
                    num=16)
-  with open(os.path.join(wm, "peft.json")) as f:
-    ref = json.load(f)
+  ref = Workdir(wm).read_json(Workdir.PEFT)
   results["wdm_difffit"] = {
     "verify": v, "wrong_trigger": w, "clean": clean_q, **wm_q, "seconds": seconds,
     "fd_ratio_to_clean": wm_q["fd"] / clean_q["fd"],
     "fd_unguided_ratio_to_clean": wm_q["fd_unguided"] / clean_q["fd_unguided"],
-    "delta_bytes": os.path.getsize(os.path.join(wm, DELTA_FILE)), "fraction": ref["fraction"]}
+    "delta_bytes": os.path.getsize(Workdir(wm).file(Workdir.DELTA)),
+    "fraction": ref["fraction"]}
   print(f"WDM with DiffFit: log10 p {v['log10_p_value']:.2f}, wrong trigger "
         f"{w['log10_p_value']:.2f}, FD {wm_q['fd']:.2f} vs clean {clean_q['fd']:.2f}",
         flush=True)
@@ -165,7 +167,7 @@ def main() -> None:
   low = os.path.join(args.runs, "a_8px")
   low_set = [labels_override(DOMAIN_A), "data.resolution=8", "model.patch_size=2",
              "train.sample_every=0"]
-  train(load_config(CONFIG, [*low_set, f"train.steps={args.pre_steps}"]), low)
+  train(load_config(CONFIG, [*low_set, f"train.steps={args.pre_steps}"]), low, log=print)
   res_rows = {}
   quality_hi = None
   for scale in (2.0, 1.0):
@@ -175,8 +177,8 @@ def main() -> None:
                              "difffit")
     quality_hi = quality_hi or TaskQuality(cfg_hi, DOMAIN_A)
     info, seconds = timed_finetune(cfg_hi, workdir, low, PeftSpec("difffit"))
-    cfg, model, params = load_trained(workdir)
-    q = quality_hi.measure(cfg, model, params)[0]
+    cfg, params = load_model(workdir)
+    q = quality_hi.measure(cfg, params)[0]
     res_rows[f"scale_{scale:g}"] = {**info, **q, "seconds": seconds}
     print(f"16 px, pos_coord_scale {scale:g}: FD {q['fd']:.2f}", flush=True)
   results["resolution"] = res_rows
@@ -185,9 +187,7 @@ def main() -> None:
 
 def style_base(args):
   """The shipped base, its style-shift config and the FD measure on the upsampled digits."""
-  from wdmjax.cli.demo import base_workdir
-
-  base = base_workdir(os.path.join(args.runs, "mnist5k_base"), False, None)
+  base = base_workdir(os.path.join(args.runs, "mnist5k_base"), False, None, log=print).path
   cfg0 = finetune_config(base, None, ["data.name=digits", "train.sample_every=0"], args.steps,
                          None, None, "full")
   return base, cfg0, TaskQuality(cfg0, None, data="digits")
@@ -200,11 +200,10 @@ def style_sweep(args, results: dict) -> None:
   for strategy, lr in SWEEP:
     workdir = os.path.join(args.runs, f"sweep_{strategy}_{lr:g}")
     for steps in SWEEP_STEPS:  # the second run resumes the first: a constant learning rate
-      cfg = finetune_config(base, None, ["data.name=digits", "train.sample_every=0"], steps,
-                            lr, None, strategy)
-      finetune(cfg, workdir, base, PeftSpec(strategy), log=lambda *a: None)
-      cfg, model, params = load_trained(workdir)
-      q = quality.measure(cfg, model, params)[0]
+      finetune(base, workdir, PeftSpec(strategy),
+               overrides=["data.name=digits", "train.sample_every=0"], steps=steps, lr=lr)
+      cfg, params = load_model(workdir)
+      q = quality.measure(cfg, params)[0]
       rows.append({"strategy": strategy, "lr": lr, "steps": steps, **q})
       print(f"sweep {strategy} lr {lr:g} {steps} steps: FD {q['fd']:.2f} / unguided "
             f"{q['fd_unguided']:.2f}", flush=True)
@@ -215,16 +214,16 @@ def style_shift(args, results: dict) -> None:
   """The shipped base (every mnist5k digit) adapted to scikit-learn's 8x8 digits upsampled
   to 28 px: the same classes in another style, as the paper's transfers keep the concepts."""
   base, cfg0, quality = style_base(args)
-  _, model, base_params = load_trained(base)
-  results["style_base_fd"] = quality.fd(cfg0, model, base_params)[0]
+  base_params = load_model(base).params
+  results["style_base_fd"] = quality.fd(cfg0, base_params)[0]
   rows = {}
   for strategy in STRATEGIES:
     cfg = finetune_config(base, None, ["data.name=digits", "train.sample_every=0"],
                           args.steps, None, None, strategy)
     workdir = os.path.join(args.runs, f"style_{strategy}")
     info, seconds = timed_finetune(cfg, workdir, base, PeftSpec(strategy))
-    cfg, model, params = load_trained(workdir)
-    q = quality.measure(cfg, model, params)[0]
+    cfg, params = load_model(workdir)
+    q = quality.measure(cfg, params)[0]
     rows[strategy] = {**info, **q, "lr": float(cfg.train.lr), "seconds": seconds,
                       "step_s": seconds / args.steps}
     print(f"style {strategy}: FD {q['fd']:.2f} / unguided {q['fd_unguided']:.2f}", flush=True)
@@ -238,8 +237,6 @@ def write(directory: str, results: dict, panels) -> None:
   stem = os.path.join(directory, "difffit_transfer")
   write_json_and_markdown(stem, results, markdown(results))
   if panels:
-    from wdmjax.train.images import save_panels
-
     save_panels([(f"{name}: digits 5-9", make_grid(s, nrow=5, upscale=2))
                  for name, s in panels], stem + ".png", per_row=4)
 

@@ -18,7 +18,8 @@ import argparse
 import json
 import os
 
-from wdmjax.train import load_config
+from wdmjax.configs import load_config
+from wdmjax.peft import PeftSpec, prepare
 from wdmjax.train.plan import CHIPS, plan_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,6 +52,19 @@ def measured_anchor() -> list[dict]:
   return out
 
 
+def peft_split(strategy: str | None):
+  """The `plan_step` split of a fine-tune by `strategy` (None: full training)."""
+  if strategy is None:
+    return None
+  spec = PeftSpec(strategy)
+
+  def split(params):
+    trainable, frozen, _, combine = prepare(spec, params)
+    return trainable, frozen, combine
+
+  return split
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--mfu", type=float, nargs="+", default=[0.15, 0.4])
@@ -58,7 +72,7 @@ def main() -> None:
   rows = []
   for name, config, overrides, peft, chip, devices, fsdp in SCENARIOS:
     cfg = load_config(config, overrides)
-    p = plan_step(cfg, devices, fsdp, peft)
+    p = plan_step(cfg, devices, fsdp, peft_split(peft))
     times = {str(m): p.step_seconds(chip, m) for m in args.mfu}
     rows.append({"scenario": name, "config": config, "peft": peft, "chip": chip,
                  "devices": devices, "mesh": p.mesh, "params": p.params,

@@ -5,11 +5,11 @@
 
 Embeds the watermark of experiments/wdm_mnist5k.py's `random` run (trigger random:1, keyed
 watermark, key 42, gamma1 0.8, gamma2 0.1, 600 steps at lr 3e-4 from the shipped base), then applies
-each attack of `SWEEP` at each strength (`wdmjax.attacks`, the same code as `wdmjax attack`)
-and reports for every attacked model: the verification (DDIM at the config's step count,
-16 samples: bit agreement, log10 p, verified at 1e-6) and the task Frechet distance (guided
-samples against the real mnist5k in a small classifier's features), so one sees whether an
-attack ruins the model before it removes the watermark. Writes
+each attack of `SWEEP` at each strength (`wdmjax.runs.attack_model`, the same code as
+`wdmjax attack`) and reports for every attacked model: the verification (DDIM at the config's
+step count, 16 samples: bit agreement, log10 p, verified at 1e-6) and the task Frechet
+distance (guided samples against the real mnist5k in a small classifier's features), so one
+sees whether an attack ruins the model before it removes the watermark. Writes
 experiments/results/robustness_wdm.{json,md,png} (the figure: bit agreement and FD against
 strength per attack).
 """
@@ -25,11 +25,8 @@ import time
 import jax
 from wdm_mnist5k import LR, TaskQuality, device_info, write_json_and_markdown
 
-from wdmjax.attacks import apply_attacks, parse_attack
-from wdmjax.cli.demo import base_workdir
-from wdmjax.cli.watermark import embed, verify_model
-from wdmjax.train import load_trained
-from wdmjax.train.sampling import model_from_config
+from wdmjax.files import atomic_open
+from wdmjax.runs import attack_model, base_workdir, embed, load_model, verify_model
 from wdmjax.watermark import Secret
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -71,12 +68,13 @@ def main() -> None:
                  secret={"trigger": SECRET.trigger, "watermark": SECRET.watermark,
                          "gamma1": SECRET.gamma1, "gamma2": SECRET.gamma2})
 
-  base = base_workdir(os.path.join(args.runs, "mnist5k_base"), False, None)
+  base = base_workdir(os.path.join(args.runs, "mnist5k_base"), False, None, log=print).path
   wm = os.path.join(args.runs, "watermarked")
-  embed(wm, SECRET, base=base, steps=EMBED_STEPS, lr=LR, overrides=["train.sample_every=0"])
-  cfg, model, params = load_trained(wm)
+  embed(wm, SECRET, base=base, steps=EMBED_STEPS, lr=LR, overrides=["train.sample_every=0"],
+        log=print)
+  cfg, params = load_model(wm)
   quality = TaskQuality(cfg)
-  clean = measure(quality, cfg, model, params)
+  clean = measure(quality, cfg, params)
   results["unattacked"] = clean
   print(f"unattacked: {summary(clean)}", flush=True)
   raw_params = None
@@ -88,21 +86,21 @@ def main() -> None:
       t0 = time.time()
       start = params
       if family == "raw":
-        raw_params = raw_params or load_trained(wm, ema=False)[2]
+        raw_params = raw_params or load_model(wm, ema=False).params
         start = raw_params
-      a_cfg, a_params = apply_attacks(cfg, start, [parse_attack(spec)], seed=0, progress=True)
+      a_cfg, a_params = attack_model(cfg, start, [spec], seed=0, progress=True)
       attack_s = time.time() - t0
       row = {"family": family, "strength": strength, "attack": spec, "attack_seconds": attack_s,
-             **measure(quality, a_cfg, model_from_config(a_cfg), a_params)}
+             **measure(quality, a_cfg, a_params)}
       results["rows"].append(row)
       print(f"{spec}: {summary(row)}", flush=True)
       write(stem, results)
   write(stem, results)
 
 
-def measure(quality: TaskQuality, cfg, model, params) -> dict:
-  v = verify_model(cfg, model, params, SECRET, num=16, steps=int(cfg.sample.steps))
-  fd, _ = quality.fd(cfg, model, params)
+def measure(quality: TaskQuality, cfg, params) -> dict:
+  v = verify_model(cfg, params, SECRET, num=16, steps=int(cfg.sample.steps))
+  fd, _ = quality.fd(cfg, params)
   return {"bit_agreement": v["bit_agreement"], "agreeing_bits": v["agreeing_bits"],
           "bits": v["bits"], "log10_p": v["log10_p_value"], "verified": v["verified"],
           "sample_steps": int(cfg.sample.steps), "fd": fd}
@@ -177,10 +175,9 @@ def plot(path: str, res: dict) -> None:
     axes[2 * (j // cols), j % cols].axis("off")
     axes[2 * (j // cols) + 1, j % cols].axis("off")
   fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=90)
+  with atomic_open(path) as f:
+    fig.savefig(f, format="png", dpi=90)
   plt.close(fig)
-  os.replace(tmp, path)
 
 
 if __name__ == "__main__":

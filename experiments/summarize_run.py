@@ -15,8 +15,7 @@ import shutil
 
 import numpy as np
 
-from wdmjax.train.loop import read_config
-from wdmjax.train.metrics import read_metrics
+from wdmjax.workdir import Workdir
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -28,8 +27,11 @@ def main() -> None:
   p.add_argument("--command", default="", help="the command that produced the workdir")
   p.add_argument("--note", default="", help="a sentence on the conditions of the run")
   args = p.parse_args()
-  cfg = read_config(args.workdir)
-  rows = read_metrics(os.path.join(args.workdir, "metrics.jsonl"))
+  wd = Workdir(args.workdir)
+  cfg = wd.read_config()
+  rows = wd.read_metrics()
+  if not rows:
+    p.error(f"{wd.file(Workdir.METRICS)}: no metrics logged")
   steps = np.array([r["step"] for r in rows])
   loss = np.array([r["loss"] for r in rows])
   times = np.array([r["time"] for r in rows])
@@ -52,7 +54,7 @@ def main() -> None:
   base = os.path.join(RESULTS, args.name)
   with open(base + ".json", "w") as f:
     json.dump(summary, f, indent=2)
-  grid = os.path.join(args.workdir, "samples", "final.png")
+  grid = wd.sample_grid("final")
   if os.path.exists(grid):
     shutil.copy(grid, base + "_samples.png")
   import matplotlib

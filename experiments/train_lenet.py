@@ -3,7 +3,7 @@
   python experiments/train_lenet.py [--steps 3000] [--out wdmjax/assets/lenet_mnist5k.npz]
 
 Pixels in [0, 1]; 4,000 of the 5,000 digits train, 1,000 are held out
-(`wdmjax.models.lenet.mnist5k_split`).
+(`wdmjax.data.mnist5k_split`).
 Writes the parameters (float32 .npz, read by `wdmjax.models.pretrained_lenet`) and
 experiments/results/lenet_mnist5k.{json,md} (held-out accuracy, time).
 """
@@ -18,9 +18,10 @@ import jax
 import numpy as np
 from wdm_mnist5k import write_json_and_markdown
 
+from wdmjax.data import mnist5k_split
 from wdmjax.metrics.classifier import classifier_accuracy, train_classifier
-from wdmjax.models.lenet import LeNet, lenet_asset_path, mnist5k_split
-from wdmjax.train.export import save_params_npz
+from wdmjax.models import save_params_npz
+from wdmjax.models.lenet import LeNet, lenet_asset_path
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -40,23 +40,23 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
-from wdmjax.cli.demo import base_workdir
-from wdmjax.cli.watermark import (
-  DECOY_FRACTION,
-  DECOY_T_MIN,
+from wdmjax.configs import apply_override, validate
+from wdmjax.data import load_arrays
+from wdmjax.data.pipeline import preprocess
+from wdmjax.files import atomic_write
+from wdmjax.metrics import classifier_features, frechet_distance_from_features, train_classifier
+from wdmjax.runs import (
+  base_workdir,
   embed,
   evidence_images,
   extract_samples,
-  image_shape,
+  load_model,
   verify_model,
 )
-from wdmjax.data import load_arrays
-from wdmjax.data.pipeline import preprocess
-from wdmjax.metrics import classifier_features, frechet_distance_from_features, train_classifier
-from wdmjax.train import load_trained, make_grid, sample_images, train
-from wdmjax.train.config import apply_override
-from wdmjax.train.loop import read_config
+from wdmjax.runs.watermark import DECOY_FRACTION, DECOY_T_MIN, image_shape
+from wdmjax.train import make_grid, sample_images, save_panels, train
 from wdmjax.watermark import Secret
+from wdmjax.workdir import Workdir
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 LR = 3e-4
@@ -97,14 +97,15 @@ def write_photos(images_dir: str) -> None:
 
 
 def clean_finetune(base: str, workdir: str, steps: int) -> float:
-  cfg = read_config(base)
+  cfg = Workdir(base).read_config()
   for o in (f"train.steps={steps}", f"train.lr={LR}", "train.warmup_steps=0",
             "train.sample_every=0"):
     apply_override(cfg, o)
-  if not os.path.exists(os.path.join(workdir, "train_summary.json")):
-    _, _, params = load_trained(base)
+  cfg = validate(cfg)
+  if not Workdir(workdir).exists(Workdir.SUMMARY):
+    params = load_model(base).params
     t0 = time.time()
-    train(cfg, workdir, init_params=params)
+    train(cfg, workdir, init_params=params, log=print)
     return time.time() - t0
   return float("nan")
 
@@ -125,19 +126,19 @@ class TaskQuality:
     self.tv_real = total_variation(x[keep])
     self.classes = classes
 
-  def fd(self, cfg, model, params, guidance: float | None = None) -> tuple[float, np.ndarray]:
+  def fd(self, cfg, params, guidance: float | None = None) -> tuple[float, np.ndarray]:
     """FD of NUM_FD class-cycling samples (the config's guidance unless given; 1.0: none)."""
     labels = (None if self.classes is None
               else np.resize(np.asarray(self.classes, np.int32), NUM_FD))
-    samples = sample_images(cfg, model, params, jax.random.PRNGKey(123), NUM_FD,
+    samples = sample_images(cfg, params, jax.random.PRNGKey(123), NUM_FD,
                             guidance_scale=guidance, labels=labels)
     feats = classifier_features(self.clf.model, self.clf.params, samples)
     return frechet_distance_from_features(feats, self.real), samples
 
-  def measure(self, cfg, model, params) -> tuple[dict, np.ndarray]:
+  def measure(self, cfg, params) -> tuple[dict, np.ndarray]:
     """FD with the config's guidance, FD without, total variation of the unguided samples."""
-    fd, samples = self.fd(cfg, model, params)
-    fd_unguided, plain = self.fd(cfg, model, params, 1.0)
+    fd, samples = self.fd(cfg, params)
+    fd_unguided, plain = self.fd(cfg, params, 1.0)
     return {"fd": fd, "fd_unguided": fd_unguided, "tv": total_variation(plain)}, samples
 
 
@@ -146,13 +147,13 @@ def total_variation(images: np.ndarray) -> float:
   return float(np.mean(np.abs(np.diff(images, axis=1))) + np.mean(np.abs(np.diff(images, axis=2))))
 
 
-def evaluate(cfg, model, params, secret: Secret, wrong: str) -> dict:
+def evaluate(cfg, params, secret: Secret, wrong: str) -> dict:
   out = {}
   for sampler, steps in (("ddim", 50), ("ddpm", 1000)):
-    out[f"{sampler}{steps}"] = verify_model(cfg, model, params, secret, num=NUM_EXTRACT,
+    out[f"{sampler}{steps}"] = verify_model(cfg, params, secret, num=NUM_EXTRACT,
                                             sampler=sampler, steps=steps)
   wrong_secret = Secret(**{**secret.__dict__, "trigger": wrong})
-  out["wrong_trigger"] = verify_model(cfg, model, params, wrong_secret, num=NUM_EXTRACT)
+  out["wrong_trigger"] = verify_model(cfg, params, wrong_secret, num=NUM_EXTRACT)
   return out
 
 
@@ -178,8 +179,8 @@ def main() -> None:
   unknown = sorted(set(args.only or ()) - set(table))
   if unknown:
     ap.error(f"--only: unknown runs {unknown}; expected some of {sorted(table)}")
-  base = base_workdir(os.path.join(args.runs, "base"), False, None)
-  cfg, model, base_params = load_trained(base)
+  base = base_workdir(os.path.join(args.runs, "base"), False, None, log=print).path
+  cfg, base_params = load_model(base)
   quality = TaskQuality(cfg)
   path = results_stem(args.steps) + ".json"
   results: dict = {"steps": args.steps, "lr": LR, "num_fd": NUM_FD, "num_extract": NUM_EXTRACT,
@@ -190,10 +191,10 @@ def main() -> None:
       results = json.load(f)
   results.update(device_info(), tv_real=quality.tv_real)
   t0 = time.time()
-  base_q, base_samples = quality.measure(cfg, model, base_params)
+  base_q, base_samples = quality.measure(cfg, base_params)
   secs = clean_finetune(base, os.path.join(args.runs, "clean"), args.steps)
-  _, _, clean_params = load_trained(os.path.join(args.runs, "clean"))
-  clean_q, _ = quality.measure(cfg, model, clean_params)
+  clean_params = load_model(os.path.join(args.runs, "clean")).params
+  clean_q, _ = quality.measure(cfg, clean_params)
   results.update(base=base_q, clean=clean_q)
   results.setdefault("clean_seconds", secs)
   print(f"base {base_q}, clean fine-tune {clean_q} ({time.time() - t0:.0f} s)")
@@ -205,14 +206,14 @@ def main() -> None:
     t0 = time.time()
     embed(os.path.join(args.runs, name), secret, base=base, steps=args.steps, lr=run["lr"],
           decoy_fraction=run["decoy_fraction"], decoy_t_min=run["decoy_t_min"],
-          overrides=["train.sample_every=0"])
+          overrides=["train.sample_every=0"], log=print)
     seconds = time.time() - t0
-    _, _, params = load_trained(os.path.join(args.runs, name))
-    q, samples = quality.measure(cfg, model, params)
-    r = evaluate(cfg, model, params, secret, run["wrong"])
-    r["clean_base"] = verify_model(cfg, model, base_params, secret, num=NUM_EXTRACT)
+    params = load_model(os.path.join(args.runs, name)).params
+    q, samples = quality.measure(cfg, params)
+    r = evaluate(cfg, params, secret, run["wrong"])
+    r["clean_base"] = verify_model(cfg, base_params, secret, num=NUM_EXTRACT)
     trigger, watermark, _ = secret.images(image_shape(cfg))
-    extracted = extract_samples(cfg, model, params, trigger, secret.gamma1, 8)
+    extracted = extract_samples(cfg, params, trigger, secret.gamma1, 8)
     rows.append((name, samples[:10], extracted, evidence_images(extracted, secret, watermark)))
     results["runs"][name] = {
       **q, "fd_ratio_to_clean": q["fd"] / clean_q["fd"],
@@ -235,11 +236,8 @@ def results_stem(steps: int) -> str:
 
 def write_json_and_markdown(stem: str, results: dict, markdown_text: str) -> None:
   """stem.json and stem.md, each written whole or not at all."""
-  os.makedirs(os.path.dirname(stem), exist_ok=True)
   for ext, text in ((".json", json.dumps(results, indent=2)), (".md", markdown_text)):
-    with open(stem + ext + ".tmp", "w") as f:
-      f.write(text)
-    os.replace(stem + ext + ".tmp", stem + ext)
+    atomic_write(stem + ext, text)
 
 
 def write_results(results: dict, rows, base_samples) -> None:
@@ -299,8 +297,6 @@ def markdown(res: dict) -> str:
 
 
 def figure(rows, base_samples, path: str) -> None:
-  from wdmjax.train.images import save_panels
-
   blank = np.full((10, 8), 255, np.uint8)[..., None]
   panels = [("base: task samples", make_grid(base_samples[:10], nrow=5, upscale=2)),
             ("", blank)]

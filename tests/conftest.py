@@ -1,6 +1,9 @@
 """Shared fixtures: every test uses one data dir, built once per session."""
 
+import contextlib
+import io
 import os
+import subprocess
 import sys
 
 import pytest
@@ -17,8 +20,25 @@ def data_dir(tmp_path_factory):
   return path
 
 
-def run_cli(*args, env=None, timeout=300):
-  """Runs `python -m wdmjax.cli ARGS` in a subprocess; returns the CompletedProcess."""
-  import subprocess
-  return subprocess.run([sys.executable, "-m", "wdmjax.cli", *args], capture_output=True,
-                        text=True, env=env or os.environ.copy(), timeout=timeout, cwd=ROOT)
+def run_cli(*args) -> subprocess.CompletedProcess:
+  """Runs `wdmjax ARGS` in this process, as `wdmjax.cli.main` (what the console script
+  calls), capturing what it prints; returns a CompletedProcess. In-process: no interpreter
+  start-up or JAX import per call, and the compiled functions are shared with other tests."""
+  from wdmjax.cli import main
+
+  argv = [str(a) for a in args]
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+      code = main(argv)
+    except SystemExit as e:  # argparse: usage errors (2) and --help (0)
+      code = e.code if isinstance(e.code, int) else 2
+  return subprocess.CompletedProcess(["wdmjax", *argv], code, out.getvalue(), err.getvalue())
+
+
+def spawn_cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
+  """Runs `python -m wdmjax.cli ARGS` in a new process: for what a process of its own needs
+  (signals, device counts, exit codes of the interpreter)."""
+  return subprocess.run([sys.executable, "-m", "wdmjax.cli", *map(str, args)],
+                        capture_output=True, text=True, env=env or os.environ.copy(),
+                        timeout=timeout, cwd=ROOT)

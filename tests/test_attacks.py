@@ -32,9 +32,9 @@ from wdmjax.attacks import (
   weight_noise,
 )
 from wdmjax.attacks.model import is_kernel
+from wdmjax.configs import load_config
 from wdmjax.errors import WdmjaxError
 from wdmjax.models import build_model, init_params
-from wdmjax.train import load_config
 
 
 @pytest.fixture(scope="module")

@@ -6,23 +6,37 @@ import os
 import pytest
 
 from tests.conftest import ROOT, run_cli
-from wdmjax.train import load_config
-from wdmjax.train.presets import PRESETS
+from wdmjax.configs import config_path, load_config, shipped_configs
+from wdmjax.errors import WdmjaxError
+from wdmjax.models import count_params
+from wdmjax.train import setup
+
+CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "wdmjax", "configs", "*.py")))
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "experiments", "configs",
-                                                               "*.py"))))
-def test_every_shipped_config_loads_and_builds(path):
-  from wdmjax.models import param_count_from_config
-  from wdmjax.train.sampling import model_kwargs
-  cfg = load_config(path)
-  assert param_count_from_config(model_kwargs(cfg)) > 0
+def test_every_preset_is_one_shipped_file():
+  names = {os.path.basename(p)[:-3] for p in CONFIG_FILES} - {"__init__", "schema"}
+  assert names == set(shipped_configs()) and "mnist5k_dit" in names
+
+
+@pytest.mark.parametrize("name", shipped_configs())
+def test_every_shipped_config_loads_by_name_and_by_path_and_builds(name):
+  by_name, by_path = load_config(name), load_config(config_path(name))
+  assert by_name.to_dict() == by_path.to_dict()
+  assert count_params(setup(by_name).abstract_params()) > 0
+
+
+def test_a_validated_config_is_locked():
+  cfg = load_config("mnist5k_dit", ["train.steps=7"])
+  assert cfg.is_locked and cfg.train.steps == 7
+  with pytest.raises(AttributeError):
+    cfg.train.stpes = 8  # a typo cannot add a key
+  with pytest.raises(WdmjaxError, match="unknown key 'diffusion.class_dropout_prob'"):
+    load_config("mnist5k_dit", ["diffusion.class_dropout_prob=0.2"])  # removed: no effect
 
 
 def test_cifar10_unet_config_is_the_ddpm_model():
-  from wdmjax.models import param_count_from_config
-  from wdmjax.train.sampling import model_kwargs
-  n = param_count_from_config(model_kwargs(PRESETS["cifar10_unet"]()))
+  n = count_params(setup(load_config("cifar10_unet")).abstract_params())
   assert abs(n - 35.7e6) / 35.7e6 < 0.01
 
 

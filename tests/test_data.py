@@ -15,6 +15,7 @@ import pytest
 from wdmjax import data
 from wdmjax.data.builders import digits_to_uint8
 from wdmjax.errors import WdmjaxError
+from wdmjax.train.sharding import make_mesh
 
 
 @pytest.fixture(scope='module')
@@ -274,7 +275,7 @@ def test_pipeline_rejects_negative_step(data_dir, digits):
 
 
 def test_shard_batch_gives_global_jax_arrays(pipe):
-  mesh = data.make_mesh(1)
+  mesh = make_mesh(1)
   batch = pipe.batch(2)
   sharded = data.shard_batch(batch, mesh)
   assert isinstance(sharded['image'], jax.Array)
@@ -284,15 +285,15 @@ def test_shard_batch_gives_global_jax_arrays(pipe):
 
 
 def test_shard_batch_and_make_mesh_reject_bad_arguments(pipe):
-  mesh = data.make_mesh()
+  mesh = make_mesh()
   with pytest.raises(WdmjaxError, match='axis'):
     data.shard_batch(pipe.batch(0), mesh, axis='model')
   with pytest.raises(WdmjaxError, match='batch'):
     data.shard_batch({'image': np.zeros((4, 2)), 'label': np.zeros(3)}, mesh)
-  with pytest.raises(WdmjaxError, match='num_devices'):
-    data.make_mesh(0)
-  with pytest.raises(WdmjaxError, match='num_devices'):
-    data.make_mesh(len(jax.devices()) + 1)
+  with pytest.raises(WdmjaxError, match='mesh.data: expected -1 or an integer >= 1'):
+    make_mesh(0)
+  with pytest.raises(WdmjaxError, match='exceeds'):
+    make_mesh(len(jax.devices()) + 1)
 
 
 # Out of process: concurrent builds, no TensorFlow, two host devices.
@@ -308,7 +309,8 @@ _CHILD = textwrap.dedent(
 
     sizes = {n: len(data.load_source(n)) for n in ('mnist5k', 'digits')}
     pipe = data.InputPipeline('digits', 4, 8, 1)
-    mesh = data.make_mesh(2)
+    import jax
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]), ('data',))
     sharded = data.shard_batch(pipe.batch(0), mesh)
     shards = sorted(s.data.shape for s in sharded['image'].addressable_shards)
     try:

@@ -240,17 +240,24 @@ def test_fsdp_rule_splits_large_leaves_along_their_largest_divisible_dimension()
 @pytest.mark.parametrize("kwargs, message", [
     (dict(coordinator="localhost:1234"), "expected all three or none"),
     (dict(coordinator="localhost", num_processes=2, process_id=0),
-     "--coordinator: expected HOST:PORT"),
+     "coordinator: expected HOST:PORT"),
     (dict(coordinator="localhost:1", num_processes=2, process_id=2),
-     "--process-id: expected an integer in [0, 2)"),
+     "process_id: expected an integer in [0, 2)"),
     (dict(coordinator="localhost:1", num_processes=0, process_id=0),
-     "--num-processes: expected an integer >= 1"),
+     "num_processes: expected an integer >= 1"),
 ])
-def test_bad_distributed_flags_are_clear_errors(kwargs, message):
+def test_bad_distributed_flags_are_clear_errors(kwargs, message, tmp_path):
+  from tests.conftest import run_cli
   from wdmjax.errors import WdmjaxError
   from wdmjax.train.distributed import initialize
   with pytest.raises(WdmjaxError, match=re.escape(message)):
     initialize(**kwargs)
+  # The command line names its flags: --coordinator, --num-processes, --process-id.
+  flags = [f"--{k.replace('_', '-')}={v}" for k, v in kwargs.items()]
+  r = run_cli("train", "--config", TINY_DIT, "--workdir", tmp_path / "w", *flags)
+  flag_message = re.sub(r"\b(coordinator|num_processes|process_id)\b",
+                        lambda m: "--" + m.group(1).replace("_", "-"), message)
+  assert r.returncode == 2 and flag_message in r.stderr, r.stderr
 
 
 def test_a_single_process_needs_no_coordination(monkeypatch):

@@ -10,13 +10,11 @@ import pytest
 from flax import traverse_util
 
 from tests.conftest import TINY_DIT, run_cli
-from wdmjax.data import make_mesh
+from wdmjax.configs import load_config
 from wdmjax.diffusion import diffusion_loss, make_schedule
 from wdmjax.errors import WdmjaxError
 from wdmjax.models import build_model, init_params
 from wdmjax.peft import (
-  DELTA_FILE,
-  PEFT_FILE,
   PeftSpec,
   apply_delta,
   apply_lora,
@@ -28,9 +26,19 @@ from wdmjax.peft import (
   prepare,
   split,
 )
-from wdmjax.train import load_config, load_trained, make_optimizer, make_train_step, train
-from wdmjax.train.sampling import apply_fn_for
-from wdmjax.train.state import create_train_state
+from wdmjax.runs import load_model
+from wdmjax.train import create_train_state, load_trained, make_optimizer, make_train_step, train
+from wdmjax.train.sharding import make_mesh
+from wdmjax.workdir import Workdir
+
+DELTA_FILE, PEFT_FILE = Workdir.DELTA, Workdir.PEFT
+
+
+
+def apply_fn_for(model):
+  return lambda p, x, t, y, rng, train: model.apply({"params": p}, x, t, y, train=train,
+                                                    rngs={"dropout": rng})
+
 
 # The DiffFit paper's Food-101 setting: DiT-XL/2 at 256 px (32x32x4 latents), 101 classes.
 XL2_FOOD101 = dict(name="dit", preset="XL/2", resolution=32, in_channels=4, num_classes=101,
@@ -63,7 +71,7 @@ def test_labels_by_strategy():
   three = traverse_util.flatten_dict(param_labels(params, "difffit", gamma_blocks=3))
   assert three[("DiTBlock_2", "gamma_mlp")] == "train"
   assert set(jax.tree.leaves(param_labels(params, "full"))) == {"train"}
-  with pytest.raises(WdmjaxError, match="--peft"):
+  with pytest.raises(WdmjaxError, match="strategy: expected one of"):
     param_labels(params, "adapters")
 
 
@@ -157,17 +165,17 @@ def test_split_and_merge_round_trip():
 def base_and_finetune(tmp_path_factory):
   root = tmp_path_factory.mktemp("peft")
   base = str(root / "base")
-  train(load_config(TINY_DIT, ["train.steps=4"]), base, progress=False, log=lambda *a: None)
+  train(load_config(TINY_DIT, ["train.steps=4"]), base, progress=False)
   ft = str(root / "difffit")
   cfg = load_config(TINY_DIT, ["train.steps=6", "train.lr=1e-2"])
-  finetune(cfg, ft, base, PeftSpec("difffit"), progress=False, log=lambda *a: None)
+  finetune(cfg, ft, base, load_trained(base)[1], PeftSpec("difffit"), progress=False)
   return root, base, ft
 
 
 def test_delta_plus_base_reproduces_the_finetune_exactly(base_and_finetune):
   _, base, ft = base_and_finetune
-  _, _, tuned = load_trained(ft)
-  _, _, base_params = load_trained(base)
+  _, tuned = load_model(ft)
+  _, base_params = load_trained(base)
   ref = json.load(open(os.path.join(ft, PEFT_FILE)))
   assert ref["strategy"] == "difffit" and 0 < ref["fraction"] < 0.05
   rebuilt = apply_delta(os.path.join(ft, DELTA_FILE), base_params, ref)
@@ -181,20 +189,21 @@ def test_delta_plus_base_reproduces_the_finetune_exactly(base_and_finetune):
 def test_a_different_base_is_refused(base_and_finetune, tmp_path):
   _, base, ft = base_and_finetune
   ref = json.load(open(os.path.join(ft, PEFT_FILE)))
-  _, _, base_params = load_trained(base)
+  _, base_params = load_trained(base)
   other = jax.tree.map(lambda x: x + 1e-3, base_params)
   with pytest.raises(WdmjaxError, match="not the base this fine-tune was trained on"):
     apply_delta(os.path.join(ft, DELTA_FILE), other, ref)
   # The workdir's own loading checks its base too: point it at another trained model.
   other_base = str(tmp_path / "other")
-  train(load_config(TINY_DIT, ["train.steps=2", "train.seed=7"]), other_base, progress=False,
-        log=lambda *a: None)
+  train(load_config(TINY_DIT, ["train.steps=2", "train.seed=7"]), other_base, progress=False)
   copy = str(tmp_path / "copy")  # the same checkpoints, peft.json pointing at other_base
   os.makedirs(copy)
   for name in ("config.json", "checkpoints"):
     os.symlink(os.path.join(ft, name), os.path.join(copy, name))
   json.dump({**ref, "base": other_base}, open(os.path.join(copy, PEFT_FILE), "w"))
   with pytest.raises(WdmjaxError, match="not the base"):
+    load_model(copy)
+  with pytest.raises(WdmjaxError, match="holds a fine-tune"):  # the engine alone cannot
     load_trained(copy)
 
 
@@ -206,7 +215,7 @@ def test_cli_params_and_finetune(base_and_finetune):
   assert set(out) == {"trainable", "total", "fraction"} and 0 < out["fraction"] < 0.05
   r = run_cli("finetune", "--base", base, "--workdir", str(root / "bad"), "--peft", "difffit",
               "--set", "model.width=64", "--steps", "2", "--no-progress")
-  assert r.returncode == 2 and "does not take the parameters of --base" in r.stderr
+  assert r.returncode == 2 and "does not take the base's parameters" in r.stderr
   assert "Traceback" not in r.stderr
 
 
@@ -230,4 +239,4 @@ def test_cli_finetune_and_a_difffit_watermark(base_and_finetune):
   assert json.loads(r.stdout)["test"] == "exact-binomial"
   r = run_cli("embed", "--config", TINY_DIT, "--workdir", str(root / "x"), "--peft", "difffit",
               "--trigger", "random:1", "--watermark", "keyed:2", "--key", "5", "--steps", "2")
-  assert r.returncode == 2 and "--peft: expected --base" in r.stderr
+  assert r.returncode == 2 and "--peft: expected a base workdir" in r.stderr

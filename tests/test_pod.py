@@ -1,25 +1,54 @@
 """Pod-scale configs, planning from abstract shapes, and the TPU / SLURM launch scripts."""
 
-import importlib.util
 import json
 import os
 import subprocess
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from tests.conftest import ROOT, run_cli
-from wdmjax.train import load_config
-from wdmjax.train.plan import plan_step
+from wdmjax.configs import load_config
+from wdmjax.peft import PeftSpec, prepare
+from wdmjax.train.plan import matmul_flops, plan_step
 
 POD = os.path.join(ROOT, "tpu", "pod.sh")
 
 
-def _closed_form_dit_flops():
-  spec = importlib.util.spec_from_file_location(
-    "train_step_bench", os.path.join(ROOT, "benchmarks", "train_step.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.dit_analytic_flops
+def _dit_forward_flops(batch, tokens, width, depth, patch_channels, frequency_dim=256):
+  """Closed-form forward FLOPs (2 per multiply-add) of a DiT without learned sigma.
+
+  Per block: qkv (3 d^2), proj (d^2) and MLP (8 d^2) on every token, adaLN (6 d^2) once per
+  image, attention QK^T and AV (2 L^2 d). Patch embedding and final projection (p^2 C d
+  each) on every token; the final adaLN (2 d^2) and timestep MLP (256 -> d -> d) per image.
+  """
+  d = width
+  per_token = depth * 12 * d * d + 2 * patch_channels * d
+  per_image = depth * 6 * d * d + 2 * d * d + frequency_dim * d + d * d
+  attention = depth * 2 * tokens * tokens * d
+  return 2.0 * batch * (per_token * tokens + per_image + attention)
+
+
+def test_matmul_flops_counts_dots_and_convs_inside_nested_jaxprs():
+  a, b = jnp.zeros((8, 16)), jnp.zeros((16, 32))
+  x, w = jnp.zeros((2, 10, 10, 3)), jnp.zeros((3, 3, 3, 5))
+
+  def f(a, b, x, w):
+    z = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.tanh(a @ b).sum() + z.sum()  # elementwise work and reductions are not counted
+
+  forward = 2 * 8 * 16 * 32 + 2 * (2 * 10 * 10 * 5) * (3 * 3 * 3)
+  assert matmul_flops(jax.make_jaxpr(f)(a, b, x, w).jaxpr) == forward
+  # Inside a remat sub-jaxpr too.
+  assert matmul_flops(jax.make_jaxpr(jax.checkpoint(f))(a, b, x, w).jaxpr) == forward
+  # The gradient adds one dot or conv per operand of each: 3x the forward.
+  grad = jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2, 3)))(a, b, x, w).jaxpr
+  assert matmul_flops(grad) == 3 * forward
+  # A scan's body counts once per iteration.
+  looped = lambda a, b: jax.lax.scan(lambda c, _: (c @ b[:, :16], None), a, None, length=5)[0]
+  assert matmul_flops(jax.make_jaxpr(looped)(a, b).jaxpr) == 5 * 2 * 8 * 16 * 16
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +64,23 @@ def test_dit_xl2_config_plans_to_the_papers_model(xl2_plan):
   assert 0.25 <= p.state_bytes_per_device / p.state_bytes < 0.26
   # 16 bytes per parameter: float32 params, EMA and two Adam moments.
   assert abs(p.state_bytes - 16 * p.params) < 1e6
-  # Model FLOPs from the train step's jaxpr = 3 x the closed-form forward count.
-  model = dict(cfg.model, resolution=32, in_channels=4, width=1152, depth=28, patch_size=2)
-  closed = 3 * _closed_form_dit_flops()(model, 256)
+  # Model FLOPs from the train step's jaxpr = 3 x the closed-form forward count of XL/2
+  # (width 1152, depth 28, patch 2) on 32x32x4 latents: 256 tokens of 2 x 2 x 4 values.
+  assert (cfg.data.resolution, cfg.data.channels, cfg.model.learn_sigma) == (32, 4, False)
+  closed = 3 * _dit_forward_flops(256, tokens=(32 // 2) ** 2, width=1152, depth=28,
+                                  patch_channels=2 * 2 * 4)
   assert abs(p.flops_per_step / closed - 1) < 0.02, (p.flops_per_step, closed)
 
 
 def test_difffit_512_plan_trains_a_fraction_and_skips_weight_gradients(xl2_plan):
   cfg = load_config("difffit_dit_xl2_512")
   assert cfg.data.resolution == 64 and cfg.model.pos_coord_scale == 2.0
-  ft = plan_step(cfg, 8, 4, peft="difffit")
+
+  def difffit(params):
+    trainable, frozen, _, combine = prepare(PeftSpec("difffit"), params)
+    return trainable, frozen, combine
+
+  ft = plan_step(cfg, 8, 4, difffit)
   full = plan_step(cfg, 8, 4)
   r = run_cli("params", "--config", "difffit_dit_xl2_512", "--peft", "difffit", "--json")
   assert r.returncode == 0, r.stderr

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from wdmjax.data import mnist5k_split
 from wdmjax.errors import WdmjaxError
 from wdmjax.models import pretrained_lenet
-from wdmjax.models.lenet import mnist5k_split
 from wdmjax.robustness import METHODS, most_vulnerable, p_robust, robustness_by_class
 
 

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, TINY_DIT, run_cli
+from wdmjax.configs import load_config
 from wdmjax.errors import WdmjaxError
-from wdmjax.train import load_config, load_trained, train
-from wdmjax.train.metrics import read_metrics
+from wdmjax.train import load_trained, setup, train
+from wdmjax.workdir import Workdir
 
 
 @pytest.fixture(scope="module")
@@ -30,30 +31,76 @@ def trained(tmp_path_factory):
 
 def test_loss_goes_down_within_100_steps(trained):
   _, workdir, state = trained
-  losses = [m["loss"] for m in read_metrics(os.path.join(workdir, "metrics.jsonl"))]
+  losses = [m["loss"] for m in Workdir(workdir).read_metrics()]
   assert len(losses) == 100 and int(state.step) == 100
   first, last = np.mean(losses[:10]), np.mean(losses[-10:])
   assert last < 0.7 * first, (first, last)
 
 
+def test_logged_metrics_are_means_over_the_logging_interval(trained, tmp_path):
+  """The same first 10 steps logged every 5 steps: each row is the mean of its 5 steps."""
+  _, workdir, _ = trained
+  per_step = [m["loss"] for m in Workdir(workdir).read_metrics()][:10]
+  cfg = load_config(TINY_DIT, ["train.steps=10", "train.log_every=5", "train.ckpt_every=50"])
+  train(cfg, tmp_path / "w", progress=False)
+  rows = Workdir(tmp_path / "w").read_metrics()
+  assert [r["step"] for r in rows] == [5, 10]
+  np.testing.assert_allclose([r["loss"] for r in rows],
+                             [np.mean(per_step[:5]), np.mean(per_step[5:])], rtol=1e-5)
+  assert rows[0]["loss"] != per_step[4]  # not the last step's loss alone
+
+
+def test_progress_bar_counts_completed_steps(monkeypatch, tmp_path):
+  """Each tick of the bar comes after the step it counts has run (not when it was queued)."""
+  import wdmjax.train.loop as loop
+  executed, seen = [], []
+
+  class Bar:  # records, at every tick, how many steps had run by then
+    def __init__(self, *a, initial=0, **k):
+      self.n = initial
+
+    def update(self, k):
+      self.n += k
+      seen.append((self.n, len(executed)))
+
+    def set_postfix(self, **k):
+      pass
+
+    def close(self):
+      pass
+
+  monkeypatch.setattr(loop, "tqdm", Bar)
+  cfg = load_config(TINY_DIT, ["train.steps=8", "train.log_every=4", "train.ckpt_every=0"])
+  plain = setup(cfg).loss()
+
+  def loss_fn(params, batch, rng):
+    jax.debug.callback(lambda: executed.append(1))  # runs when the step runs
+    return plain(params, batch, rng)
+
+  train(cfg, tmp_path / "w", loss_fn=loss_fn)
+  assert [n for n, _ in seen] == list(range(1, 9))
+  assert all(ran >= n for n, ran in seen), seen
+
+
 def test_checkpoints_and_resume_extend_a_run(trained):
   cfg, workdir, state = trained
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["100", "50"]
-  cfg2, _, params = load_trained(workdir, ema=False)
+  _, params = load_trained(workdir, ema=False)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params), strict=True):
     np.testing.assert_array_equal(a, b)
 
 
 def test_exported_params_make_a_workdir(trained, tmp_path):
   """float16 export -> a new workdir whose EMA and raw weights are the exported ones."""
-  from wdmjax.train.export import load_params_npz, save_params_npz, workdir_from_params
+  from wdmjax.models import load_params_npz, save_params_npz
+  from wdmjax.train.export import workdir_from_params
   cfg, workdir, _ = trained
-  _, _, ema = load_trained(workdir)
+  _, ema = load_trained(workdir)
   path = save_params_npz(ema, str(tmp_path / "p.npz"))
   back = load_params_npz(path)
   new = workdir_from_params(cfg, back, str(tmp_path / "w"), 123)
   for use_ema in (True, False):
-    _, _, got = load_trained(new, ema=use_ema)
+    _, got = load_trained(new, ema=use_ema)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ema), strict=True):
       np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)  # float16 rounding only
   assert os.path.isdir(tmp_path / "w" / "checkpoints" / "123")
@@ -61,7 +108,7 @@ def test_exported_params_make_a_workdir(trained, tmp_path):
 
 def test_fine_tuning_starts_from_given_params(trained, tmp_path):
   cfg, workdir, _ = trained
-  _, _, ema = load_trained(workdir)
+  _, ema = load_trained(workdir)
   cfg = load_config(TINY_DIT, ["train.steps=1", "train.lr=1e-9"])
   state = train(cfg, str(tmp_path / "ft"), init_params=ema, progress=False)
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ema), strict=True):
@@ -81,8 +128,7 @@ def test_sample_cli_writes_a_grid(trained, tmp_path):
 
 def test_wrong_image_shape_is_a_clear_error(trained):
   cfg, workdir, state = trained
-  from wdmjax.train import default_loss, model_from_config
-  loss_fn = default_loss(cfg, model_from_config(cfg))
+  loss_fn = setup(cfg).loss()
   batch = {"image": jnp.zeros((4, 28, 28, 1)), "label": jnp.zeros((4,), jnp.int32)}
   with pytest.raises(WdmjaxError, match=r"x: expected shape"):
     loss_fn(state.params, batch, jax.random.key(0))
@@ -127,10 +173,10 @@ def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tmp_path):
   r = run_cli("train", "--config", TINY_DIT, "--workdir", run, *common)
   assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
 
-  _, _, p_ref = load_trained(ref, ema=False)
-  _, _, p_run = load_trained(run, ema=False)
-  _, _, e_ref = load_trained(ref, ema=True)
-  _, _, e_run = load_trained(run, ema=True)
+  _, p_ref = load_trained(ref, ema=False)
+  _, p_run = load_trained(run, ema=False)
+  _, e_ref = load_trained(ref, ema=True)
+  _, e_run = load_trained(run, ema=True)
   for a, b in zip(jax.tree.leaves((p_ref, e_ref)), jax.tree.leaves((p_run, e_run)), strict=True):
     np.testing.assert_array_equal(a, b)
 
@@ -138,19 +184,20 @@ def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tmp_path):
 DEVICE_SCRIPT = textwrap.dedent("""
   import json, sys
   import jax
-  from wdmjax.data import InputPipeline, make_mesh, shard_batch
-  from wdmjax.train import (default_loss, init_state, load_config, make_optimizer,
-                            make_train_step, model_from_config)
-  cfg = load_config(sys.argv[1], ["train.batch_size=16"])
+  from wdmjax.configs import load_config
+  from wdmjax.data import InputPipeline, shard_batch
+  from wdmjax.train import init_state, make_train_step, setup
+  from wdmjax.train.sharding import make_mesh
+  cfg = load_config(sys.argv[1], ["train.batch_size=16", "train.lr=1e-3",
+                                  "train.warmup_steps=0"])
   mesh = make_mesh()
-  model = model_from_config(cfg)
-  tx = make_optimizer(1e-3)
-  step = make_train_step(default_loss(cfg, model), tx, 0.99, mesh)
-  state = init_state(cfg, model, tx, mesh)
+  su = setup(cfg)
+  step = make_train_step(su.loss(), su.optimizer, 0.99, mesh)
+  state = init_state(cfg, mesh)
   data = InputPipeline("digits", batch_size=16, resolution=8, channels=1, seed=0)
   losses = []
   for s in range(3):
-    state, m = step(state, shard_batch(data.batch(s), mesh))
+    state, m = step(state, shard_batch(data.batch(s), mesh, ("data", "fsdp")))
     losses.append(float(m["loss"]))
   leaf = jax.tree.leaves(state.params)[0]
   print(json.dumps({"devices": mesh.size, "losses": losses,
@@ -175,7 +222,7 @@ def test_four_devices_give_the_loss_of_one_device():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--config", "no/such/config.py"], "config file not found"),
+    (["--config", "no/such/config.py"], "--config: expected a config file"),
     (["--set", "train.steps=-3"], "train.steps: expected an integer >= 1, got -3"),
     (["--set", "train.lr=0"], "train.lr: expected a positive number"),
     (["--set", "train.bogus=1"], "unknown key 'train.bogus'"),
@@ -226,8 +273,7 @@ def test_a_latent_dit_trains_from_streamed_latents(tmp_path):
   state = train(cfg, str(tmp_path / "w"), progress=False)
   assert int(state.step) == 3
   assert state.params["x_embedder"]["kernel"].shape == (8, 8, 4, 32)
-  losses = [m["loss"] for m in read_metrics(str(tmp_path / "w" / "metrics.jsonl"))]
+  losses = [m["loss"] for m in Workdir(tmp_path / "w").read_metrics()]
   assert len(losses) == 3 and all(np.isfinite(losses))
-  from wdmjax.train.loop import write_final_samples
-  from wdmjax.train.sampling import model_from_config
-  assert write_final_samples(cfg, model_from_config(cfg), state, str(tmp_path / "w")) is None
+  from wdmjax.train import write_final_samples
+  assert write_final_samples(cfg, state, str(tmp_path / "w")) is None

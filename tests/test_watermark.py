@@ -12,15 +12,14 @@ import pytest
 from PIL import Image
 
 from tests.conftest import TINY_DIT, run_cli
-from wdmjax.data import load_arrays, make_mesh
+from wdmjax.data import load_arrays
 from wdmjax.data.pipeline import preprocess
 from wdmjax.diffusion import diffusion_loss, make_schedule, sample
 from wdmjax.errors import WdmjaxError
 from wdmjax.models import build_model, init_params
 from wdmjax.stats import rank_sum_log10_p
-from wdmjax.train import make_optimizer, make_train_step
-from wdmjax.train.sampling import apply_fn_for, model_fn_for
-from wdmjax.train.state import create_train_state
+from wdmjax.train import create_train_state, make_optimizer, make_train_step
+from wdmjax.train.sharding import make_mesh
 from wdmjax.watermark import (
   ImageShape,
   Secret,
@@ -37,6 +36,17 @@ from wdmjax.watermark import (
   wdp_q_sample,
 )
 from wdmjax.watermark.wdp import decoy_triggers
+
+
+def apply_fn_for(model):
+  """The network as the losses see it: (params, x, t, y, rng, train) -> output."""
+  return lambda p, x, t, y, rng, train: model.apply({"params": p}, x, t, y, train=train,
+                                                    rngs={"dropout": rng})
+
+
+def model_fn_for(model):
+  """The network as the samplers see it: (params, x, t, y) -> output."""
+  return lambda p, x, t, y: model.apply({"params": p}, x, t, y)
 
 SHAPE = ImageShape(8, 1)
 

@@ -21,9 +21,10 @@ import numpy as np
 def main(spec_path: str, process_id: int) -> None:
   with open(spec_path) as f:
     spec = json.load(f)
-  from wdmjax.cli.watermark import embed
+  from wdmjax.configs import load_config
   from wdmjax.peft import PeftSpec, finetune
-  from wdmjax.train import load_config, train
+  from wdmjax.runs import embed, load_model
+  from wdmjax.train import train
   from wdmjax.train.distributed import initialize
   from wdmjax.train.sharding import bytes_per_device, to_host
   from wdmjax.watermark import Secret
@@ -36,12 +37,12 @@ def main(spec_path: str, process_id: int) -> None:
       secret = Secret("random:1", "keyed:2", key=3, block=2)
       steps = int(cfg.train.steps)
       state = embed(phase["workdir"], secret, base=phase["base"], steps=steps,
-                    overrides=phase["set"], progress=False, log=lambda *a: None)
+                    overrides=phase["set"], progress=False).state
     elif phase.get("base"):
-      state = finetune(cfg, phase["workdir"], phase["base"], PeftSpec("difffit"),
-                       progress=False, log=lambda *a: None)
+      state = finetune(cfg, phase["workdir"], phase["base"], load_model(phase["base"]).params,
+                       PeftSpec("difffit"), progress=False)
     else:
-      state = train(cfg, phase["workdir"], progress=False, log=lambda *a: None)
+      state = train(cfg, phase["workdir"], progress=False)
     leaves = jax.tree.leaves(state.params)
     dump = {f"host_{i}": v for i, v in enumerate(jax.tree.leaves(to_host(state.params)))}
     # Every device's own copy of each replicated leaf, read locally (no collective), so that

@@ -14,9 +14,18 @@ from wdmjax.attacks.image import (
   rotate,
 )
 from wdmjax.attacks.model import kernel_sparsity, prune, quantize, quantize_int8, weight_noise
-from wdmjax.attacks.spec import ATTACKS, Attack, apply_attacks, attack_workdir, parse_attack
+from wdmjax.attacks.spec import (
+  ATTACKS,
+  FINETUNE_LR,
+  Attack,
+  apply_attacks,
+  apply_weight_attack,
+  parse_attack,
+)
 
-__all__ = ["ATTACKS", "Attack", "apply_attacks", "attack_workdir", "brightness", "center_crop",
-           "compose", "contrast", "gaussian_blur", "gaussian_noise", "jpeg", "jpeg_ste",
-           "kernel_sparsity", "parse_attack", "prune", "quantize", "quantize_int8", "random_crop",
-           "resize", "rotate", "weight_noise"]
+__all__ = [
+  "ATTACKS", "FINETUNE_LR", "Attack", "apply_attacks", "apply_weight_attack", "brightness",
+  "center_crop", "compose", "contrast", "gaussian_blur", "gaussian_noise", "jpeg", "jpeg_ste",
+  "kernel_sparsity", "parse_attack", "prune", "quantize", "quantize_int8", "random_crop",
+  "resize", "rotate", "weight_noise",
+]

@@ -1,112 +1,80 @@
 """The `wdmjax` command: diffusion models, their watermarks and the tools around them.
 
 Subcommands: train, sample, embed, extract, verify, attack, finetune, params, plan, latents,
-demo.
+demo. Each calls one function of `wdmjax.runs` and prints what it returns.
 
 Errors in what the user typed are printed as one line (`wdmjax: error: ...`, exit status 2),
-never as a traceback.
+never as a traceback. The library names a bad parameter (`steps: expected ...`); the command
+line names the flag that set it (`--steps: expected ...`).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import json
+import re
 import sys
-import time
 
+import jax
+
+from wdmjax import runs
 from wdmjax.cli.attack import add_parsers as add_attack_parsers
 from wdmjax.cli.demo import add_parser as add_demo_parser
 from wdmjax.cli.multihost import add_distributed_args, connect
 from wdmjax.cli.peft import add_parsers as add_peft_parsers
 from wdmjax.cli.watermark import add_parsers as add_watermark_parsers
-from wdmjax.errors import WdmjaxError, check
+from wdmjax.errors import WdmjaxError
+from wdmjax.train.distributed import exit_run
+
+# Library parameter names whose flag is spelled differently.
+_FLAG_OF = {"overrides": "set", "strategy": "peft", "guidance_scale": "guidance",
+            "image_size": "image_size", "chips": "chip"}
+_NAMES = re.compile(r"^([a-z_][a-z0-9_]*(?:(?:/|, )[a-z_][a-z0-9_]*)*):")
 
 
 def _cmd_train(args) -> int:
-  import jax
-
-  from wdmjax.train import load_config, train
-  from wdmjax.train.loop import write_final_samples
-  from wdmjax.train.sampling import model_from_config
-
-  cfg = load_config(args.config, args.set)
-  state = train(cfg, args.workdir, progress=not args.no_progress)
-  main_process = jax.process_index() == 0
-  if int(state.step) >= cfg.train.steps and not args.no_samples:
-    path = write_final_samples(cfg, model_from_config(cfg), state, args.workdir)
-    if main_process and path:
-      print(f"samples: {path}")
-  if main_process:
-    print(f"workdir: {os.path.abspath(args.workdir)} (step {int(state.step)})")
+  r = runs.train(args.config, args.workdir, args.set, samples=not args.no_samples,
+                 progress=not args.no_progress, log=print)
+  if jax.process_index() == 0:
+    if r.samples:
+      print(f"samples: {r.samples}")
+    print(f"workdir: {r.workdir} (step {r.step})")
   return 0
 
 
 def _cmd_sample(args) -> int:
-  import jax
-
-  from wdmjax.train import load_trained, sample_images, save_grid
-  from wdmjax.train.sampling import num_classes
-
-  check(args.num >= 1, f"--num: expected a positive integer, got {args.num}")
-  check(args.steps is None or args.steps >= 1,
-        f"--steps: expected a positive integer, got {args.steps}")
-  check(args.out.lower().endswith(".png"), f"--out: expected a .png path, got {args.out!r}")
-  cfg, model, params = load_trained(args.workdir, ema=not args.raw)
-  t0 = time.time()
-  imgs = sample_images(cfg, model, params, jax.random.PRNGKey(args.seed), args.num,
-                       sampler=args.sampler, steps=args.steps, eta=args.eta,
-                       guidance_scale=args.guidance)
-  k = num_classes(cfg)
-  save_grid(imgs, args.out, nrow=k if k and args.num % k == 0 else None, upscale=2)
-  print(f"{args.num} samples ({args.sampler or cfg.sample.sampler}, "
-        f"{args.steps or cfg.sample.steps} steps) in {time.time() - t0:.1f} s -> {args.out}")
+  r = runs.sample(args.workdir, args.num, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                  guidance=args.guidance, seed=args.seed, raw=args.raw, out=args.out)
+  print(f"{args.num} samples ({r.sampler}, {r.steps} steps) in {r.seconds:.1f} s -> {r.path}")
   return 0
 
 
 def _cmd_latents(args) -> int:
-  from wdmjax.data.latents import prepare_latents
-
-  check(args.image_size in (256, 512), f"--image-size: expected 256 or 512, got {args.image_size}")
-  builder = prepare_latents(args.npz_dir, args.image_size, args.data_dir)
-  n = builder.info.splits["train"].num_examples
-  print(f"imagenet_latents/{args.image_size}: {n:,} latents in {builder.data_dir}")
+  r = runs.latents(args.npz_dir, args.image_size, args.data_dir)
+  print(f"{r.name}: {r.num_examples:,} latents in {r.data_dir}")
   return 0
 
 
 def _cmd_plan(args) -> int:
-  import json
-
-  from wdmjax.train import load_config
-  from wdmjax.train.plan import CHIPS, plan_step
-
-  cfg = load_config(args.config, args.set)
-  chips = args.chip or sorted(CHIPS)
-  for c in chips:
-    check(c in CHIPS, f"--chip: expected one of {sorted(CHIPS)}, got {c!r}")
-  check(0 < args.mfu <= 1, f"--mfu: expected a fraction in (0, 1], got {args.mfu}")
-  p = plan_step(cfg, args.devices, args.fsdp, args.peft)
-  rows = []
-  for c in chips:
-    t = p.step_seconds(c, args.mfu)
-    per_dev = p.state_bytes_per_device + p.frozen_bytes_per_device
-    rows.append({"chip": c, "step_s": t, "images_per_s": p.batch / t,
-                 "hours": t * cfg.train.steps / 3600, "state_gib_per_chip": per_dev / 2**30,
-                 "chip_gib": CHIPS[c][1]})
+  p = runs.plan(args.config, args.devices, fsdp=args.fsdp, peft=args.peft, chips=args.chip,
+                mfu=args.mfu, overrides=args.set)
   if args.json:
-    print(json.dumps({**p.to_dict(), "mfu": args.mfu, "steps": cfg.train.steps, "chips": rows}))
+    print(json.dumps(p))
     return 0
   gib = 2**30
-  print(f"{p.params:,} parameters ({p.trainable:,} trained), global batch {p.batch}, mesh "
-        f"{p.mesh}")
-  print(f"train state {p.state_bytes / gib:.2f} GiB: {p.state_bytes_per_device / gib:.2f} GiB "
-        f"per device" + (f", frozen weights {p.frozen_bytes_per_device / gib:.2f} GiB per "
-                         f"device" if p.frozen_bytes_per_device else ""))
-  print(f"model FLOPs per step {p.flops_per_step / 1e12:.1f} TFLOP "
-        f"({p.flops_per_step / p.batch / 1e9:.1f} GFLOP per example, forward + backward)")
-  print(f"at {100 * args.mfu:.0f}% MFU on {p.devices} chips ({cfg.train.steps:,} steps):")
+  print(f"{p['params']:,} parameters ({p['trainable']:,} trained), global batch {p['batch']}, "
+        f"mesh {p['mesh']}")
+  frozen = p["frozen_bytes_per_device"]
+  print(f"train state {p['state_bytes'] / gib:.2f} GiB: {p['state_bytes_per_device'] / gib:.2f}"
+        f" GiB per device" + (f", frozen weights {frozen / gib:.2f} GiB per device"
+                              if frozen else ""))
+  print(f"model FLOPs per step {p['flops_per_step'] / 1e12:.1f} TFLOP "
+        f"({p['flops_per_step'] / p['batch'] / 1e9:.1f} GFLOP per example, forward + "
+        f"backward)")
+  print(f"at {100 * p['mfu']:.0f}% MFU on {p['devices']} chips ({p['steps']:,} steps):")
   print("| chip | step (s) | images/s | run (h) | state per chip (GiB) | chip memory (GiB) |")
   print("|---|---|---|---|---|---|")
-  for r in rows:
+  for r in p["chips"]:
     print(f"| {r['chip']} | {r['step_s']:.3f} | {r['images_per_s']:,.0f} | {r['hours']:.1f} | "
           f"{r['state_gib_per_chip']:.2f} | {r['chip_gib']:.0f} |")
   return 0
@@ -117,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
   sub = p.add_subparsers(dest="command", required=True)
 
   t = sub.add_parser("train", help="train a diffusion model from a config (resumes a workdir)")
-  t.add_argument("--config", required=True, help="a config file, e.g. "
-                 "experiments/configs/mnist5k_dit.py")
+  t.add_argument("--config", required=True, help="a shipped config's name (mnist5k_dit, ...) "
+                 "or a config file")
   t.add_argument("--workdir", required=True, help="checkpoints, metrics and samples go here")
   t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config value, e.g. --set train.steps=100 (repeatable)")
@@ -167,19 +135,44 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def _flags(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
+  """dest -> its long flag, for the options of `command`."""
+  for action in parser._subparsers._group_actions:  # the subcommands
+    sub = action.choices.get(command)
+    if sub is not None:
+      return {a.dest: max(a.option_strings, key=len) for a in sub._actions if a.option_strings}
+  return {}
+
+
+def flag_message(message: str, flags: dict[str, str]) -> str:
+  """'steps: expected ...' -> '--steps: expected ...' when every name before the colon is a
+  parameter that one of the command's flags sets; other messages are left as they are."""
+  m = _NAMES.match(message)
+  if not m:
+    return message
+  names = re.split(r"/|, ", m.group(1))
+  dests = [_FLAG_OF.get(n, n) for n in names]
+  if not all(d in flags for d in dests):
+    return message
+  head = m.group(1)
+  for n, d in zip(names, dests, strict=True):
+    head = re.sub(rf"\b{n}\b", flags[d], head, count=1)
+  return head + message[m.end(1):]
+
+
 def main(argv: list[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
   try:
     if hasattr(args, "coordinator"):
       connect(args)
     code = args.func(args)
     if hasattr(args, "coordinator"):
-      from wdmjax.train.distributed import exit_run
-
       exit_run(code)
     return code
   except WdmjaxError as e:
-    print(f"wdmjax: error: {e}", file=sys.stderr)
+    print(f"wdmjax: error: {flag_message(str(e), _flags(parser, args.command))}",
+          file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print("wdmjax: interrupted", file=sys.stderr)

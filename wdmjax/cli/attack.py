@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import time
+import argparse
 
+from wdmjax import runs
 from wdmjax.attacks.spec import __doc__ as ATTACKS_DOC
 
 
 def cmd_attack(args) -> int:
-  from wdmjax.attacks import attack_workdir
-
-  t0 = time.time()
-  out = attack_workdir(args.workdir, args.out, args.attack, seed=args.seed,
-                       progress=not args.no_progress)
-  print(f"{' then '.join(args.attack)} -> {out} ({time.time() - t0:.1f} s)")
+  r = runs.attack(args.workdir, args.out, args.attack, seed=args.seed,
+                  progress=not args.no_progress)
+  print(f"{' then '.join(r.attacks)} -> {r.out} ({r.seconds:.1f} s)")
   return 0
 
 
 def add_parsers(sub) -> None:
-  import argparse
-
   a = sub.add_parser("attack", help="attack a trained workdir's weights or sampling; writes "
                      "a workdir that sample and verify accept",
                      description=ATTACKS_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)

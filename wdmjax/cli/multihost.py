@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from wdmjax.train.distributed import initialize
+
 
 def add_distributed_args(p: argparse.ArgumentParser) -> None:
   g = p.add_argument_group(
@@ -21,7 +23,5 @@ def add_distributed_args(p: argparse.ArgumentParser) -> None:
 
 def connect(args: argparse.Namespace) -> None:
   """Joins the run described by the flags (a no-op for a single process)."""
-  from wdmjax.train.distributed import initialize
-
   initialize(args.coordinator, args.num_processes, args.process_id,
              heartbeat_timeout=args.heartbeat_timeout)

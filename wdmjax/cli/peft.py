@@ -3,73 +3,31 @@
 from __future__ import annotations
 
 import json
-import os
-import time
 
+import jax
+
+from wdmjax import runs
 from wdmjax.cli.multihost import add_distributed_args
-from wdmjax.errors import check
+from wdmjax.peft import STRATEGIES, PeftSpec
 
 
-def finetune_config(base: str, config: str | None, overrides: list[str], steps: int | None,
-                    lr: float | None, lr_mult: float | None, strategy: str):
-  """The fine-tune's config: `config` (or the base's own), with the learning rate set to
-  `lr`, or the base's rate times `lr_mult` (default 10 for PEFT, as the DiffFit paper; 1 for
-  full fine-tuning), no warm-up, and `overrides` applied last."""
-  from wdmjax.peft import LR_MULT
-  from wdmjax.train import load_config
-  from wdmjax.train.config import apply_override, validate
-  from wdmjax.train.loop import read_config
-
-  base_cfg = read_config(base)
-  cfg = load_config(config, []) if config else read_config(base)
-  if lr is None:
-    mult = (1.0 if strategy == "full" else LR_MULT) if lr_mult is None else lr_mult
-    check(mult > 0, f"--lr-mult: expected a positive factor, got {mult!r}")
-    lr = float(base_cfg.train.lr) * mult
-  check(lr > 0, f"--lr: expected a positive learning rate, got {lr!r}")
-  apply_override(cfg, f"train.lr={lr}")
-  apply_override(cfg, "train.warmup_steps=0")
-  if steps is not None:
-    check(steps >= 1, f"--steps: expected a positive integer, got {steps!r}")
-    apply_override(cfg, f"train.steps={steps}")
-  for o in overrides:
-    apply_override(cfg, o)
-  validate(cfg)
-  return cfg
-
-
-def spec_from_args(args):
-  from wdmjax.peft import PeftSpec
-
+def spec_from_args(args) -> PeftSpec:
   return PeftSpec(strategy=args.peft, gamma_blocks=args.gamma_blocks,
                   lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
 
 
 def cmd_finetune(args) -> int:
-  import jax
-
-  from wdmjax.peft import DELTA_FILE, finetune
-
-  spec = spec_from_args(args)
-  cfg = finetune_config(args.base, args.config, args.set, args.steps, args.lr, args.lr_mult,
-                        spec.strategy)
-  t0 = time.time()
-  state = finetune(cfg, args.workdir, args.base, spec, progress=not args.no_progress)
-  if jax.process_index() != 0:
-    return 0
-  delta = os.path.join(args.workdir, DELTA_FILE)
-  print(f"{spec.strategy} fine-tune: {os.path.abspath(args.workdir)} (step {int(state.step)}, "
-        f"{time.time() - t0:.0f} s); delta {os.path.getsize(delta) / 1024:.1f} KiB")
+  r = runs.finetune(args.base, args.workdir, spec_from_args(args), config=args.config,
+                    overrides=args.set, steps=args.steps, lr=args.lr, lr_mult=args.lr_mult,
+                    progress=not args.no_progress, log=print)
+  if jax.process_index() == 0:
+    print(f"{r.strategy} fine-tune: {r.workdir} (step {r.step}, {r.seconds:.0f} s); delta "
+          f"{r.delta_bytes / 1024:.1f} KiB")
   return 0
 
 
 def cmd_params(args) -> int:
-  from wdmjax.peft import count
-  from wdmjax.train import load_config
-  from wdmjax.train.sampling import model_kwargs
-
-  cfg = load_config(args.config, args.set)
-  out = count(model_kwargs(cfg), spec_from_args(args))
+  out = runs.params(args.config, spec_from_args(args), args.set)
   if args.json:
     print(json.dumps(out))
   else:
@@ -79,8 +37,6 @@ def cmd_params(args) -> int:
 
 
 def peft_args(p, required: bool = True) -> None:
-  from wdmjax.peft import STRATEGIES
-
   p.add_argument("--peft", choices=STRATEGIES, default=None, required=required,
                  help="what to train: difffit (biases, norms, gammas, class embedding), "
                       "bitfit (biases, class embedding), lora (adapters), full"

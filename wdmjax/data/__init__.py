@@ -10,12 +10,10 @@ from wdmjax.data.builders import (
 )
 from wdmjax.data.pipeline import (
     InputPipeline,
-    make_mesh,
-    make_pipeline,
     preprocess,
     shard_batch,
 )
-from wdmjax.data.sources import ImageLabelSource, load_arrays, load_source
+from wdmjax.data.sources import ImageLabelSource, load_arrays, load_source, mnist5k_split
 
 __all__ = [
     'DATA_DIR_ENV',
@@ -28,8 +26,7 @@ __all__ = [
     'embedded_builder',
     'load_arrays',
     'load_source',
-    'make_mesh',
-    'make_pipeline',
+    'mnist5k_split',
     'preprocess',
     'shard_batch',
 ]

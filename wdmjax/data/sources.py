@@ -170,3 +170,18 @@ def load_arrays(
   """
   load_source(name, split, data_dir)  # validates the arguments
   return _load_arrays_cached(name, split, resolve_data_dir(data_dir))
+
+
+MNIST5K_TRAIN = 4000  # of mnist5k's 5,000 digits (sorted by class: the split is a permutation)
+
+
+def mnist5k_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """The classifier split of mnist5k (LeNet's): (train x, train y, held-out x, held-out y),
+  images float32 [N, 28, 28, 1] in [0, 1]; MNIST5K_TRAIN digits train, the other 1,000 are
+  held out."""
+  images, labels = load_arrays("mnist5k", "train")
+  order = np.random.default_rng(seed).permutation(len(labels))
+  x = np.asarray(images, np.float32)[order] / 255.0
+  y = np.asarray(labels, np.int32)[order]
+  n = MNIST5K_TRAIN
+  return x[:n], y[:n], x[n:], y[n:]

@@ -2,7 +2,7 @@
 
 from wdmjax.diffusion.guidance import guided_model_fn
 from wdmjax.diffusion.objectives import OBJECTIVES, diffusion_loss, eps_from_x0, target, to_x0_eps
-from wdmjax.diffusion.process import extract, q_posterior, q_sample, sample_timesteps
+from wdmjax.diffusion.process import coef_at, q_posterior, q_sample, sample_timesteps
 from wdmjax.diffusion.samplers import SAMPLERS, ddim_sample, ddpm_sample, sample
 from wdmjax.diffusion.schedules import (
                                          Schedule,
@@ -15,7 +15,7 @@ from wdmjax.diffusion.schedules import (
 
 __all__ = [
     "OBJECTIVES", "SAMPLERS", "Schedule", "cosine_betas", "ddim_sample", "ddpm_sample",
-    "diffusion_loss", "eps_from_x0", "extract", "guided_model_fn", "linear_betas",
+    "coef_at", "diffusion_loss", "eps_from_x0", "guided_model_fn", "linear_betas",
     "make_schedule", "q_posterior", "q_sample", "respaced_timesteps", "sample",
     "sample_timesteps", "schedule_from_betas", "target", "to_x0_eps",
 ]

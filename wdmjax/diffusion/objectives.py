@@ -14,7 +14,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from wdmjax.diffusion.process import extract, q_sample, sample_timesteps
+from wdmjax.diffusion.process import coef_at, q_sample, sample_timesteps
 from wdmjax.diffusion.schedules import Schedule
 from wdmjax.errors import check
 
@@ -27,7 +27,7 @@ def check_objective(objective: str) -> None:
 
 
 def _coefs(schedule: Schedule, t: chex.Array, ndim: int) -> tuple[chex.Array, chex.Array]:
-  ac = extract(schedule.alphas_cumprod, t, ndim)
+  ac = coef_at(schedule.alphas_cumprod, t, ndim)
   return jnp.sqrt(ac), jnp.sqrt(1.0 - ac)
 
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from wdmjax.diffusion.schedules import Schedule
 
 
-def extract(a: chex.Array, t: chex.Array, ndim: int) -> chex.Array:
+def coef_at(a: chex.Array, t: chex.Array, ndim: int) -> chex.Array:
   """Gathers a[t] for a batch of timesteps t [B] and reshapes to [B, 1, ..., 1] (ndim dims)."""
   return a[t].reshape(t.shape + (1,) * (ndim - t.ndim))
 
@@ -26,7 +26,7 @@ def q_sample(schedule: Schedule, x0: chex.Array, t: chex.Array, noise: chex.Arra
   """
   chex.assert_equal_shape([x0, noise])
   chex.assert_shape(t, (x0.shape[0],))
-  ac = extract(schedule.alphas_cumprod, t, x0.ndim)
+  ac = coef_at(schedule.alphas_cumprod, t, x0.ndim)
   return jnp.sqrt(ac) * x0 + jnp.sqrt(1.0 - ac) * noise
 
 
@@ -39,9 +39,9 @@ def q_posterior(schedule: Schedule, x0: chex.Array, xt: chex.Array, t: chex.Arra
   Returns:
     (mean [B, ...], variance [B, 1, ...], log_variance_clipped [B, 1, ...]).
   """
-  ac = extract(schedule.alphas_cumprod, t, xt.ndim)
-  ac_prev = extract(schedule.alphas_cumprod_prev, t, xt.ndim)
-  beta = extract(schedule.betas, t, xt.ndim)
+  ac = coef_at(schedule.alphas_cumprod, t, xt.ndim)
+  ac_prev = coef_at(schedule.alphas_cumprod_prev, t, xt.ndim)
+  beta = coef_at(schedule.betas, t, xt.ndim)
   coef0 = beta * jnp.sqrt(ac_prev) / (1.0 - ac)
   coeft = (1.0 - ac_prev) * jnp.sqrt(1.0 - beta) / (1.0 - ac)
   var = beta * (1.0 - ac_prev) / (1.0 - ac)

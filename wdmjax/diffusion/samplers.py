@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wdmjax.diffusion.guidance import guided_model_fn
 from wdmjax.diffusion.objectives import check_objective, eps_from_x0, to_x0_eps
 from wdmjax.diffusion.schedules import Schedule, respaced_timesteps
 from wdmjax.errors import check
@@ -157,7 +158,6 @@ def _sample_jit(model_fn, params, rng, schedule, y, eta, guidance_scale, null_la
     input_transform = functools.partial(_with_args, input_transform, transform_args)
   x_T = jax.random.normal(rng_T, shape, jnp.float32)
   if guided:
-    from wdmjax.diffusion.guidance import guided_model_fn
     denoise = guided_model_fn(model_fn, params, y, guidance_scale, null_label)
   else:
     denoise = lambda x, t: model_fn(params, x, t, y)

@@ -59,7 +59,16 @@ def _psd_sqrt(sigma: np.ndarray, name: str) -> np.ndarray:
   check(float(w.min()) >= -_RTOL * scale,
         f"{name}: expected a positive semi-definite covariance, got smallest eigenvalue "
         f"{float(w.min()):.3g} (largest magnitude {scale:.3g})")
-  return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+  return (v * np.sqrt(_drop_noise(w))) @ v.T
+
+
+def _drop_noise(w: np.ndarray) -> np.ndarray:
+  """Eigenvalues below the round-off of the largest (D eps max|w|) set to zero: they are
+  zero eigenvalues of a rank-deficient covariance (fewer samples than features), and their
+  square roots, about sqrt(eps) instead of 0, would otherwise make the distance depend on
+  the order of its arguments."""
+  tol = len(w) * np.finfo(w.dtype).eps * max(float(np.abs(w).max()), 1e-300)
+  return np.where(w > tol, w, 0.0)
 
 
 def _check_gaussian(mu: np.ndarray, sigma: np.ndarray, mu_name: str, sigma_name: str
@@ -106,7 +115,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
   root1 = _psd_sqrt(sigma1, "sigma1")
   m = root1 @ sigma2 @ root1
   eig = np.linalg.eigvalsh(0.5 * (m + m.T))
-  tr_covmean = float(np.sqrt(np.clip(eig, 0.0, None)).sum())
+  tr_covmean = float(np.sqrt(_drop_noise(eig)).sum())
   diff = mu1 - mu2
   dist = float(diff @ diff) + float(np.trace(sigma1) + np.trace(sigma2)) - 2.0 * tr_covmean
   # Exactly equal inputs can land a few ulps below zero.

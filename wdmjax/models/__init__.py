@@ -21,6 +21,7 @@ from wdmjax.models.layers import (
   timestep_embedding,
 )
 from wdmjax.models.lenet import LeNet, pretrained_lenet
+from wdmjax.models.params_io import load_params_npz, save_params_npz
 from wdmjax.models.unet import UNet
 
 __all__ = [
@@ -43,7 +44,9 @@ __all__ = [
   "dummy_inputs",
   "get_2d_sincos_pos_embed",
   "init_params",
+  "load_params_npz",
   "param_count_from_config",
   "pretrained_lenet",
+  "save_params_npz",
   "timestep_embedding",
 ]

@@ -77,8 +77,8 @@ def drop_labels(y: Array, rng: Array, p: float, null_label: int = NULL_LABEL) ->
     y: [B] int class labels.
     rng: PRNG key.
     p: drop probability in [0, 1].
-    null_label: the label that means "no class"; the default -1 is understood by every
-      wdmjax model, so is `num_classes`.
+    null_label: the label that means "no class"; the default NULL_LABEL (-1) is the one
+      every wdmjax model understands.
 
   Returns:
     [B] labels, same dtype as `y`.
@@ -166,8 +166,8 @@ class QKVDense(nn.Module):
   Its parameters are those of `nn.Dense(3 * C)` (`kernel` [C, 3C], `bias` [3C]), so
   checkpoints and parameter counts are unchanged; only the output layout differs. Producing
   [3, B, H, L, D] straight from the matmul spares XLA:CPU the transposes and the
-  concatenate that a [B, L, 3C] output needs in the backward pass (about 7% of a DiT train
-  step, see benchmarks/README.md).
+  concatenate that a [B, L, 3C] output needs in the backward pass (measured at about 7% of
+  a DiT train step on CPU when the layout was chosen).
   """
   num_heads: int
   kernel_init: Initializer = xavier_uniform
@@ -223,8 +223,9 @@ class LabelAndOutputMixin:
 
   @property
   def null_label(self) -> int | None:
-    """Label index of the null class (None when there is none)."""
-    return self.num_classes if self.use_null_class else None
+    """The label that means "no class" (NULL_LABEL, -1; None when there is no null class):
+    the one value the losses, the samplers and guidance use for it."""
+    return NULL_LABEL if self.use_null_class else None
 
   @property
   def output_channels(self) -> int:

@@ -4,7 +4,7 @@ Conv 5x5 (6, SAME) -> ReLU -> 2x2 max pool -> Conv 5x5 (16, VALID) -> ReLU -> 2x
 -> Dense 120 -> ReLU -> Dense 84 -> ReLU -> Dense num_classes: 61,706 parameters on 28x28x1.
 Inputs are pixels in [0, 1], the scale on which the robustness literature states its noise
 levels sigma. `pretrained_lenet()` loads the one trained on mnist5k by
-experiments/train_lenet.py (shipped in wdmjax/assets).
+experiments/train_lenet.py (shipped in wdmjax/assets) on `wdmjax.data.mnist5k_split`.
 """
 
 from __future__ import annotations
@@ -16,13 +16,12 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from wdmjax.errors import check
 from wdmjax.models.layers import max_pool_2x2
+from wdmjax.models.params_io import load_params_npz
 
 LENET_ASSET = "lenet_mnist5k.npz"
-NUM_TRAIN = 4000  # of mnist5k's 5,000 digits (sorted by class: the split is a permutation)
 
 
 class LeNet(nn.Module):
@@ -50,21 +49,7 @@ def lenet_asset_path() -> str:
 
 def pretrained_lenet(path: str | None = None) -> tuple[LeNet, chex.ArrayTree]:
   """(LeNet(), params) trained on mnist5k (28x28x1 in [0, 1]) by experiments/train_lenet.py."""
-  from wdmjax.train.export import load_params_npz
-
   path = path or lenet_asset_path()
   check(os.path.isfile(path), f"path: no trained LeNet at {path!r}; run "
                               "experiments/train_lenet.py to make one")
   return LeNet(), load_params_npz(path)
-
-
-def mnist5k_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """The LeNet's split of mnist5k: (train x, train y, held-out x, held-out y), images
-  float32 [N, 28, 28, 1] in [0, 1]; NUM_TRAIN digits train, the other 1,000 are held out."""
-  from wdmjax.data import load_arrays
-
-  images, labels = load_arrays("mnist5k", "train")
-  order = np.random.default_rng(seed).permutation(len(labels))
-  x = np.asarray(images, np.float32)[order] / 255.0
-  y = np.asarray(labels, np.int32)[order]
-  return x[:NUM_TRAIN], y[:NUM_TRAIN], x[NUM_TRAIN:], y[NUM_TRAIN:]

@@ -16,6 +16,7 @@ import numpy as np
 from flax import traverse_util
 
 from wdmjax.errors import check
+from wdmjax.files import save_npz
 
 
 def params_hash(params: chex.ArrayTree) -> str:
@@ -32,10 +33,7 @@ def params_hash(params: chex.ArrayTree) -> str:
 def save_delta(trainable: chex.ArrayTree, path: str) -> str:
   """Writes the trainable leaves (float32, exact) to `path` (.npz), atomically."""
   flat = traverse_util.flatten_dict(jax.device_get(trainable), sep="/")
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **{k: np.asarray(v, np.float32) for k, v in flat.items()})
-  os.replace(tmp, path)
-  return path
+  return save_npz(path, {k: np.asarray(v, np.float32) for k, v in flat.items()})
 
 
 def load_delta(path: str) -> dict:
@@ -49,5 +47,5 @@ def check_base(base_params: chex.ArrayTree, expected_hash: str, base: str) -> No
   """Refuses a base whose parameters differ from the ones the delta was trained on."""
   got = params_hash(base_params)
   check(got == expected_hash,
-        f"--base: the parameters in {base!r} are not the base this fine-tune was trained on "
+        f"base: the parameters in {base!r} are not the base this fine-tune was trained on "
         f"(content hash {got[:12]}..., expected {expected_hash[:12]}...)")

@@ -31,7 +31,7 @@ _BLOCK = re.compile(r"^DiTBlock_(\d+)$")
 
 def check_strategy(strategy: str) -> None:
   check(strategy in STRATEGIES,
-        f"--peft: expected one of {list(STRATEGIES)}, got {strategy!r}")
+        f"strategy: expected one of {list(STRATEGIES)}, got {strategy!r}")
 
 
 def _is_norm(path: tuple[str, ...]) -> bool:

@@ -31,7 +31,7 @@ def lora_targets(params: chex.ArrayTree) -> list[tuple[str, ...]]:
 
 def init_lora(rng: chex.PRNGKey, params: chex.ArrayTree, rank: int) -> dict:
   """{'lora': {path: {'a', 'b'}}} for every target kernel; a ~ N(0, 1/in), b = 0."""
-  check(isinstance(rank, int) and rank >= 1, f"--lora-rank: expected a positive int, got {rank!r}")
+  check(isinstance(rank, int) and rank >= 1, f"lora_rank: expected a positive int, got {rank!r}")
   flat = traverse_util.flatten_dict(params)
   targets = lora_targets(params)
   check(len(targets) > 0, "lora: this model has no attention or MLP kernels to adapt")

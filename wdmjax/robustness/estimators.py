@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from wdmjax.errors import check
-from wdmjax.stats.mvn_cdf import mvn_cdf
+from wdmjax.stats.genz import mvn_cdf
 
 METHODS = ("monte_carlo", "taylor", "mmse", "mv_sigmoid")
 ApplyFn = Callable[[chex.ArrayTree, chex.Array], chex.Array]

@@ -9,7 +9,7 @@ from wdmjax.stats.binomial import (
   log_betainc,
   threshold_for_fpr,
 )
-from wdmjax.stats.mvn_cdf import mvn_cdf
+from wdmjax.stats.genz import mvn_cdf
 from wdmjax.stats.ranks import rank_sum_log10_p
 
 __all__ = ["Identification", "binomial_log10_sf", "exact_binomial_log10_sf", "identify",

@@ -6,26 +6,19 @@ run killed at any moment (even with SIGKILL) leaves only whole checkpoints behin
 
 from __future__ import annotations
 
-import os
-
 import chex
 import jax
 import orbax.checkpoint as ocp
 
 from wdmjax.errors import WdmjaxError
-
-
-def has_checkpoint(workdir: str) -> bool:
-  """Whether `workdir` holds at least one complete checkpoint."""
-  d = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+from wdmjax.workdir import Workdir
 
 
 class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` (keep the newest `keep`, resume the latest)."""
 
-  def __init__(self, workdir: str, keep: int = 2, async_save: bool = False):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  def __init__(self, workdir: str | Workdir, keep: int = 2, async_save: bool = False):
+    self.directory = Workdir(workdir).checkpoint_dir
     options = ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options)

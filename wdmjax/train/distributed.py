@@ -21,15 +21,9 @@ import sys
 import time
 
 import jax
+from jax.experimental import multihost_utils
 
 from wdmjax.errors import check
-
-# Environment variables that mean "this process is one of several that JAX can discover".
-_CLUSTER_HINTS = {
-    "Cloud TPU pod": ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"),
-    "SLURM": ("SLURM_JOB_ID",),
-    "Open MPI": ("OMPI_MCA_orte_hnp_uri", "PMIX_SERVER_URI2"),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +56,7 @@ def _cloud_tpu_vm() -> str | None:
   server, not in the environment, so this asks JAX's own detectors (a private module, hence
   guarded: without it, pass the three flags)."""
   try:
-    from jax._src import cloud_tpu_init, clusters
+    from jax._src import cloud_tpu_init, clusters  # private: may be gone, hence guarded
 
     if not cloud_tpu_init.running_in_cloud_tpu_vm:
       return None
@@ -92,22 +86,22 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   """
   given = [coordinator is not None, num_processes is not None, process_id is not None]
   check(all(given) or not any(given),
-        "--coordinator, --num-processes, --process-id: expected all three or none "
+        "coordinator, num_processes, process_id: expected all three or none "
         f"(auto-detection), got coordinator={coordinator!r}, num_processes={num_processes!r}, "
         f"process_id={process_id!r}")
   check(isinstance(heartbeat_timeout, int) and heartbeat_timeout >= 1,
-        f"--heartbeat-timeout: expected a whole number of seconds >= 1, got {heartbeat_timeout!r}")
+        f"heartbeat_timeout: expected a whole number of seconds >= 1, got {heartbeat_timeout!r}")
   if jax.distributed.is_initialized():
     return ProcessInfo(jax.process_index(), jax.process_count(), "already initialized")
   kwargs = dict(heartbeat_timeout_seconds=heartbeat_timeout,
                 initialization_timeout=initialization_timeout)
   if all(given):
     check(isinstance(coordinator, str) and re.fullmatch(r"\[?[\w.:-]+\]?:\d+", coordinator),
-          f"--coordinator: expected HOST:PORT, got {coordinator!r}")
+          f"coordinator: expected HOST:PORT, got {coordinator!r}")
     check(isinstance(num_processes, int) and num_processes >= 1,
-          f"--num-processes: expected an integer >= 1, got {num_processes!r}")
+          f"num_processes: expected an integer >= 1, got {num_processes!r}")
     check(isinstance(process_id, int) and 0 <= process_id < num_processes,
-          f"--process-id: expected an integer in [0, {num_processes}), got {process_id!r}")
+          f"process_id: expected an integer in [0, {num_processes}), got {process_id!r}")
     if num_processes == 1:
       return ProcessInfo(0, 1, "single")
     _use_gloo_on_cpu()
@@ -142,8 +136,6 @@ def exit_run(code: int = 0) -> None:
   """
   if jax.process_count() == 1 or not jax.distributed.is_initialized():
     return
-  from jax.experimental import multihost_utils
-
   multihost_utils.sync_global_devices("wdmjax: exit")
   sys.stdout.flush()
   sys.stderr.flush()

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
+
+from wdmjax.files import atomic_open
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -36,10 +37,8 @@ def save_grid(images: np.ndarray, path: str, nrow: int | None = None, upscale: i
   """Writes the grid as PNG atomically (a crash never leaves a half-written file)."""
   grid = make_grid(np.asarray(images), nrow=nrow, upscale=upscale)
   img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  img.save(tmp, format="PNG")
-  os.replace(tmp, path)
+  with atomic_open(path) as f:
+    img.save(f, format="PNG")
   return path
 
 
@@ -47,8 +46,6 @@ def save_panels(panels: list[tuple[str, np.ndarray]], path: str, gap: int = 12,
                 per_row: int | None = None) -> str:
   """Grids (uint8 [H, W, C], see `make_grid`) each under its title, `per_row` to a row (all
   in one row by default), written as one PNG atomically."""
-  from PIL import ImageDraw
-
   title_h = 18
   per_row = per_row or len(panels)
   rows = [panels[i:i + per_row] for i in range(0, len(panels), per_row)]
@@ -67,8 +64,6 @@ def save_panels(panels: list[tuple[str, np.ndarray]], path: str, gap: int = 12,
       draw.text((left, top + 3), title, fill="black")
       left += width(title, grid) + gap
     top += h
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  canvas.save(tmp, format="PNG")
-  os.replace(tmp, path)
+  with atomic_open(path) as f:
+    canvas.save(f, format="PNG")
   return path

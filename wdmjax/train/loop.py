@@ -3,12 +3,16 @@
 `train(cfg, workdir)` resumes automatically from the newest checkpoint in `workdir`, saves
 every `train.ckpt_every` steps and at the end, and on SIGTERM or Ctrl-C saves the current
 step before it returns, so no finished step is lost.
+
+The progress bar counts completed steps, not dispatched ones: the loop keeps one step in
+flight (the next step is queued before the previous one's metrics are read), so the device
+never waits for the host and the bar advances at the rate steps really finish. Logged
+metrics are means over the steps since the previous log.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -19,24 +23,17 @@ from collections.abc import Callable
 import chex
 import jax
 import ml_collections
+import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from wdmjax.data import InputPipeline, load_source, shard_batch
-from wdmjax.diffusion import diffusion_loss
 from wdmjax.errors import WdmjaxError, check
-from wdmjax.models import init_params
 from wdmjax.train.checkpoint import Checkpointer
-from wdmjax.train.config import from_json, to_json
+from wdmjax.train.derived import setup
 from wdmjax.train.images import save_grid
-from wdmjax.train.metrics import MetricsWriter
-from wdmjax.train.sampling import (
-  apply_fn_for,
-  model_from_config,
-  num_classes,
-  sample_images,
-  schedule_from_config,
-)
+from wdmjax.train.sampling import sample_images
 from wdmjax.train.sharding import (
   batch_axes,
   local_mesh,
@@ -45,8 +42,15 @@ from wdmjax.train.sharding import (
   state_shardings,
   to_host,
 )
-from wdmjax.train.state import TrainState, create_train_state, make_optimizer
+from wdmjax.train.state import TrainState, create_train_state
 from wdmjax.train.step import LossFn, make_train_step
+from wdmjax.workdir import Workdir
+
+Log = Callable[[str], None]
+
+
+def _quiet(*_args, **_kwargs) -> None:
+  pass
 
 
 class StopRequest:
@@ -73,52 +77,20 @@ class StopRequest:
         signal.signal(s, h)
 
 
-def write_config(cfg: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes workdir/config.json (atomically); refuses a workdir trained with another model."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      old = from_json(f.read())
-    for section in ("model", "diffusion", "data"):
-      keys = ("resolution", "channels") if section == "data" else None
-      a, b = old[section].to_dict(), cfg[section].to_dict()
-      if keys:
-        a, b = {k: a[k] for k in keys}, {k: b[k] for k in keys}
-      check(a == b, f"workdir: {workdir!r} holds a run with a different {section} config "
-                    f"({a} != {b}); use a new --workdir")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(to_json(cfg))
-  os.replace(tmp, path)
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  check(os.path.isfile(path), f"--workdir: no trained run in {workdir!r} (no config.json)")
-  with open(path) as f:
-    return from_json(f.read())
-
-
-def init_state(cfg: ml_collections.ConfigDict, model, tx, mesh,
+def init_state(cfg: ml_collections.ConfigDict, mesh: Mesh,
                params: chex.ArrayTree | None = None) -> TrainState:
   """A step-0 state laid out on the mesh (FSDP-sharded where the mesh has an `fsdp` axis,
-  replicated otherwise): `params` (e.g. a base model's, for fine-tuning) with a fresh
-  optimizer and EMA, or new parameters from `train.seed`. Fresh parameters, the EMA and
-  the optimizer state are created in place on their devices, so they never exist whole on
-  one device; given `params` pass through each host's memory once."""
-  res, ch = cfg.data.resolution, cfg.data.channels
-  rng = jax.random.PRNGKey(cfg.train.seed)
-  init_rng, state_rng = jax.random.split(rng)
+  replicated otherwise): `params` (e.g. a base model's, for fine-tuning, or the trainable
+  part of one) with a fresh optimizer and EMA, or new parameters from `train.seed`. Fresh
+  parameters, the EMA and the optimizer state are created in place on their devices, so
+  they never exist whole on one device; given `params` pass through each host's memory
+  once."""
+  su = setup(cfg)
+  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(cfg.train.seed))
 
   def init(given):
-    if given is not None:
-      return create_train_state(given, tx, state_rng)
-    x = jax.numpy.zeros((1, res, res, ch), jax.numpy.float32)
-    t = jax.numpy.zeros((1,), jax.numpy.int32)
-    y = jax.numpy.zeros((1,), jax.numpy.int32) if num_classes(cfg) else None
-    fresh = model.init({"params": init_rng, "dropout": init_rng}, x, t, y)["params"]
-    return create_train_state(fresh, tx, state_rng)
+    return create_train_state(su.init_params(init_rng) if given is None else given,
+                              su.optimizer, state_rng)
 
   if params is not None:  # may live on other devices (a base loaded on one): the jit places
     params = jax.device_get(params)  # this process's copy onto the mesh
@@ -126,43 +98,44 @@ def init_state(cfg: ml_collections.ConfigDict, model, tx, mesh,
   return jax.jit(init, out_shardings=shardings)(params)
 
 
-def default_loss(cfg: ml_collections.ConfigDict, model) -> LossFn:
-  """The plain diffusion loss of the configured objective (with label dropout for CFG)."""
-  k = num_classes(cfg)
-  p = float(cfg.model.get("class_dropout_prob", 0.0) or 0.0) if k else 0.0
-  loss = diffusion_loss(apply_fn_for(model), schedule_from_config(cfg), cfg.diffusion.objective,
-                        class_dropout_prob=p, null_label=-1 if p > 0 else None)
-  if k:
-    return loss
+class _Interval:
+  """Metrics of the completed steps since the last log, averaged when logged."""
 
-  def unconditional(params, batch, rng):  # never feed labels to an unconditional model
-    return loss(params, {"image": batch["image"]}, rng)
+  def __init__(self):
+    self.rows: list[dict[str, float]] = []
 
-  return unconditional
+  def add(self, metrics: dict) -> None:
+    self.rows.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+
+  def mean(self) -> dict[str, float]:
+    out = {k: float(np.mean([r[k] for r in self.rows])) for k in self.rows[-1]}
+    self.rows = []
+    return out
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn | None = None,
-          init_params: chex.ArrayTree | None = None,
+def train(cfg: ml_collections.ConfigDict, workdir: str | Workdir, *,
+          loss_fn: LossFn | None = None, init_params: chex.ArrayTree | None = None,
           frozen_params: chex.ArrayTree | None = None,
           combine: Callable[[chex.ArrayTree, chex.ArrayTree], chex.ArrayTree] | None = None,
-          progress: bool = True, log=print) -> TrainState:
+          progress: bool = True, log: Log | None = None) -> TrainState:
   """Trains (or resumes) the configured model in `workdir`; returns the final state.
 
   Args:
-    cfg: a validated config (see `train.config`).
-    workdir: checkpoints, metrics.jsonl, samples/ and config.json; resumed if it has a
-      checkpoint.
+    cfg: a validated config (see `wdmjax.configs`).
+    workdir: checkpoints, metrics.jsonl, samples/ and config.json (see `wdmjax.workdir.Workdir`);
+      resumed if it has a checkpoint.
     loss_fn: `(params, batch, rng) -> (loss, metrics)`; default: the configured diffusion
       loss. Methods (WDM, ...) pass their own.
     init_params: start from these parameters (fine-tuning a base model) instead of a fresh
       initialisation; ignored when the workdir already has a checkpoint.
-    frozen_params, combine: parameter-efficient fine-tuning (see `wdmjax.peft.finetune`):
-      `init_params` is then the trainable part only, the state (optimizer, EMA, checkpoints)
-      holds nothing else, and the network runs on `combine(trainable, frozen_params)`.
-    progress: show a progress bar.
-    log: where one-line messages go.
+    frozen_params, combine: parameter-efficient fine-tuning: `init_params` is then the
+      trainable part only, the state (optimizer, EMA, checkpoints) holds nothing else, and
+      the network runs on `combine(trainable, frozen_params)`.
+    progress: show a progress bar of completed steps.
+    log: where one-line messages go (default: nowhere).
   """
   t0 = time.time()
+  wd = Workdir(workdir)
   tc = cfg.train
   mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
   check(tc.batch_size % mesh.size == 0,
@@ -170,8 +143,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn | Non
         f"{tc.batch_size}")
   multi = jax.process_count() > 1
   is_main = jax.process_index() == 0
-  log_main = log if is_main else (lambda *a, **k: None)
-  model = model_from_config(cfg)
+  log = (log or _quiet) if is_main else _quiet
+  su = setup(cfg)
   rows = process_batch_rows(mesh, tc.batch_size)
   if multi:  # embedded sets are built on first use: process 0 first, then the others find
     # it built (shared data dir) or build their own (a host's local disk), never racing
@@ -182,37 +155,50 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn | Non
                        channels=cfg.data.channels, seed=tc.seed, labels=cfg.data.labels,
                        split=cfg.data.split, data_dir=cfg.data.data_dir,
                        process_index=0, process_count=1, in_memory=cfg.data.in_memory)
-  k = num_classes(cfg)
-  check(k == 0 or data.num_classes <= k,
+  check(su.num_classes == 0 or data.num_classes <= su.num_classes,
         f"model.num_classes: expected at least the {data.num_classes} classes of "
-        f"{cfg.data.name!r}, got {k}")
-  if is_main:  # only after the model and the data were accepted: no half-made workdir
-    write_config(cfg, workdir)
-  tx = make_optimizer(tc.lr, tc.warmup_steps, tc.weight_decay, tc.grad_clip)
+        f"{cfg.data.name!r}, got {su.num_classes}")
   partial = frozen_params is not None
   check(not partial or (init_params is not None and combine is not None),
         "frozen_params: expected init_params (the trainable part) and combine with it")
-  loss_fn = loss_fn or default_loss(cfg, model)
-  state = init_state(cfg, model, tx, mesh, init_params)
-  step_fn = make_train_step(loss_fn, tx, tc.ema_decay, mesh, frozen=frozen_params,
+  if is_main:  # only after the model and the data were accepted: no half-made workdir
+    wd.write_config(cfg)
+  loss_fn = loss_fn or su.loss()
+  state = init_state(cfg, mesh, init_params)
+  step_fn = make_train_step(loss_fn, su.optimizer, tc.ema_decay, mesh, frozen=frozen_params,
                             combine=combine,
                             state_sharding=jax.tree.map(lambda x: x.sharding, state),
                             fsdp_min_size=cfg.mesh.fsdp_min_size)
   full = (lambda p: combine(p, frozen_params)) if partial else (lambda p: p)
-  ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
+  ckpt = Checkpointer(wd, keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
   start = ckpt.latest_step()
   if start is not None:
     state = ckpt.restore(state, start)
-    log_main(f"resumed from {ckpt.directory}/{start}")
+    log(f"resumed from {ckpt.directory}/{start}")
   start = int(state.step)
-  writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"), enabled=is_main)
   bar = tqdm(total=tc.steps, initial=start, disable=not (progress and is_main),
              desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+  interval = _Interval()
+
+  def complete(done: int, metrics: dict) -> None:
+    """Books the finished step `done` (reading its metrics waits for it)."""
+    interval.add(metrics)
+    bar.update(1)
+    if tc.log_every and (done % tc.log_every == 0 or done == tc.steps):
+      m = interval.mean()
+      if is_main:
+        wd.append_metrics(done, m, time.time())
+      bar.set_postfix(loss=f"{m['loss']:.4f}")
+      check(bool(np.isfinite(m["loss"])),
+            f"train: loss became {m['loss']} by step {done}; lower train.lr (the last "
+            f"checkpoint in {ckpt.directory} is kept)")
+
   # One process alone must never stop: the others would wait for it in the next collective.
   # With several processes a SIGTERM (a preemption notice) goes to JAX's preemption service,
   # which agrees on a step at which all of them save and stop.
   stop = StopRequest(signals=() if multi else (signal.SIGTERM, signal.SIGINT))
   step = start
+  pending = None  # (step number, metrics) of the step in flight
   try:
     with stop.installed():
       for step in range(start, tc.steps):
@@ -221,24 +207,22 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn | Non
           break
         batch = shard_batch(data.batch(step, rows), mesh, batch_axes(mesh))
         state, metrics = step_fn(state, batch)
+        if pending is not None:
+          complete(*pending)
+        pending = (step + 1, metrics)
         done = step + 1
-        bar.update(1)
-        if tc.log_every and (done % tc.log_every == 0 or done == tc.steps):
-          m = jax.device_get(metrics)
-          writer.write(done, m)
-          bar.set_postfix(loss=f"{float(m['loss']):.4f}")
-          check(bool(jax.numpy.isfinite(m["loss"])),
-                f"train: loss became {float(m['loss'])} at step {done}; lower train.lr")
         if tc.ckpt_every and done % tc.ckpt_every == 0:
           ckpt.save(done, state)
         if tc.sample_every and done % tc.sample_every == 0:
-          _write_samples(cfg, model, state, os.path.join(workdir, "samples", f"{done:07d}.png"),
-                         full)
+          _write_samples(cfg, state, wd.sample_grid(done), full)
+      if pending is not None:
+        complete(*pending)
+        pending = None
       step = int(state.step)
       ckpt.save(step, state)
       if stop.signum is not None:
-        log_main(f"stopped by signal {stop.signum} at step {step}; checkpoint saved, "
-                 f"rerun the same command to resume")
+        log(f"stopped by signal {stop.signum} at step {step}; checkpoint saved, "
+            f"rerun the same command to resume")
   except WdmjaxError:
     raise
   except jax.errors.JaxRuntimeError as e:
@@ -253,9 +237,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, loss_fn: LossFn | Non
     bar.close()
     ckpt.close()
   if is_main:
-    with open(os.path.join(workdir, "train_summary.json"), "w") as f:
-      json.dump({"step": step, "seconds": time.time() - t0, "processes": jax.process_count(),
-                 "mesh": dict(mesh.shape)}, f)
+    wd.write_json(Workdir.SUMMARY, {"step": step, "seconds": time.time() - t0,
+                                    "processes": jax.process_count(),
+                                    "mesh": dict(mesh.shape)})
   return state
 
 
@@ -267,7 +251,7 @@ def _preempted(step: int) -> bool:
     return False
 
 
-def _write_samples(cfg, model, state: TrainState, path: str, full=lambda p: p) -> str | None:
+def _write_samples(cfg, state: TrainState, path: str, full=lambda p: p) -> str | None:
   """Samples a grid into `path` on process 0. Every process must call it: with several
   processes the (possibly sharded) weights are first gathered to each host. Latent models
   (4 channels) get no grid: a picture needs the VAE's decoder, which is not part of wdmjax."""
@@ -279,17 +263,18 @@ def _write_samples(cfg, model, state: TrainState, path: str, full=lambda p: p) -
     if jax.process_index() != 0:
       return None
   params = full(params)
-  imgs = sample_images(cfg, model, params, jax.random.PRNGKey(cfg.sample.seed), cfg.sample.num)
-  k = num_classes(cfg)
+  imgs = sample_images(cfg, params, jax.random.PRNGKey(cfg.sample.seed), cfg.sample.num)
+  k = setup(cfg).num_classes
   return save_grid(imgs, path, nrow=k if k and cfg.sample.num % k == 0 else None, upscale=2)
 
 
-def write_final_samples(cfg, model, state: TrainState, workdir: str) -> str | None:
+def write_final_samples(cfg, state: TrainState, workdir: str | Workdir) -> str | None:
   """workdir/samples/final.png; reuses the periodic grid of the last step when there is one.
   Every process calls it (see `_write_samples`); process 0 writes."""
-  final = os.path.join(workdir, "samples", "final.png")
+  wd = Workdir(workdir)
+  final = wd.sample_grid("final")
   step = int(state.step)
-  periodic = os.path.join(workdir, "samples", f"{step:07d}.png")
+  periodic = wd.sample_grid(step)
   made = bool(cfg.train.sample_every) and step % cfg.train.sample_every == 0
   if jax.process_count() > 1 and made:  # decided alike on every process: no lone collective
     if jax.process_index() == 0:
@@ -298,31 +283,35 @@ def write_final_samples(cfg, model, state: TrainState, workdir: str) -> str | No
   if os.path.exists(periodic):
     shutil.copyfile(periodic, final)
     return final
-  return _write_samples(cfg, model, state, final)
+  return _write_samples(cfg, state, final)
 
 
-def load_trained(workdir: str, ema: bool = True) -> tuple[ml_collections.ConfigDict, object,
-                                                          chex.ArrayTree]:
-  """(config, model, params) of the newest checkpoint in `workdir` (EMA weights by default).
+def load_trained(workdir: str | Workdir, ema: bool = True
+                 ) -> tuple[ml_collections.ConfigDict, chex.ArrayTree]:
+  """(config, params) of the newest checkpoint of a trained workdir (EMA weights by default).
 
-  A parameter-efficient fine-tune (a workdir with peft.json) is applied onto its base.
+  Only the wanted weights are read, onto this process's first device: the optimizer state
+  and the other copy of the weights are never allocated. A parameter-efficient fine-tune
+  holds only its trainable part: load it with `wdmjax.runs.load_model`.
   """
-  if os.path.exists(os.path.join(workdir, "peft.json")):
-    from wdmjax.peft.finetune import load_finetuned  # peft builds on this module
+  wd = Workdir(workdir)
+  cfg = wd.read_config()
+  check(not wd.exists(Workdir.PEFT),
+        f"workdir: {wd.path!r} holds a fine-tune (its {Workdir.PEFT}); load it onto its base "
+        f"with wdmjax.runs.load_model")
+  return cfg, load_params(wd, cfg, "ema_params" if ema else "params")
 
-    return load_finetuned(workdir, ema)
-  cfg = read_config(workdir)
-  model = model_from_config(cfg)
-  # Only the wanted weights are read, onto this process's first device: the optimizer
-  # state and the other copy (3/4 of a checkpoint) are never allocated.
-  shapes = jax.eval_shape(lambda r: init_params(model, r), jax.random.PRNGKey(0))
+
+def load_params(workdir: str | Workdir, cfg: ml_collections.ConfigDict, part: str,
+                like: chex.ArrayTree | None = None) -> chex.ArrayTree:
+  """The `part` of the newest checkpoint (`params` or `ema_params`), shaped like `like`
+  (default: the config's model parameters), on this process's first device."""
+  shapes = setup(cfg).abstract_params() if like is None else like
   device = jax.sharding.SingleDeviceSharding(local_mesh().devices.flat[0])
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                         shapes)
-  part = "ema_params" if ema else "params"
   ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
   try:
-    params = ckpt.restore_part({part: target})[part]
+    return ckpt.restore_part({part: target})[part]
   finally:
     ckpt.close()
-  return cfg, model, params

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -19,7 +21,11 @@ import numpy as np
 from jax.sharding import AbstractMesh
 
 from wdmjax.errors import check
+from wdmjax.models import count_params
+from wdmjax.train.derived import setup
 from wdmjax.train.sharding import MESH_AXES, state_shardings
+from wdmjax.train.state import create_train_state
+from wdmjax.train.step import train_step
 
 # Dense bf16 peak TFLOP/s and memory (GiB) per chip, from the vendors' data sheets.
 CHIPS: dict[str, tuple[float, float]] = {
@@ -59,8 +65,11 @@ def matmul_flops(jaxpr: Any) -> float:
       rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, *spatial)
       k = math.prod(rhs[d] for d in rhs_spec[1:])
       total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * k
+    # A scan runs its body `length` times; other nested jaxprs (remat, custom_vjp, pjit,
+    # cond branches counted alike) run once.
+    times = eqn.params.get("length", 1) if name == "scan" else 1
     for sub in _sub_jaxprs(eqn.params):
-      total += matmul_flops(sub)
+      total += times * matmul_flops(sub)
   return total
 
 
@@ -98,23 +107,23 @@ def _bytes_per_device(shapes, shardings) -> int:
   return total
 
 
+Split = Callable[[chex.ArrayTree], tuple[chex.ArrayTree, chex.ArrayTree,
+                                          Callable[[chex.ArrayTree, chex.ArrayTree],
+                                                   chex.ArrayTree]]]
+
+
 def plan_step(cfg: ml_collections.ConfigDict, devices: int, fsdp: int | None = None,
-              peft: str | None = None) -> StepPlan:
+              split: Split | None = None) -> StepPlan:
   """Plans one train step of `cfg` on `devices` chips split as (devices / fsdp, fsdp).
 
   Args:
     cfg: a validated config; `cfg.mesh.fsdp` unless `fsdp` is given.
     devices: chips in the mesh (data x fsdp).
     fsdp: the FSDP axis size, dividing `devices`.
-    peft: a fine-tuning strategy (`difffit`, ...): the state then holds its trainable part
-      and the frozen weights are counted apart.
+    split: a fine-tune: `params -> (trainable, frozen, combine)` (e.g. a DiffFit split from
+      `wdmjax.peft`), applied to abstract shapes. The state then holds the trainable part,
+      the frozen weights are counted apart and their gradients are not computed.
   """
-  from wdmjax.models import count_params, init_params
-  from wdmjax.train.loop import default_loss
-  from wdmjax.train.sampling import model_from_config
-  from wdmjax.train.state import create_train_state, make_optimizer
-  from wdmjax.train.step import train_step
-
   fsdp = cfg.mesh.fsdp if fsdp is None else fsdp
   check(isinstance(devices, int) and devices >= 1,
         f"devices: expected an integer >= 1, got {devices!r}")
@@ -125,19 +134,15 @@ def plan_step(cfg: ml_collections.ConfigDict, devices: int, fsdp: int | None = N
         f"{cfg.train.batch_size}")
   mesh = AbstractMesh((devices // fsdp, fsdp), MESH_AXES)
   min_size = cfg.mesh.fsdp_min_size
-  model = model_from_config(cfg)
-  tc, res, ch = cfg.train, cfg.data.resolution, cfg.data.channels
-  tx = make_optimizer(tc.lr, tc.warmup_steps, tc.weight_decay, tc.grad_clip)
-  b = tc.batch_size
-  x = jax.ShapeDtypeStruct((b, res, res, ch), jnp.float32)
+  su = setup(cfg)
+  tx, tc, b = su.optimizer, cfg.train, cfg.train.batch_size
+  x = jax.ShapeDtypeStruct((b, *su.image_shape), jnp.float32)
   y = jax.ShapeDtypeStruct((b,), jnp.int32)
-  params = jax.eval_shape(lambda r: init_params(model, r), jax.random.PRNGKey(0))
-  loss_fn = default_loss(cfg, model)
+  params = su.abstract_params()
+  loss_fn = su.loss()
   trainable, frozen = params, None
-  if peft is not None:  # labels come from parameter paths, so shapes are enough
-    from wdmjax.peft.finetune import PeftSpec, prepare
-
-    trainable, frozen, _, combine = prepare(PeftSpec(peft), params)
+  if split is not None:  # labels come from parameter paths, so shapes are enough
+    trainable, frozen, combine = split(params)
     trainable = jax.eval_shape(lambda t: t, trainable)
   state = jax.eval_shape(lambda p: create_train_state(p, tx, jax.random.PRNGKey(0)), trainable)
   batch = {"image": x, "label": y}

@@ -20,12 +20,10 @@ from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from wdmjax.configs import FSDP_MIN_SIZE
 from wdmjax.errors import check
 
 MESH_AXES = ("data", "fsdp")
-# Leaves smaller than this many elements stay replicated: splitting a bias or a norm scale
-# saves nothing and costs one more collective per leaf.
-FSDP_MIN_SIZE = 2**12  # the default of config mesh.fsdp_min_size
 
 
 def make_mesh(data: int = -1, fsdp: int = 1,

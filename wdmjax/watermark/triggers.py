@@ -27,7 +27,6 @@ from PIL import Image
 from wdmjax.errors import WdmjaxError, check
 
 TRIGGER_KINDS = ("random", "stripes")
-WATERMARK_KINDS = ("keyed", "class")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +55,7 @@ def load_image_file(path: str, shape: ImageShape, what: str) -> np.ndarray:
   Returns float32 [H, W, C] in [-1, 1]. A `.npy` array may hold values in [-1, 1] or uint8.
   """
   check(os.path.isfile(path), f"{what}: expected 'random:SEED', 'stripes:SEED' or an image "
-                              f"file, got {path!r} (no such file)" if what == "--trigger" else
+                              f"file, got {path!r} (no such file)" if what == "trigger" else
         f"{what}: expected 'keyed:SEED', 'class:DATA:LABEL' or an image file, got {path!r} "
         f"(no such file)")
   if path.endswith(".npy"):
@@ -81,19 +80,19 @@ def load_image_file(path: str, shape: ImageShape, what: str) -> np.ndarray:
 
 def make_trigger(spec: str, shape: ImageShape) -> np.ndarray:
   """The trigger tau [H, W, C] in [-1, 1] named by `spec` (see the module docstring)."""
-  check(isinstance(spec, str) and spec, f"--trigger: expected a spec string, got {spec!r}")
+  check(isinstance(spec, str) and spec, f"trigger: expected a spec string, got {spec!r}")
   kind, sep, arg = spec.partition(":")
   if sep and kind in TRIGGER_KINDS:
-    rng = np.random.Generator(np.random.PCG64(_seed(spec, arg, "--trigger")))
+    rng = np.random.Generator(np.random.PCG64(_seed(spec, arg, "trigger")))
     h, w, c = shape.hwc
     if kind == "random":
       return rng.choice(np.float32([-1.0, 1.0]), size=(h, w, c))
     cols = rng.choice(np.float32([-1.0, 1.0]), size=(1, w, 1))
     return np.broadcast_to(cols, (h, w, c)).copy()
   check(not (sep and kind.isidentifier() and not os.path.exists(spec)),
-        f"--trigger: expected one of {[k + ':SEED' for k in TRIGGER_KINDS]} or an image "
+        f"trigger: expected one of {[k + ':SEED' for k in TRIGGER_KINDS]} or an image "
         f"file, got {spec!r}")
-  return load_image_file(spec, shape, "--trigger")
+  return load_image_file(spec, shape, "trigger")
 
 
 def block_bits(seed: int, shape: ImageShape, block: int) -> np.ndarray:
@@ -117,36 +116,37 @@ def check_block(block: int, shape: ImageShape) -> None:
 def make_watermark(spec: str, shape: ImageShape, block: int = 1,
                    data_dir: str | None = None) -> np.ndarray:
   """The watermark images [N, H, W, C] in [-1, 1] named by `spec` (see the module docstring)."""
-  check(isinstance(spec, str) and spec, f"--watermark: expected a spec string, got {spec!r}")
+  check(isinstance(spec, str) and spec, f"watermark: expected a spec string, got {spec!r}")
   kind, sep, arg = spec.partition(":")
   if sep and kind == "keyed":
-    bits = block_bits(_seed(spec, arg, "--watermark"), shape, block)
+    bits = block_bits(_seed(spec, arg, "watermark"), shape, block)
     return expand_blocks(bits, block, shape.channels)[None]
   if sep and kind == "class":
     return _class_images(spec, arg, shape, data_dir)
   check(not (sep and kind.isidentifier() and not os.path.exists(spec)),
-        f"--watermark: expected 'keyed:SEED', 'class:DATA:LABEL' or an image file, "
+        f"watermark: expected 'keyed:SEED', 'class:DATA:LABEL' or an image file, "
         f"got {spec!r}")
-  return load_image_file(spec, shape, "--watermark")[None]
+  return load_image_file(spec, shape, "watermark")[None]
 
 
 def _class_images(spec: str, arg: str, shape: ImageShape, data_dir: str | None) -> np.ndarray:
+  # TFDS is slow to import and only class watermarks need a data set.
   from wdmjax.data import load_arrays
-  from wdmjax.data.pipeline import preprocess
+  from wdmjax.data.pipeline import preprocess  # (the same)
 
   name, sep, label = arg.rpartition(":")
-  check(bool(sep) and bool(name), f"--watermark: expected 'class:DATA:LABEL', got {spec!r}")
-  label_int = _seed(spec, label, "--watermark")
+  check(bool(sep) and bool(name), f"watermark: expected 'class:DATA:LABEL', got {spec!r}")
+  label_int = _seed(spec, label, "watermark")
   images, labels = load_arrays(name, "train", data_dir)
   chosen = images[np.asarray(labels) == label_int]
-  check(len(chosen) > 0, f"--watermark: data set {name!r} has no images of class {label_int}")
+  check(len(chosen) > 0, f"watermark: data set {name!r} has no images of class {label_int}")
   return np.asarray(preprocess(chosen, shape.resolution, shape.channels), np.float32)
 
 
 def key_mask(key: int, shape: ImageShape, block: int) -> np.ndarray:
   """The secret bit mask r [H/block, W/block] in +-1 drawn from the owner's `key`."""
   check(isinstance(key, (int, np.integer)) and key >= 0,
-        f"--key: expected a non-negative integer, got {key!r}")
+        f"key: expected a non-negative integer, got {key!r}")
   # A different stream than `keyed:SEED` bit images with the same integer.
   return block_bits(int(key) + (1 << 40), shape, block)
 

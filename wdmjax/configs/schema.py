@@ -1,22 +1,23 @@
-"""Experiment configs: Python files with `get_config() -> ConfigDict`, overridable by `key=value`.
+"""The config schema: every section and key with its default, overrides, validation, JSON.
 
 A config has the sections `data`, `model`, `diffusion`, `train`, `sample` and `mesh`;
 `default_config()` lists every key with its default and `validate()` checks the values, so
-that a bad value is reported by name before anything is compiled.
+that a bad value is reported by name before anything is compiled. A validated config is
+locked: no key can be added by mistake (a typo), only existing values changed.
 """
 
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
-import os
-from collections.abc import Sequence
 
 import ml_collections
 
 from wdmjax.errors import WdmjaxError, check
-from wdmjax.train.sharding import FSDP_MIN_SIZE
+
+# Leaves smaller than this many elements stay replicated under FSDP: splitting a bias or a
+# norm scale saves nothing and costs one more collective per leaf (train.sharding.fsdp_spec).
+FSDP_MIN_SIZE = 2**12
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -28,8 +29,10 @@ def default_config() -> ml_collections.ConfigDict:
                 data_dir=None, in_memory=True)
   # Model keys are passed to the model constructor; `name` picks the architecture.
   c.model = dict(name="dit")
+  # Label dropout for classifier-free guidance is a model key (model.class_dropout_prob): the
+  # model needs it to size its label table with a null class.
   c.diffusion = dict(schedule="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02,
-                     objective="eps", class_dropout_prob=0.0)
+                     objective="eps")
   c.train = dict(steps=1000, batch_size=64, lr=1e-4, warmup_steps=100, weight_decay=0.0,
                  grad_clip=1.0, ema_decay=0.999, seed=0, log_every=50, ckpt_every=500,
                  keep_checkpoints=2, sample_every=0, async_checkpoint=False)
@@ -39,36 +42,6 @@ def default_config() -> ml_collections.ConfigDict:
   # Leaves under fsdp_min_size elements stay replicated (see train.sharding.fsdp_spec).
   c.mesh = dict(data=-1, fsdp=1, fsdp_min_size=FSDP_MIN_SIZE)
   return ml_collections.ConfigDict(c.to_dict())
-
-
-def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """Loads `path` (a Python file defining `get_config()`, or the name of a config shipped
-  with the package, e.g. `dit_xl2_imagenet256`, for hosts that have only the installed
-  wheel), merges it over the defaults, applies `key=value` overrides (`train.steps=100`)
-  and validates the result."""
-  from wdmjax.train.presets import PRESETS
-
-  if path in PRESETS and not os.path.isfile(path):
-    cfg = PRESETS[path]()
-    for item in overrides:
-      apply_override(cfg, item)
-    validate(cfg)
-    return cfg
-  check(os.path.isfile(path), f"--config: config file not found: {path!r} (or a shipped "
-                              f"config: {', '.join(sorted(PRESETS))})")
-  spec = importlib.util.spec_from_file_location("wdmjax_user_config", path)
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-  except Exception as e:  # the user's file: report where, not a traceback
-    raise WdmjaxError(f"--config: could not execute {path!r}: {type(e).__name__}: {e}") from e
-  check(hasattr(module, "get_config"), f"--config: {path!r} defines no get_config()")
-  user = module.get_config()
-  cfg = merge(default_config(), user.to_dict() if hasattr(user, "to_dict") else dict(user))
-  for item in overrides:
-    apply_override(cfg, item)
-  validate(cfg)
-  return cfg
 
 
 def merge(base: ml_collections.ConfigDict, update: dict) -> ml_collections.ConfigDict:
@@ -94,26 +67,27 @@ def _parse_value(text: str):
 
 def apply_override(cfg: ml_collections.ConfigDict, item: str) -> None:
   """Applies one `section.key=value` override in place (value parsed as a Python literal)."""
-  check("=" in item, f"--set: expected KEY=VALUE, got {item!r}")
+  check("=" in item, f"overrides: expected KEY=VALUE, got {item!r}")
   key, text = item.split("=", 1)
   parts = key.strip().split(".")
-  check(len(parts) == 2, f"--set: expected a key of the form section.name, got {key!r}")
+  check(len(parts) == 2, f"overrides: expected a key of the form section.name, got {key!r}")
   section, name = parts
-  check(section in cfg, f"--set: unknown section {section!r}; expected one of {sorted(cfg)}")
+  check(section in cfg, f"overrides: unknown section {section!r}; expected one of {sorted(cfg)}")
   check(section == "model" or name in cfg[section],
-        f"--set: unknown key {key!r}; expected one of "
+        f"overrides: unknown key {key!r}; expected one of "
         f"{sorted(section + '.' + k for k in cfg[section])}")
   value = _parse_value(text)
   old = cfg[section].get(name)
   if isinstance(old, bool) or isinstance(value, bool):
-    check(isinstance(value, bool), f"--set {key}: expected True or False, got {text!r}")
+    check(isinstance(value, bool), f"overrides: {key}: expected True or False, got {text!r}")
   elif isinstance(old, float) and isinstance(value, int):
     value = float(value)
   elif isinstance(old, int) and isinstance(value, float) and value.is_integer():
     value = int(value)
   elif old is not None and value is not None and type(old) is not type(value):
-    raise WdmjaxError(f"--set {key}: expected a value of type {type(old).__name__}, got {text!r}")
-  with cfg.unlocked():
+    raise WdmjaxError(f"overrides: {key}: expected a value of type {type(old).__name__}, "
+                      f"got {text!r}")
+  with cfg.unlocked():  # a validated config is locked; a model key may be new
     cfg[section][name] = value
 
 
@@ -124,8 +98,9 @@ def _positive_int(cfg, key: str, minimum: int = 1) -> None:
         f"{key}: expected an integer >= {minimum}, got {v!r}")
 
 
-def validate(cfg: ml_collections.ConfigDict) -> None:
-  """Checks every value a run depends on; raises WdmjaxError naming the first bad key."""
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks every value a run depends on, raising WdmjaxError naming the first bad key, and
+  locks `cfg` (returned): from then on a key can be changed but not added."""
   for key in ("train.steps", "train.batch_size", "data.resolution", "data.channels",
               "diffusion.num_timesteps", "sample.steps", "sample.num"):
     _positive_int(cfg, key)
@@ -158,6 +133,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         f"mesh.data: expected -1 (all devices) or a positive integer, got {cfg.mesh.data!r}")
   _positive_int(cfg, "mesh.fsdp")
   _positive_int(cfg, "mesh.fsdp_min_size")
+  cfg.lock()
+  return cfg
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:
@@ -165,4 +142,9 @@ def to_json(cfg: ml_collections.ConfigDict) -> str:
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:
-  return merge(default_config(), json.loads(text))
+  """The config written by `to_json`, merged over today's defaults (keys added since are
+  filled in) and validated."""
+  d = json.loads(text)
+  # Removed from the schema: it never had an effect (the model key is the one read).
+  d.get("diffusion", {}).pop("class_dropout_prob", None)
+  return validate(merge(default_config(), d))

@@ -1,0 +1,39 @@
+"""The workdir-level API: one function per `wdmjax` command, returning values.
+
+    from wdmjax import runs
+    runs.train("mnist5k_dit", "runs/dit", ["train.steps=3000"])
+    runs.embed("runs/dit_wm", secret, base="runs/dit", steps=600, lr=3e-4)
+    report = runs.verify("runs/dit_wm")
+
+Each function reads and writes a run's directory through `wdmjax.Workdir` and returns a
+result object or a report dict; the command line only parses, prints and sets exit codes.
+"""
+
+from wdmjax.runs.attack import AttackResult, attack, attack_model
+from wdmjax.runs.demo import DEMO_SECRET, DemoResult, base_workdir, demo
+from wdmjax.runs.model import Model, load_model
+from wdmjax.runs.peft import FinetuneResult, finetune, finetune_config, params
+from wdmjax.runs.plan import LatentsResult, latents, plan
+from wdmjax.runs.train import SampleResult, TrainResult, sample, train
+from wdmjax.runs.watermark import (
+  EmbedResult,
+  ExtractResult,
+  embed,
+  evidence_images,
+  extract,
+  extract_samples,
+  read_secret,
+  resolve_secret,
+  verify,
+  verify_model,
+  write_secret,
+)
+
+__all__ = [
+  "DEMO_SECRET", "AttackResult", "DemoResult", "EmbedResult", "ExtractResult",
+  "FinetuneResult", "LatentsResult", "Model", "SampleResult", "TrainResult", "attack",
+  "attack_model", "base_workdir", "demo", "embed", "evidence_images", "extract",
+  "extract_samples", "finetune", "finetune_config", "latents", "load_model", "params", "plan",
+  "read_secret", "resolve_secret", "sample", "train", "verify", "verify_model",
+  "write_secret",
+]

@@ -1,0 +1,285 @@
+"""WDM on workdirs: `embed` a watermark into a model, `extract` it, `verify` a suspect.
+
+A watermarked workdir is an ordinary training workdir plus `secret.json` (the trigger,
+watermark, key and gammas; see `wdmjax.watermark.Secret`, written with owner-only
+permissions) and `embedding.json` (how it was made). The secret never goes into the config,
+the metrics or the log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from wdmjax.configs import apply_override, load_config, validate
+from wdmjax.errors import WdmjaxError, check
+from wdmjax.peft import LR_MULT, PeftSpec
+from wdmjax.peft import finetune as _finetune
+from wdmjax.runs.model import load_model
+from wdmjax.train import TrainState, sample_images, save_grid, setup
+from wdmjax.train import train as _train
+from wdmjax.watermark import (
+  ALPHA,
+  ImageShape,
+  Secret,
+  decoy_test,
+  expected_bits,
+  keyed_test,
+  make_trigger,
+  vote_bits,
+  watermark_labels,
+  wdp_input,
+  wdp_loss,
+)
+from wdmjax.watermark.triggers import expand_blocks
+from wdmjax.workdir import Workdir
+
+EMBED_STEPS = 1000
+FINETUNE_LR = 1e-4
+NUM_DECOYS = 4
+DECOY_FRACTION = 0.5
+DECOY_T_MIN = 0.2
+
+
+# ----------------------------------------------------------------------------- the secret
+
+
+def read_secret(workdir: str | Workdir) -> Secret | None:
+  """The workdir's secret, or None when it has none."""
+  wd = Workdir(workdir)
+  text = wd.read_text(Workdir.SECRET)
+  return None if text is None else Secret.from_json(text, source=wd.file(Workdir.SECRET))
+
+
+def write_secret(workdir: str | Workdir, secret: Secret) -> str:
+  """Writes secret.json, readable by the owner only."""
+  return Workdir(workdir).write_private(Workdir.SECRET, secret.to_json() + "\n")
+
+
+def resolve_secret(workdir: str | Workdir, trigger: str | None = None,
+                   watermark: str | None = None, key: int | None = None,
+                   gamma1: float | None = None, block: int | None = None) -> Secret:
+  """The workdir's secret with any explicitly given part replaced; a suspect workdir without
+  a secret needs `trigger` and `watermark`."""
+  stored = read_secret(workdir)
+  if stored is None:
+    check(trigger is not None and watermark is not None,
+          f"trigger/watermark: {Workdir(workdir).path!r} has no {Workdir.SECRET}; give the "
+          f"secret explicitly (trigger, watermark and, for an exact test, key)")
+    stored = Secret(trigger=trigger, watermark=watermark)
+  changes = {name: v for name, v in (("trigger", trigger), ("watermark", watermark),
+                                     ("key", key), ("gamma1", gamma1), ("block", block))
+             if v is not None}
+  return dataclasses.replace(stored, **changes)
+
+
+def image_shape(cfg: ml_collections.ConfigDict) -> ImageShape:
+  return ImageShape(int(cfg.data.resolution), int(cfg.data.channels))
+
+
+def decoy_kind_for(trigger_spec: str) -> str:
+  """Decoys of the trigger's own kind: random pixels for `random:`, columns for `stripes:`."""
+  kind = trigger_spec.partition(":")[0]
+  return {"random": "pixels", "stripes": "stripes"}.get(kind, "mixed")
+
+
+# ----------------------------------------------------------------------------- embed
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedResult:
+  workdir: str
+  step: int
+  seconds: float
+  secret: str  # the path of secret.json
+  state: TrainState = dataclasses.field(repr=False)  # the final state, on this process
+
+
+def embedding_config(*, base: str | Workdir | None = None, config: str | None = None,
+                     steps: int = EMBED_STEPS,
+                     lr: float | None = None, overrides: Sequence[str] = (),
+                     peft: PeftSpec | None = None) -> ml_collections.ConfigDict:
+  """The config an embedding trains with: the base's (fine-tuning at `lr`, default
+  FINETUNE_LR, or the base's rate times `peft.LR_MULT` for a PEFT strategy; no warm-up) or
+  `config`'s (from scratch), for `steps` steps, `overrides` last. The secret never enters
+  the config."""
+  check((base is None) != (config is None),
+        "base/config: expected exactly one (a base workdir to fine-tune, or a config to "
+        "train from scratch)")
+  check(isinstance(steps, int) and steps >= 1, f"steps: expected a positive integer, "
+                                               f"got {steps!r}")
+  if base is not None:
+    cfg = Workdir(base).read_config()
+    if lr is None:
+      lr = (float(cfg.train.lr) * LR_MULT if peft is not None and peft.strategy != "full"
+            else FINETUNE_LR)
+    apply_override(cfg, "train.warmup_steps=0")
+  else:
+    cfg = load_config(config, [])
+  if lr is not None:
+    check(lr > 0, f"lr: expected a positive learning rate, got {lr!r}")
+    apply_override(cfg, f"train.lr={lr}")
+  apply_override(cfg, f"train.steps={steps}")
+  for o in overrides:
+    apply_override(cfg, o)
+  return validate(cfg)
+
+
+def embed(workdir: str | Workdir, secret: Secret, *, base: str | Workdir | None = None,
+          config: str | None = None, steps: int = EMBED_STEPS, lr: float | None = None,
+          overrides: Sequence[str] = (), decoy_fraction: float = DECOY_FRACTION,
+          decoy_t_min: float = DECOY_T_MIN, peft: PeftSpec | None = None,
+          progress: bool = True, log=None) -> EmbedResult:
+  """Trains the watermark into a model with the joint WDP loss: fine-tunes the base
+  workdir's EMA weights, or trains from scratch from `config`. Resumes an interrupted
+  `workdir`. `peft` (with `base`): a parameter-efficient fine-tune, e.g. DiffFit; the
+  watermarked model is then a delta on the base.
+
+  In a multi-host run every process calls it; process 0 writes the secret and the record.
+  """
+  t0 = time.time()
+  wd = Workdir(workdir)
+  check(peft is None or base is not None, "peft: expected a base workdir to fine-tune")
+  check(base is None or Workdir(base).abspath != wd.abspath,
+        "workdir: expected a new directory, not the base workdir itself")
+  old = read_secret(wd)
+  check(old is None or old == secret,
+        f"workdir: {wd.path!r} already holds a model with a different secret; use a new "
+        f"workdir (or the same trigger, watermark, key, gamma1, gamma2 and block)")
+  cfg = embedding_config(base=base, config=config, steps=steps, lr=lr,
+                         overrides=overrides, peft=peft)
+  su = setup(cfg)
+  trigger, _, targets = secret.images(image_shape(cfg), cfg.data.data_dir)
+  loss = wdp_loss(su.apply_fn, su.schedule, cfg.diffusion.objective, trigger=trigger,
+                  watermark=targets, gamma1=secret.gamma1, gamma2=secret.gamma2,
+                  class_dropout_prob=su.class_dropout_prob, null_label=su.null_label,
+                  num_classes=su.num_classes, decoy_fraction=decoy_fraction,
+                  decoy_kind=decoy_kind_for(secret.trigger), decoy_t_min=decoy_t_min)
+  fresh = not wd.has_checkpoint()
+  base_params = None
+  if base is not None and (fresh or peft is not None):
+    base_params = load_model(base, ema=True).params
+  main = jax.process_index() == 0
+  written = []
+  if main:
+    written = [write_secret(wd, secret), wd.write_json(Workdir.EMBEDDING, {
+      "method": "wdm", "base": Workdir(base).abspath if base is not None else None,
+      "config": config, "steps": steps, "lr": float(cfg.train.lr),
+      "decoy_fraction": decoy_fraction, "decoy_t_min": decoy_t_min,
+      "peft": None if peft is None else peft.strategy})]
+  try:
+    if peft is not None:
+      state = _finetune(cfg, wd, Workdir(base).path, base_params, peft, loss_fn=loss,
+                        progress=progress, log=log)
+    else:
+      state = _train(cfg, wd, loss_fn=loss, init_params=base_params, progress=progress,
+                     log=log)
+  except WdmjaxError:
+    if fresh and not wd.has_checkpoint():  # rejected before any step: leave nothing
+      for path in written:
+        if os.path.exists(path):
+          os.remove(path)
+    raise
+  return EmbedResult(wd.abspath, int(state.step), time.time() - t0, wd.file(Workdir.SECRET),
+                     state)
+
+
+# ----------------------------------------------------------------------------- extract
+
+
+def extract_samples(cfg: ml_collections.ConfigDict, params: chex.ArrayTree,
+                    trigger: np.ndarray, gamma1: float, num: int, *, sampler: str = "ddim",
+                    steps: int = 50, seed: int = 0) -> np.ndarray:
+  """`num` extracted samples [num, H, W, C] in [-1, 1]: the model sampled with the
+  trigger-shifted network input (no guidance; labels as in the watermark loss)."""
+  check(isinstance(num, int) and num >= 1, f"num: expected a positive integer, got {num!r}")
+  su = setup(cfg)
+  rng = jax.random.PRNGKey(seed)
+  labels = watermark_labels(num, su.num_classes, su.null_label, jax.random.fold_in(rng, 1))
+  return sample_images(cfg, params, rng, num, sampler=sampler, steps=steps, eta=0.0,
+                       guidance_scale=1.0, labels=labels, input_transform=wdp_input,
+                       transform_args=(jnp.asarray(trigger, jnp.float32),
+                                       jnp.float32(gamma1)))
+
+
+def evidence_images(samples: np.ndarray, secret: Secret, watermark: np.ndarray) -> np.ndarray:
+  """The vote of the samples and the expected bits as two images [2, H, W, C] in [-1, 1]."""
+  c = samples.shape[-1]
+  votes = vote_bits(samples, secret.block)
+  want = expected_bits(watermark, secret.key, secret.block)
+  return np.stack([expand_blocks(votes, secret.block, c), expand_blocks(want, secret.block, c)])
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractResult:
+  samples: np.ndarray  # [num, H, W, C] in [-1, 1]
+  evidence: np.ndarray  # [2, H, W, C]: the block vote and the expected bits
+  path: str | None
+  seconds: float
+
+
+def extract(workdir: str | Workdir, secret: Secret | None = None, *, num: int = 16,
+            sampler: str = "ddim", steps: int = 50, seed: int = 0, raw: bool = False,
+            out: str | None = None, **secret_parts) -> ExtractResult:
+  """Samples the workdir's model with the trigger of `secret` (default: its own
+  secret.json with any of `trigger`, `watermark`, `key`, `gamma1`, `block` given in
+  `secret_parts` replaced); writes the samples, the block vote and the expected bits to
+  `out` (.png)."""
+  check(out is None or out.lower().endswith(".png"), f"out: expected a .png path, got {out!r}")
+  secret = secret or resolve_secret(workdir, **secret_parts)
+  cfg, params = load_model(workdir, ema=not raw)
+  trigger, watermark, _ = secret.images(image_shape(cfg), cfg.data.data_dir)
+  t0 = time.time()
+  samples = extract_samples(cfg, params, trigger, secret.gamma1, num, sampler=sampler,
+                            steps=steps, seed=seed)
+  evidence = evidence_images(samples, secret, watermark)
+  if out is not None:
+    save_grid(np.concatenate([samples, evidence]), out, upscale=2)
+  return ExtractResult(samples, evidence, out, time.time() - t0)
+
+
+# ----------------------------------------------------------------------------- verify
+
+
+def verify_model(cfg: ml_collections.ConfigDict, params: chex.ArrayTree, secret: Secret, *,
+                 num: int = 16, sampler: str = "ddim", steps: int = 50, seed: int = 0,
+                 alpha: float = ALPHA, decoys: int = NUM_DECOYS) -> dict:
+  """Extracts `num` samples with the secret's trigger and tests them: the exact keyed test
+  with a key, a decoy-calibrated rank test without. Returns the report."""
+  shape = image_shape(cfg)
+  trigger, watermark, _ = secret.images(shape, cfg.data.data_dir)
+  samples = extract_samples(cfg, params, trigger, secret.gamma1, num, sampler=sampler,
+                            steps=steps, seed=seed)
+  if secret.key is not None:
+    out = keyed_test(samples, watermark, secret.key, secret.block, alpha)
+  else:
+    check(isinstance(decoys, int) and decoys >= 1,
+          f"decoys: expected at least 1 for an unkeyed watermark, got {decoys!r}")
+    decoy_samples = [
+      extract_samples(cfg, params, make_trigger(f"random:{1_000_003 + i}", shape),
+                      secret.gamma1, num, sampler=sampler, steps=steps, seed=seed + 1 + i)
+      for i in range(decoys)]
+    out = decoy_test(samples, decoy_samples, watermark, secret.block, alpha)
+  out.update({"num_samples": num, "sampler": sampler, "steps": steps})
+  return out
+
+
+def verify(workdir: str | Workdir, secret: Secret | None = None, *, num: int = 16,
+           sampler: str = "ddim", steps: int = 50, seed: int = 0, alpha: float = ALPHA,
+           decoys: int = NUM_DECOYS, raw: bool = False, **secret_parts) -> dict:
+  """Tests whether the workdir's model carries the watermark of `secret` (default: its own
+  secret.json, with any of `trigger`, `watermark`, `key`, `gamma1`, `block` given in
+  `secret_parts` replaced). Returns the report (log10_p_value, verified, bits,
+  agreeing_bits, bit_agreement, null_agreement, alpha, test, ...)."""
+  secret = secret or resolve_secret(workdir, **secret_parts)
+  cfg, params = load_model(workdir, ema=not raw)
+  return verify_model(cfg, params, secret, num=num, sampler=sampler, steps=steps, seed=seed,
+                      alpha=alpha, decoys=decoys)
