@@ -4,7 +4,6 @@ import contextlib
 import io
 import os
 import subprocess
-import sys
 
 import pytest
 
@@ -35,10 +34,3 @@ def run_cli(*args) -> subprocess.CompletedProcess:
       code = e.code if isinstance(e.code, int) else 2
   return subprocess.CompletedProcess(["wdmjax", *argv], code, out.getvalue(), err.getvalue())
 
-
-def spawn_cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
-  """Runs `python -m wdmjax.cli ARGS` in a new process: for what a process of its own needs
-  (signals, device counts, exit codes of the interpreter)."""
-  return subprocess.run([sys.executable, "-m", "wdmjax.cli", *map(str, args)],
-                        capture_output=True, text=True, env=env or os.environ.copy(),
-                        timeout=timeout, cwd=ROOT)

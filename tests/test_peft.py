@@ -145,7 +145,7 @@ def test_lora_starts_as_the_identity_and_trains_adapters():
   step = make_train_step(loss, tx, 0.99, make_mesh(1), frozen=frozen, combine=combine)
   state = create_train_state(trainable, tx, jax.random.PRNGKey(1))
   state, _ = step(state, {"image": jnp.ones((4, 8, 8, 1)) * 0.5, "label": jnp.arange(4)})
-  b = state.params["lora"]["DiTBlock_0/mlp/fc1/kernel"]["b"]
+  b = state.params["lora"]["DiTBlock_0.mlp.fc1.kernel"]["b"]
   assert np.abs(np.asarray(b)).max() > 0
 
 
@@ -240,3 +240,18 @@ def test_cli_finetune_and_a_difffit_watermark(base_and_finetune):
   r = run_cli("embed", "--config", TINY_DIT, "--workdir", str(root / "x"), "--peft", "difffit",
               "--trigger", "random:1", "--watermark", "keyed:2", "--key", "5", "--steps", "2")
   assert r.returncode == 2 and "--peft: expected a base workdir" in r.stderr
+
+
+@pytest.mark.parametrize("strategy", ["lora", "difffit"])
+def test_a_saved_delta_applies_onto_its_base_for_every_layout(strategy, tmp_path):
+  """The delta file round trip, LoRA included (its adapters are keyed by kernel path)."""
+  from wdmjax.peft import combine_params, reference, save_delta
+  base = init_params(build_model(TINY), jax.random.PRNGKey(0))
+  spec = PeftSpec(strategy)
+  trainable, frozen, _, combine = prepare(spec, base, jax.random.PRNGKey(1))
+  trainable = jax.tree.map(lambda x: x + 0.01, trainable)  # a trained delta is not at init
+  path = save_delta(trainable, str(tmp_path / "delta.npz"))
+  got = apply_delta(path, base, reference(spec, "base", base, trainable, frozen))
+  want = combine_params(trainable, frozen, spec.lora_alpha)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

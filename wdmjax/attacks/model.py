@@ -11,6 +11,8 @@ parses all of them from `NAME:STRENGTH` and applies them to a workdir.
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -72,6 +74,12 @@ def weight_noise(params: chex.ArrayTree, key: chex.PRNGKey, std: float, relative
                  ) -> chex.ArrayTree:
   """Adds N(0, std^2) to every weight (relative: std times each tensor's own std)."""
   check(std >= 0.0, f"noise: expected a non-negative std, got {std!r}")
+  return _weight_noise(params, key, jnp.float32(std), relative)
+
+
+@functools.partial(jax.jit, static_argnames="relative")  # one compile, not one per leaf shape
+def _weight_noise(params: chex.ArrayTree, key: chex.PRNGKey, std: chex.Array, relative: bool
+                  ) -> chex.ArrayTree:
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(key, len(leaves))
   out = []

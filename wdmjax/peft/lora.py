@@ -2,7 +2,8 @@
 paper's main baseline.
 
 The adapters live beside the parameters under a top-level 'lora' key, one {'a': [in, r],
-'b': [r, out]} pair per adapted kernel (keyed by the kernel's path, '/'-joined); 'b' starts
+'b': [r, out]} pair per adapted kernel (keyed by the kernel's path, '.'-joined, so that a
+'/'-flattened delta file keeps one level per adapter); 'b' starts
 at zero, so a fresh adapter changes nothing. `apply_lora` folds them in, W + (alpha / r) a b,
 before the network runs: simple and exact, though the weight-sized gradient of W + a b is
 still formed (a fused LoRA layer would avoid it).
@@ -38,7 +39,7 @@ def init_lora(rng: chex.PRNGKey, params: chex.ArrayTree, rank: int) -> dict:
   out = {}
   for key, k in zip(jax.random.split(rng, len(targets)), targets, strict=True):
     d_in, d_out = flat[k].shape
-    out["/".join(k)] = {"a": jax.random.normal(key, (d_in, rank), jnp.float32) / jnp.sqrt(d_in),
+    out[".".join(k)] = {"a": jax.random.normal(key, (d_in, rank), jnp.float32) / jnp.sqrt(d_in),
                         "b": jnp.zeros((rank, d_out), jnp.float32)}
   return {LORA: out}
 
@@ -53,7 +54,7 @@ def apply_lora(params: chex.ArrayTree, alpha: float | None = None) -> chex.Array
   adapters = params[LORA]
   flat = traverse_util.flatten_dict({k: v for k, v in params.items() if k != LORA})
   for name, ab in adapters.items():
-    k = tuple(name.split("/"))
+    k = tuple(name.split("."))
     check(k in flat, f"lora: no kernel {name!r} in the parameters")
     r = ab["a"].shape[1]
     scale = (r if alpha is None else alpha) / r
