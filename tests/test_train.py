@@ -156,7 +156,7 @@ def _start_and_interrupt(workdir, sig, after_ckpt, steps):
 
 
 def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tmp_path):
-  steps = 600
+  steps = 300
   common = ["--set", f"train.steps={steps}", "--set", "train.ckpt_every=10", "--no-progress",
             "--no-samples"]
   ref = str(tmp_path / "ref")
