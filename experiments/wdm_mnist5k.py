@@ -267,9 +267,10 @@ def markdown(res: dict) -> str:
     "absolute neighbour difference; speckle and stripes raise it). Verification: "
     f"{res['num_extract']} extracted samples, cells are `agreeing bits/bits, log10 p`; "
     "verified means log10 p <= -6. Keyed runs use the exact binomial test, the unkeyed "
-    "multi_plain runs the decoy rank-sum test (its p-value is the rank test's; the bits are "
-    "descriptive). A run marked with another device was measured there, its ratios against "
-    "a clean fine-tune on that device.",
+    "multi_plain runs the decoy permutation test over triggers (its p-value, at least "
+    "1/(decoys + 1), is the permutation test's; the bits are descriptive). A run marked with "
+    "another device was measured there, its ratios against a clean fine-tune on that "
+    "device.",
     "",
     f"Task quality: base model FD {base['fd']:.2f}, unguided {base['fd_unguided']:.2f}, TV "
     f"{base['tv']:.3f}; clean fine-tune (plain loss, same steps) FD {clean['fd']:.2f}, "

@@ -10,6 +10,16 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DIT = os.path.join(ROOT, "tests", "configs", "tiny_dit.py")
 
+# JAX's persistent compilation cache, for this process and every subprocess a test starts
+# (set before JAX is imported): the tests compile the same tiny programs many times over,
+# and a hit loads the executable instead of compiling it again. Keyed by the program, the
+# JAX version and the flags, so it never changes a result.
+for _name, _value in (("JAX_COMPILATION_CACHE_DIR",
+                       os.path.join(ROOT, ".pytest_cache", "jax_compilation_cache")),
+                      ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0"),
+                      ("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")):
+  os.environ.setdefault(_name, _value)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def data_dir(tmp_path_factory):

@@ -158,7 +158,12 @@ def test_attack_cli_writes_a_workdir_verify_accepts(tmp_path):
   meta = json.load(open(os.path.join(out, "attacks.json")))
   assert meta["attacks"] == ["finetune:3", "prune:0.3", "quantize:int8", "steps:6",
                              "dropout:0.2"]
+  # The owner's secret stays home: the attacked copy is verified with the original's.
+  assert not os.path.exists(os.path.join(out, "secret.json"))
   r = run_cli("verify", "--workdir", out, "--json", "--num", "2", "--steps", "4")
+  assert r.returncode == 2 and "--trigger/--watermark" in r.stderr, r.stderr
+  r = run_cli("verify", "--workdir", out, "--secret", src, "--json", "--num", "2", "--steps",
+              "4")
   assert r.returncode == 0, r.stderr
   assert json.loads(r.stdout)["bits"] == 16
   # A second run into the same directory is refused; nothing half-written is left.

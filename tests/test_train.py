@@ -165,13 +165,15 @@ def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tmp_path):
 
   run = str(tmp_path / "run")
   rc, out, err = _start_and_interrupt(run, signal.SIGTERM, after_ckpt=20, steps=steps)
-  assert rc == 0 and "stopped by signal" in out, (rc, out, err)
+  assert rc == 128 + signal.SIGTERM and "stopped by signal" in err, (rc, out, err)
   stopped_at = _latest_ckpt(run)
   assert 20 <= stopped_at < steps
   rc, _, _ = _start_and_interrupt(run, signal.SIGKILL, after_ckpt=stopped_at + 20, steps=steps)
   assert rc == -signal.SIGKILL
   r = run_cli("train", "--config", TINY_DIT, "--workdir", run, *common)
   assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
+  logged = [m["step"] for m in Workdir(run).read_metrics()]  # replayed steps logged once
+  assert logged == list(range(5, steps + 1, 5)), logged
 
   _, p_ref = load_trained(ref, ema=False)
   _, p_run = load_trained(run, ema=False)

@@ -1,9 +1,11 @@
 """Tests of WDM: the watermark kernel, extraction, triggers, the exact test, the CLI."""
 
+import dataclasses
 import json
 import math
 import os
 import stat
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -12,24 +14,29 @@ import pytest
 from PIL import Image
 
 from tests.conftest import TINY_DIT, run_cli
+from wdmjax import runs
 from wdmjax.data import load_arrays
 from wdmjax.data.pipeline import preprocess
 from wdmjax.diffusion import diffusion_loss, make_schedule, sample
 from wdmjax.errors import WdmjaxError
 from wdmjax.models import build_model, init_params
-from wdmjax.stats import rank_sum_log10_p
+from wdmjax.stats import permutation_log10_p, rank_sum_log10_p
 from wdmjax.train import create_train_state, make_optimizer, make_train_step
 from wdmjax.train.sharding import make_mesh
 from wdmjax.watermark import (
   ImageShape,
   Secret,
+  best_log10_p,
   decoy_test,
+  decoy_trigger_specs,
   expected_bits,
   extract,
+  is_generated_trigger,
   keyed_targets,
   keyed_test,
   make_trigger,
   make_watermark,
+  reach_warning,
   vote_bits,
   wdp_loss,
   wdp_moments,
@@ -239,19 +246,68 @@ def test_keyed_test_null_is_a_fair_coin():
   assert abs(np.mean(rates) - 0.5) < 0.02
 
 
-def test_decoy_test_calibrates_the_null():
+def test_decoy_test_is_a_permutation_test_over_triggers():
   rng = np.random.default_rng(0)
   w = rng.normal(size=(5, 8, 8, 1)).astype(np.float32)
   draw = lambda m: rng.normal(size=(m, 8, 8, 1)).astype(np.float32)
   # Secret-trigger samples drawn like the decoys' (a model that never learned the trigger).
   r = decoy_test(draw(16), [draw(16) for _ in range(4)], w, block=2)
-  assert r["test"] == "decoy-rank-sum" and not r["verified"]
-  assert r["decoy_samples"] == 64 and 0.0 < r["null_agreement"] < 1.0
-  # Samples that are noisy copies of the watermark images: the rank test finds them.
+  assert r["test"] == "decoy-permutation" and not r["verified"]
+  assert r["decoys"] == 4 and r["decoy_samples"] == 64 and 0.0 < r["null_agreement"] < 1.0
+  # Noisy copies of the watermark images beat every decoy: p = 1 / (4 + 1), the smallest
+  # there is, which cannot reach the default alpha: not verified, and the report says why.
   copies = w[rng.integers(0, 5, 16)] + 0.5 * draw(16)
   r = decoy_test(copies, [draw(16) for _ in range(4)], w, block=2)
-  assert r["verified"] and r["log10_p_value"] < -10
-  assert r["similarity_median"] > r["decoy_similarity_median"]
+  assert r["log10_p_value"] == pytest.approx(math.log10(1 / 5))
+  assert r["similarity_mean"] > max(r["decoy_similarity_means"])
+  assert not r["verified"] and "1/5" in r["warning"] and "key" in r["warning"]
+  r = decoy_test(copies, [draw(16) for _ in range(4)], w, block=2, alpha=0.2)
+  assert r["verified"] and "warning" not in r
+  # Ties count against the owner: identical samples give p = 1.
+  r = decoy_test(copies, [copies] * 4, w, block=2, alpha=0.2)
+  assert r["log10_p_value"] == 0.0 and not r["verified"]
+
+
+def test_trigger_permutation_is_calibrated_where_the_sample_rank_sum_is_not():
+  """Null scores with a trigger effect (each trigger shifts all its samples' scores by its own
+  N(0, 0.5^2)): the old rank-sum over samples rejects far above its level, the permutation
+  test over trigger means keeps P(p <= q) <= q, also when coarse statistics tie."""
+  rng = np.random.default_rng(0)
+  sims, decoys, m = 4000, 4, 16
+  scores = 0.5 * rng.normal(size=(sims, decoys + 1, 1)) + rng.normal(size=(sims, decoys + 1, m))
+  rank_p = np.array([10 ** rank_sum_log10_p(s[0], s[1:].ravel()) for s in scores[:400]])
+  assert np.mean(rank_p <= 0.01) > 0.05  # anti-conservative: 12% at level 1%
+  means = scores.mean(2)
+  for stats in (means, np.round(means * 2) / 2):  # the second ties 64% of the time
+    p = np.array([10 ** permutation_log10_p(s[0], s[1:]) for s in stats])
+    for q in (0.2, 0.4, 0.6, 0.8):
+      assert np.mean(p <= q + 1e-9) <= q + 3 * math.sqrt(q * (1 - q) / sims), q
+  assert np.mean(p <= 0.2 + 1e-9) > 0.05  # the first one is exact (about 0.2), not vacuous
+
+
+def test_decoy_triggers_come_from_the_secret_triggers_generator():
+  assert decoy_trigger_specs("random:1", 2) == ["random:1000003", "random:1000004"]
+  assert decoy_trigger_specs("stripes:7", 1) == ["stripes:1000003"]
+  assert decoy_trigger_specs("random:1000003", 2) == ["random:1000004", "random:1000005"]
+  assert decoy_trigger_specs("logo.png", 1) == ["random:1000003"]  # no generator to share
+  assert is_generated_trigger("stripes:7") and not is_generated_trigger("logo.png")
+
+
+def test_best_log10_p_warns_when_a_secret_can_never_verify():
+  keyed = Secret("random:1", "keyed:2", key=3, block=2)
+  assert best_log10_p(keyed, SHAPE) == pytest.approx(16 * math.log10(0.5))  # (8 / 2)^2 bits
+  warning = reach_warning(keyed, SHAPE, alpha=1e-6)
+  assert "16 bits" in warning and "10^-4.82" in warning
+  assert reach_warning(keyed, SHAPE, alpha=1e-4) is None
+  assert reach_warning(Secret("random:1", "keyed:2", key=3, block=1), SHAPE) is None  # 64
+  unkeyed = Secret("random:1", "keyed:2", block=2)
+  assert best_log10_p(unkeyed, SHAPE, decoys=9) == pytest.approx(-1.0)
+  assert "1/10" in reach_warning(unkeyed, SHAPE, alpha=1e-6, decoys=9)
+  with pytest.raises(WdmjaxError, match="decoys"):
+    best_log10_p(unkeyed, SHAPE)
+  samples = np.ones((3, 8, 8, 1), np.float32)
+  assert "16 bits" in keyed_test(samples, np.ones((1, 8, 8, 1)), 3, 2)["warning"]
+  assert "warning" not in keyed_test(samples, np.ones((1, 8, 8, 1)), 3, 2, alpha=1e-3)
 
 
 def test_rank_sum_matches_the_exact_count():
@@ -353,6 +409,154 @@ def test_verify_json_and_explicit_secret(embedded, tmp_path):
   assert r.returncode == 0 and os.path.isfile(png), r.stderr
 
 
+def test_verify_takes_the_secret_from_the_owner_only(embedded, tmp_path, monkeypatch):
+  """A suspect's own secret.json (here a hostile one: another gamma1, block and key) never
+  changes a test with an explicit secret; --secret names the owner's; the key may come from
+  a file or WDMJAX_KEY; the report and the text output say where the secret came from."""
+  monkeypatch.delenv("WDMJAX_KEY", raising=False)
+  suspect = tmp_path / "suspect"
+  suspect.mkdir()
+  for name in ("config.json", "checkpoints"):
+    os.symlink(os.path.join(embedded, name), suspect / name)
+  (suspect / "secret.json").write_text(json.dumps(
+    {"trigger": "random:1", "watermark": "keyed:2", "key": 5, "gamma1": 0.3, "block": 8}))
+  key_file = tmp_path / "key"
+  key_file.write_text("77\n")
+  common = ["verify", "--workdir", suspect, "--num", "3", "--steps", "5", "--json"]
+  explicit = ["--trigger", "random:1", "--watermark", "keyed:2", "--block", "2"]
+  reports = {}
+  for name, extra in (("owner", ["--secret", embedded]),
+                      ("file", ["--secret", os.path.join(embedded, "secret.json")]),
+                      ("key_file", [*explicit, "--key-file", key_file])):
+    r = run_cli(*common, *extra)
+    assert r.returncode == 0, r.stderr
+    reports[name] = json.loads(r.stdout)
+    assert reports[name]["bits"] == 16  # block 2 on 8x8, not the suspect's 8
+    assert "wdmjax: warning: the secret has 16 bits" in r.stderr  # 10^-4.8 > alpha 1e-6
+  want = os.path.abspath(os.path.join(embedded, "secret.json"))
+  assert reports["owner"]["secret_source"] == reports["file"]["secret_source"] == want
+  assert reports["key_file"]["secret_source"] == "explicit"
+  assert len({r["bit_agreement"] for r in reports.values()}) == 1
+  # Unkeyed, with an image-file trigger: the permutation test says it is not exact, and
+  # that 1/(2 + 1) can never reach alpha.
+  png = tmp_path / "trigger.png"
+  Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * 4).save(png)
+  r = run_cli(*common, "--trigger", png, "--watermark", "keyed:2", "--block", "2",
+              "--decoys", "2")
+  assert r.returncode == 0, r.stderr
+  out = json.loads(r.stdout)
+  assert out["test"] == "decoy-permutation" and out["decoys"] == 2 and not out["verified"]
+  assert out["log10_p_value"] >= math.log10(1 / 3) - 1e-9
+  assert "image file" in out["warning"] and "1/3" in out["warning"]
+  assert "wdmjax: warning:" in r.stderr
+  monkeypatch.setenv("WDMJAX_KEY", "77")
+  r = run_cli(*common[:-1], *explicit)  # text output
+  assert r.returncode == 0 and "secret: explicit" in r.stdout, r.stderr
+  assert f"{reports['owner']['agreeing_bits']}/16 bits agree" in r.stdout
+  r = run_cli("extract", "--workdir", suspect, "--secret", embedded, "--num", "3", "--steps",
+              "5", "--out", tmp_path / "x.png")
+  assert r.returncode == 0 and f"(secret: {want})" in r.stdout, r.stderr
+  # Explicit parts without trigger and watermark read nothing: an error, not the suspect's.
+  r = run_cli(*common, "--key", "77")
+  assert r.returncode == 2 and "--trigger/--watermark" in r.stderr
+  key_file.write_text("secret987654321x")
+  r = run_cli(*common, *explicit, "--key-file", key_file)
+  assert r.returncode == 2 and "--key-file" in r.stderr and "987654321" not in r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_resolve_secret_sources(tmp_path):
+  owner, suspect = str(tmp_path / "owner"), str(tmp_path / "suspect")
+  mine = Secret("random:1", "keyed:2", key=77, block=2)
+  runs.write_secret(owner, mine)
+  runs.write_secret(suspect, Secret("random:1", "keyed:2", key=5, gamma1=0.3, block=8))
+  owner_file = os.path.abspath(os.path.join(owner, "secret.json"))
+  got = runs.resolve_secret(suspect, trigger="random:1", watermark="keyed:2", key=77)
+  assert got == (Secret("random:1", "keyed:2", key=77), "explicit")  # defaults, not 0.3/8
+  for path in (owner, owner_file):
+    assert runs.resolve_secret(suspect, path, block=4) == (dataclasses.replace(mine, block=4),
+                                                           owner_file)
+  assert runs.resolve_secret(suspect, mine, key=1) == (dataclasses.replace(mine, key=1),
+                                                       "explicit")
+  assert runs.resolve_secret(owner) == (mine, owner_file)  # the owner's own model
+  with pytest.raises(WdmjaxError, match="trigger/watermark: expected both"):
+    runs.resolve_secret(suspect, key=77)
+  with pytest.raises(WdmjaxError, match="secret: expected the owner's secret.json"):
+    runs.resolve_secret(suspect, str(tmp_path))
+
+
+def test_read_key_precedence_and_errors(tmp_path, monkeypatch):
+  key_file = tmp_path / "key"
+  key_file.write_text(" 42\n")
+  monkeypatch.setenv("WDMJAX_KEY", "7")
+  assert runs.read_key(5, key_file) == 5
+  assert runs.read_key(None, key_file) == 42
+  assert runs.read_key() == 7 and runs.read_key(env=False) is None
+  monkeypatch.delenv("WDMJAX_KEY")
+  assert runs.read_key() is None
+  for text in ("987654321x", "-987654321", "9876 54321", "", "9" * 5000):
+    key_file.write_text(text)
+    with pytest.raises(WdmjaxError, match="key_file: expected") as e:
+      runs.read_key(None, key_file)
+    assert "98765" not in str(e.value) and "999" not in str(e.value)
+  monkeypatch.setenv("WDMJAX_KEY", "0x987654321")
+  with pytest.raises(WdmjaxError, match="WDMJAX_KEY: expected") as e:
+    runs.read_key()
+  assert "987654321" not in str(e.value)
+  with pytest.raises(WdmjaxError, match="no such file"):
+    runs.read_key(None, tmp_path / "none")
+
+
+@pytest.mark.parametrize("text", [
+  '{"trigger": "random:1", "watermark": "keyed:2", "key": "987654321"}',
+  '{"trigger": "random:1", "watermark": "keyed:2", "key": -987654321}',
+  '{"trigger": "random:1", "watermark": "keyed:2", "key": 987654321, "gamma1": "9x"}',
+  '{"trigger": "random:1", "watermark": "keyed:2", "key": 987654321, "gamma1": 9}',
+  '{"trigger": "random:1", "key": 987654321, "salt": 1}',
+  '[987654321]',
+  '{"trigger": "random:1", "watermark": "keyed:2", "key": 987654321',
+])
+def test_secret_json_errors_never_echo_the_key(text):
+  with pytest.raises(WdmjaxError, match="^s.json: ") as e:
+    Secret.from_json(text, source="s.json")
+  assert "987654321" not in str(e.value) and "9x" not in str(e.value)
+
+
+def test_secret_is_written_private_never_through_a_link(tmp_path, monkeypatch):
+  """secret.json goes through a temporary file that mkstemp creates exclusively (mode 0o600,
+  O_EXCL | O_NOFOLLOW): a planted world-readable file or link at a temporary name is skipped,
+  and a link at secret.json itself is replaced, not written through."""
+  victim = tmp_path / "victim"
+  victim.write_text("victim")
+  os.chmod(victim, 0o644)
+  wd = tmp_path / "wd"
+  wd.mkdir()
+  os.symlink(victim, wd / ".secret.json.planted_link.tmp")
+  (wd / ".secret.json.planted_file.tmp").write_text("planted")
+  os.chmod(wd / ".secret.json.planted_file.tmp", 0o666)
+  os.symlink(victim, wd / "secret.json")
+  tried = []
+
+  def names():
+    for name in ("planted_link", "planted_file", "fresh"):
+      tried.append(name)
+      yield name
+
+  monkeypatch.setattr(tempfile, "_get_candidate_names", names)
+  runs.write_secret(wd, Secret("random:1", "keyed:2", key=77))
+  assert tried == ["planted_link", "planted_file", "fresh"]  # mkstemp asked for each name
+  assert victim.read_text() == "victim" and stat.S_IMODE(os.stat(victim).st_mode) == 0o644
+  assert (wd / ".secret.json.planted_file.tmp").read_text() == "planted"
+  assert not os.path.islink(wd / "secret.json")
+  assert stat.S_IMODE(os.lstat(wd / "secret.json").st_mode) == 0o600
+  assert runs.read_secret(wd).key == 77
+  assert not os.path.exists(wd / ".secret.json.fresh.tmp")
+  os.chmod(wd / "secret.json", 0o644)  # a world-readable secret.json becomes private again
+  monkeypatch.undo()
+  runs.write_secret(wd, Secret("random:1", "keyed:2", key=78))
+  assert stat.S_IMODE(os.stat(wd / "secret.json").st_mode) == 0o600
+
+
 @pytest.mark.parametrize("args, match", [
   (["--trigger", "random:x"], "--trigger: expected an integer seed"),
   (["--trigger", "blur:3"], "--trigger: expected one of"),
@@ -376,8 +580,7 @@ def test_embed_rejected_by_the_engine_leaves_no_secret(tmp_path):
               "random:1", "--watermark", "keyed:2", "--key", "1", "--block", "2", "--steps",
               "2", "--set", "data.name=cifar10", "--set", f"data.data_dir={tmp_path / 'none'}")
   assert r.returncode == 2 and "cifar10" in r.stderr, r.stderr
-  assert not os.path.exists(tmp_path / "w" / "secret.json")
-  assert not os.path.exists(tmp_path / "w" / "embedding.json")
+  assert not os.path.exists(tmp_path / "w")  # nothing left: the workdir is as it was
 
 
 def test_workdir_without_checkpoint_gives_one_line_error(tmp_path):

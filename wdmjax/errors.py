@@ -1,4 +1,8 @@
-"""The one exception type that wdmjax raises for bad user input."""
+"""The one exception type that wdmjax raises for bad user input, and the checks shared by
+every parameter of one kind (seeds, finite numbers)."""
+
+import math
+import numbers
 
 
 class WdmjaxError(ValueError):
@@ -12,3 +16,54 @@ def check(condition: bool, message: str) -> None:
   """Raises `WdmjaxError(message)` unless `condition` holds."""
   if not condition:
     raise WdmjaxError(message)
+
+
+# JAX keeps the low 32 bits of an integer seed (without x64), so 2**32 + s and -s would
+# silently repeat other seeds, and seeds beyond int64 overflow.
+SEED_MAX = 2**32 - 1
+
+
+def check_seed(seed, name: str = "seed") -> int:
+  """A PRNG seed: an integer in [0, SEED_MAX]; returns it as an int."""
+  check(isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
+        and 0 <= seed <= SEED_MAX, f"{name}: expected an integer in [0, {SEED_MAX}], got {seed!r}")
+  return int(seed)
+
+
+def _expected_number(low, high, low_open: bool, high_open: bool) -> str:
+  if low is not None and high is not None:
+    return f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+  if low == 0:
+    return "a positive number" if low_open else "a non-negative number"
+  if low is not None:
+    return f"a number {'>' if low_open else '>='} {low:g}"
+  if high is not None:
+    return f"a number {'<' if high_open else '<='} {high:g}"
+  return "a finite number"
+
+
+def check_number(value, name: str, low: float | None = None, high: float | None = None, *,
+                 low_open: bool = False, high_open: bool = False) -> float:
+  """A finite real number (not a bool) in the interval from `low` to `high` (None: unbounded;
+  an end is excluded when its `*_open` flag is set); returns it as a float. Every float a
+  user types goes through it: NaN and inf pass every `x > 0` test but poison a run."""
+  ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (low is None or (value > low if low_open else value >= low))
+        and (high is None or (value < high if high_open else value <= high)))
+  if not ok:
+    finite = not isinstance(value, numbers.Real) or math.isfinite(value)
+    raise WdmjaxError(f"{name}: expected {_expected_number(low, high, low_open, high_open)}, "
+                      f"got {value!r}{'' if finite else ' (not finite)'}")
+  return float(value)
+
+
+class Interrupted(KeyboardInterrupt):
+  """A run stopped by a signal (SIGTERM, Ctrl-C) after saving its last step: rerunning the
+  same command resumes it. A KeyboardInterrupt, so code that handles Ctrl-C handles it; the
+  CLI exits with status 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM)."""
+
+  def __init__(self, signum: int, step: int, directory: str):
+    super().__init__(f"stopped by signal {signum} at step {step}; checkpoint saved in "
+                     f"{directory}, rerun the same command to resume")
+    self.signum, self.step, self.directory = signum, step, directory

@@ -16,15 +16,18 @@ The training engine writes the first five through a `Workdir`; the methods write
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+from collections.abc import Iterator
 from typing import Any
 
 import ml_collections
 
 from wdmjax.configs import from_json, to_json
-from wdmjax.errors import check
-from wdmjax.files import atomic_write, read_json, write_json
+from wdmjax.errors import WdmjaxError, check
+from wdmjax.files import atomic_write, check_dir_path, read_json, write_json
 
 # The config sections that fix the parameters' shapes and meaning: a workdir never mixes two.
 _FIXED = {"model": None, "diffusion": None, "data": ("resolution", "channels")}
@@ -48,6 +51,7 @@ class Workdir:
     path = path.path if isinstance(path, Workdir) else os.fspath(path)
     check(isinstance(path, str) and bool(path), f"workdir: expected a directory path, got "
                                                 f"{path!r}")
+    check_dir_path(path, "workdir")  # not a file, nor inside one
     self.path = path
 
   def __repr__(self) -> str:
@@ -78,8 +82,8 @@ class Workdir:
 
   def read_config(self) -> ml_collections.ConfigDict:
     check(self.has_config(), f"workdir: no trained run in {self.path!r} (no {self.CONFIG})")
-    with open(self.file(self.CONFIG)) as f:
-      return from_json(f.read())
+    with open(self.file(self.CONFIG), "rb") as f:
+      return from_json(f.read(), source=self.file(self.CONFIG))
 
   def write_config(self, cfg: ml_collections.ConfigDict) -> None:
     """Writes config.json; refuses a workdir that holds a run of another model or data."""
@@ -112,6 +116,24 @@ class Workdir:
     with open(self.file(self.METRICS), "a") as f:
       f.write(json.dumps(row) + "\n")
 
+  def truncate_metrics(self, step: int) -> None:
+    """Drops the rows of steps after `step` (a run resumed from the checkpoint of `step`
+    replays them), atomically; a torn last line (a crash mid-write) goes too."""
+    if not self.exists(self.METRICS):
+      return
+    with open(self.file(self.METRICS)) as f:
+      lines = f.readlines()
+    keep = []
+    for line in lines:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+        keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) != len(lines):
+      atomic_write(self.file(self.METRICS), "".join(keep))
+
   def read_metrics(self) -> list[dict]:
     if not self.exists(self.METRICS):
       return []
@@ -123,11 +145,50 @@ class Workdir:
     stem = f"{name:07d}" if isinstance(name, int) else name
     return os.path.join(self.path, self.SAMPLES, f"{stem}.png")
 
+  # ------------------------------------------------------------------ failures
+
+  @contextlib.contextmanager
+  def undo_on_failure(self, enabled: bool = True) -> Iterator[None]:
+    """Leaves the workdir as it was when the block fails before its first checkpoint: every
+    file or folder the block created goes again (the workdir too, if it is new). Once a
+    checkpoint exists the block has made progress that a rerun resumes, and nothing is
+    removed. `enabled=False` (the other processes of a multi-host run): only process 0
+    writes, so only it cleans up."""
+    existed = os.path.isdir(self.path)
+    before = set(os.listdir(self.path)) if existed else set()
+    had_checkpoint = self.has_checkpoint()
+    try:
+      yield
+    except BaseException:
+      if enabled and not had_checkpoint and not self.has_checkpoint():
+        self._remove_new(existed, before)
+      raise
+
+  def _remove_new(self, existed: bool, before: set[str]) -> None:
+    if not os.path.isdir(self.path):
+      return
+    if not existed:
+      shutil.rmtree(self.path, ignore_errors=True)
+      return
+    for name in set(os.listdir(self.path)) - before:
+      path = self.file(name)
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+      else:
+        with contextlib.suppress(OSError):
+          os.remove(path)
+
   # ------------------------------------------------------------------ JSON records
 
   def read_json(self, name: str) -> Any | None:
     """The JSON file `name`, or None when the workdir has none."""
-    return read_json(self.file(name)) if self.exists(name) else None
+    if not self.exists(name):
+      return None
+    try:
+      return read_json(self.file(name))
+    except ValueError as e:  # truncated or garbled (UnicodeDecodeError included)
+      raise WdmjaxError(f"workdir: expected JSON in {self.file(name)!r}, got invalid JSON "
+                        f"({e})") from None
 
   def write_json(self, name: str, obj: Any) -> str:
     os.makedirs(self.path, exist_ok=True)

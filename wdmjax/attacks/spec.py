@@ -18,6 +18,7 @@ caller's `finetune` function (`wdmjax.runs.attack` trains them with `wdmjax.peft
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,17 +58,19 @@ def parse_attack(text: str) -> Attack:
           f"attack: expected quantize:MODE with MODE in {list(QUANT_MODES)}, got {text!r}")
     return Attack(name, value)
   if name in _INT:
-    check(value.isdigit() and int(value) >= 1,
+    check(value.isascii() and value.isdigit() and int(value) >= 1,
           f"attack: expected {name}:N with N a positive integer, got {text!r}")
     return Attack(name, int(value))
   try:
     x = float(value)
   except ValueError:
     x = float("nan")
+  # Finite only: `inf >= 0` holds, but infinite noise leaves nothing to attack.
   if name.startswith("prune") or name == "dropout":
     check(0.0 <= x < 1.0, f"attack: expected {name}:F with F in [0, 1), got {text!r}")
   else:
-    check(x >= 0.0, f"attack: expected {name}:STD with STD >= 0, got {text!r}")
+    check(math.isfinite(x) and x >= 0.0,
+          f"attack: expected {name}:STD with STD >= 0 (finite), got {text!r}")
   return Attack(name, x)
 
 

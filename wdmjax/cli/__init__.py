@@ -5,13 +5,19 @@ demo. Each calls one function of `wdmjax.runs` and prints what it returns.
 
 Errors in what the user typed are printed as one line (`wdmjax: error: ...`, exit status 2),
 never as a traceback. The library names a bad parameter (`steps: expected ...`); the command
-line names the flag that set it (`--steps: expected ...`).
+line names the flag that set it (`--steps: expected ...`). A failure of the system underneath
+(a read-only file system, a full disk, a permission denied, ...) is one line too,
+`wdmjax: error: PATH: STRERROR`, with exit status 1. A run (train, embed, finetune, demo)
+stopped by SIGTERM or Ctrl-C saves its last step and exits with status 128 + the signal's
+number (143 for SIGTERM, 130 for Ctrl-C): not finished, rerun the same command to resume.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import re
 import sys
 
@@ -23,12 +29,13 @@ from wdmjax.cli.demo import add_parser as add_demo_parser
 from wdmjax.cli.multihost import add_distributed_args, connect
 from wdmjax.cli.peft import add_parsers as add_peft_parsers
 from wdmjax.cli.watermark import add_parsers as add_watermark_parsers
-from wdmjax.errors import WdmjaxError
+from wdmjax.errors import Interrupted, WdmjaxError
 from wdmjax.train.distributed import exit_run
 
 # Library parameter names whose flag is spelled differently.
 _FLAG_OF = {"overrides": "set", "strategy": "peft", "guidance_scale": "guidance",
-            "image_size": "image_size", "chips": "chip"}
+            "image_size": "image_size", "chips": "chip",
+            "initialization_timeout": "init_timeout"}
 _NAMES = re.compile(r"^([a-z_][a-z0-9_]*(?:(?:/|, )[a-z_][a-z0-9_]*)*):")
 
 
@@ -160,9 +167,49 @@ def flag_message(message: str, flags: dict[str, str]) -> str:
   return head + message[m.end(1):]
 
 
+# Storage libraries below Orbax (tensorstore) report an OS error as text, e.g.
+# 'RESOURCE_EXHAUSTED: ... local file "P": ... No space left on device [os_error_code='28']'.
+_OS_ERROR_CODE = re.compile(r"\[os_error_code='(\d+)'\]")
+_OS_ERROR_PATH = re.compile(r'(?:local file|Failed writing:|Failed reading:|opening)\s+"([^"]+)"')
+
+
+def os_error(e: BaseException) -> OSError | None:
+  """The OS error behind `e` (itself, one in its chain of causes, or one that tensorstore
+  reports as text), or None when it has none."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError):
+      return e
+    m = _OS_ERROR_CODE.search(str(e))
+    if m:
+      code, paths = int(m.group(1)), _OS_ERROR_PATH.findall(str(e))
+      return OSError(code, os.strerror(code), paths[-1] if paths else None)
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def describe_os_error(e: OSError) -> str:
+  """'PATH: STRERROR' (e.g. '/data/run: Read-only file system'), or the error itself when it
+  names no file."""
+  if e.filename is not None and e.strerror:
+    return f"{os.fsdecode(e.filename)}: {e.strerror}"
+  return e.strerror or str(e) or type(e).__name__
+
+
+def _quiet_libraries() -> None:
+  """Orbax and TensorStore log every failure of their worker threads with a traceback
+  (hundreds of lines on a full disk) before the same error reaches `main`, which says it in
+  one line: the command line shows only their critical messages (WDMJAX_LOG=1: all)."""
+  if not os.environ.get("WDMJAX_LOG"):
+    for name in ("absl", "asyncio"):
+      logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
+  _quiet_libraries()
   try:
     if hasattr(args, "coordinator"):
       connect(args)
@@ -174,6 +221,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wdmjax: error: {flag_message(str(e), _flags(parser, args.command))}",
           file=sys.stderr)
     return 2
+  except Exception as e:  # an OS error below is one line too; anything else is a bug
+    err = os_error(e)
+    if err is None:
+      raise
+    print(f"wdmjax: error: {describe_os_error(err)}", file=sys.stderr)
+    return 1
+  except Interrupted as e:  # saved and resumable: a distinct status, not a success
+    if jax.process_index() == 0:
+      print(f"wdmjax: {e}", file=sys.stderr)
+    code = 128 + e.signum
+    if hasattr(args, "coordinator"):
+      exit_run(code)
+    return code
   except KeyboardInterrupt:
     print("wdmjax: interrupted", file=sys.stderr)
     return 130

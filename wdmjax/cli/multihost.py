@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from wdmjax.train.distributed import initialize
+from wdmjax.train.distributed import INIT_TIMEOUT, initialize
 
 
 def add_distributed_args(p: argparse.ArgumentParser) -> None:
@@ -19,9 +19,12 @@ def add_distributed_args(p: argparse.ArgumentParser) -> None:
   g.add_argument("--heartbeat-timeout", type=int, default=100, metavar="SECONDS",
                  help="a process silent this long counts as dead and the others stop with an "
                       "error (default 100)")
+  g.add_argument("--init-timeout", type=int, default=INIT_TIMEOUT, metavar="SECONDS",
+                 help="how long the processes wait for each other to start; processes that "
+                      f"disagree on the run fail at once (default {INIT_TIMEOUT})")
 
 
 def connect(args: argparse.Namespace) -> None:
   """Joins the run described by the flags (a no-op for a single process)."""
   initialize(args.coordinator, args.num_processes, args.process_id,
-             heartbeat_timeout=args.heartbeat_timeout)
+             heartbeat_timeout=args.heartbeat_timeout, initialization_timeout=args.init_timeout)

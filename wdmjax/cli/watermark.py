@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import jax
 
@@ -15,8 +16,9 @@ from wdmjax.workdir import Workdir
 
 
 def cmd_embed(args) -> int:
-  secret = Secret(trigger=args.trigger, watermark=args.watermark, key=args.key,
-                  gamma1=args.gamma1, gamma2=args.gamma2, block=args.block)
+  secret = Secret(trigger=args.trigger, watermark=args.watermark,
+                  key=runs.read_key(args.key, args.key_file), gamma1=args.gamma1,
+                  gamma2=args.gamma2, block=args.block)
   r = runs.embed(args.workdir, secret, base=args.base, config=args.config, steps=args.steps,
                  lr=args.lr, overrides=args.set, decoy_fraction=args.decoy_fraction,
                  decoy_t_min=args.decoy_t_min, progress=not args.no_progress,
@@ -28,22 +30,29 @@ def cmd_embed(args) -> int:
 
 
 def _secret_parts(args) -> dict:
-  return dict(trigger=args.trigger, watermark=args.watermark, key=args.key, gamma1=args.gamma1,
-              block=args.block)
+  # WDMJAX_KEY completes only a secret typed in full: a stored secret keeps its own key
+  # unless --key or --key-file replaces it.
+  typed = args.secret is None and args.trigger is not None
+  return dict(trigger=args.trigger, watermark=args.watermark, gamma1=args.gamma1,
+              block=args.block, key=runs.read_key(args.key, args.key_file, env=typed))
 
 
 def cmd_extract(args) -> int:
-  r = runs.extract(args.workdir, num=args.num, sampler=args.sampler, steps=args.steps,
-                   seed=args.seed, raw=args.raw, out=args.out, **_secret_parts(args))
+  r = runs.extract(args.workdir, args.secret, num=args.num, sampler=args.sampler,
+                   steps=args.steps, seed=args.seed, raw=args.raw, out=args.out,
+                   **_secret_parts(args))
   print(f"{args.num} extracted samples ({args.sampler}, {args.steps} steps, "
-        f"{r.seconds:.1f} s), then the block vote and the expected bits -> {r.path}")
+        f"{r.seconds:.1f} s), then the block vote and the expected bits -> {r.path} "
+        f"(secret: {r.secret_source})")
   return 0
 
 
 def cmd_verify(args) -> int:
-  report = runs.verify(args.workdir, num=args.num, sampler=args.sampler, steps=args.steps,
-                       seed=args.seed, alpha=args.alpha, decoys=args.decoys,
+  report = runs.verify(args.workdir, args.secret, num=args.num, sampler=args.sampler,
+                       steps=args.steps, seed=args.seed, alpha=args.alpha, decoys=args.decoys,
                        **_secret_parts(args))
+  if report.get("warning"):
+    print(f"wdmjax: warning: {report['warning']}", file=sys.stderr)
   print(json.dumps(report) if args.json else format_report(report))
   return 0
 
@@ -53,7 +62,8 @@ def format_report(r: dict) -> str:
   return (f"{verdict}: {r['agreeing_bits']}/{r['bits']} bits agree "
           f"({100 * r['bit_agreement']:.1f}%, null {100 * r['null_agreement']:.1f}%), "
           f"log10 p = {r['log10_p_value']:.2f} (alpha {r['alpha']:g}, {r['test']} test, "
-          f"{r['num_samples']} samples, {r['sampler']}-{r['steps']})")
+          f"{r['num_samples']} samples, {r['sampler']}-{r['steps']}); secret: "
+          f"{r.get('secret_source', 'explicit')}")
 
 
 def add_parsers(sub) -> None:
@@ -64,8 +74,20 @@ def add_parsers(sub) -> None:
                    help="random:SEED, stripes:SEED or an image file")
     p.add_argument("--watermark", required=required, default=None,
                    help="keyed:SEED, class:DATA:LABEL or an image file")
+    if not required:
+      p.add_argument("--secret", default=None, metavar="PATH",
+                     help="the owner's secret.json, or the owner's watermarked workdir (e.g. "
+                          "the original of an attacked copy); --trigger, --watermark, "
+                          "--key, --gamma1, --block then replace its fields. Without it "
+                          "the secret is --trigger and --watermark (nothing is read from "
+                          "--workdir) or, with neither, --workdir's own secret.json")
     p.add_argument("--key", type=int, default=None,
-                   help="the owner's integer key (keyed bits give an exact test)")
+                   help="the owner's integer key (keyed bits give an exact test); visible "
+                        "to other local users: prefer --key-file or $WDMJAX_KEY")
+    p.add_argument("--key-file", default=None, metavar="PATH",
+                   help="a file holding the key, read when --key is not given; without "
+                        "either, $WDMJAX_KEY" + ("" if required else " (for a secret given "
+                                                "by --trigger and --watermark)"))
     p.add_argument("--gamma1", type=float, default=GAMMA1 if required else None,
                    help="trigger mix of the watermark process")
     p.add_argument("--block", type=int, default=4 if required else None,
@@ -115,6 +137,9 @@ def add_parsers(sub) -> None:
   sampling_args(v, 16)
   v.add_argument("--alpha", type=float, default=ALPHA, help="false-positive level")
   v.add_argument("--decoys", type=int, default=NUM_DECOYS,
-                 help="decoy triggers for an unkeyed watermark")
+                 help="decoy triggers (of the secret trigger's kind) for an unkeyed "
+                      "watermark: a permutation test over triggers, whose p-value is at "
+                      "least 1/(decoys + 1), so it cannot reach a small --alpha; embed with "
+                      "--key for an exact test")
   v.add_argument("--json", action="store_true", help="print one JSON object")
   v.set_defaults(func=cmd_verify)

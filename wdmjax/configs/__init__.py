@@ -18,8 +18,10 @@ from collections.abc import Sequence
 import ml_collections
 
 from wdmjax.configs.schema import (
+  BASE_SECTIONS,
   FSDP_MIN_SIZE,
   apply_override,
+  apply_overrides,
   default_config,
   from_json,
   merge,
@@ -71,5 +73,6 @@ def load_config(config: str, overrides: Sequence[str] = ()) -> ml_collections.Co
   return validate(cfg)
 
 
-__all__ = ["FSDP_MIN_SIZE", "apply_override", "config_path", "default_config", "from_json",
-           "load_config", "merge", "shipped_configs", "to_json", "validate"]
+__all__ = ["BASE_SECTIONS", "FSDP_MIN_SIZE", "apply_override", "apply_overrides", "config_path",
+           "default_config", "from_json", "load_config", "merge", "shipped_configs", "to_json",
+           "validate"]

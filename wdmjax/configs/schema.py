@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import ast
 import json
+import math
+from collections.abc import Sequence
 
 import ml_collections
 
-from wdmjax.errors import WdmjaxError, check
+from wdmjax.diffusion.guidance import MAX_GUIDANCE
+from wdmjax.errors import WdmjaxError, check, check_number, check_seed
 
 # Leaves smaller than this many elements stay replicated under FSDP: splitting a bias or a
 # norm scale saves nothing and costs one more collective per leaf (train.sharding.fsdp_spec).
@@ -61,8 +64,8 @@ def merge(base: ml_collections.ConfigDict, update: dict) -> ml_collections.Confi
 def _parse_value(text: str):
   try:
     return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text  # a bare string such as `data.name=digits`
+  except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+    return text  # a bare string such as `data.name=digits` (or nothing Python could parse)
 
 
 def apply_override(cfg: ml_collections.ConfigDict, item: str) -> None:
@@ -81,7 +84,10 @@ def apply_override(cfg: ml_collections.ConfigDict, item: str) -> None:
   if isinstance(old, bool) or isinstance(value, bool):
     check(isinstance(value, bool), f"overrides: {key}: expected True or False, got {text!r}")
   elif isinstance(old, float) and isinstance(value, int):
-    value = float(value)
+    try:
+      value = float(value)
+    except OverflowError:
+      raise WdmjaxError(f"overrides: {key}: expected a finite number, got {text!r}") from None
   elif isinstance(old, int) and isinstance(value, float) and value.is_integer():
     value = int(value)
   elif old is not None and value is not None and type(old) is not type(value):
@@ -89,6 +95,35 @@ def apply_override(cfg: ml_collections.ConfigDict, item: str) -> None:
                       f"got {text!r}")
   with cfg.unlocked():  # a validated config is locked; a model key may be new
     cfg[section][name] = value
+
+
+# The sections a fine-tune takes from its base: they fix the parameters' shapes and meaning.
+# Model keys without parameters (the dropout rate, the compute dtype) may still change.
+BASE_SECTIONS = ("model", "diffusion")
+_FREE_MODEL_KEYS = ("dropout", "dtype")
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str],
+                    keep: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Applies `section.key=value` overrides in order (see `apply_override`); one that changes
+  a key of a section in `keep` (a fine-tune's BASE_SECTIONS) is an error. Returns `cfg`."""
+  for item in overrides:
+    before = {s: cfg[s].to_dict() for s in keep}
+    apply_override(cfg, item)
+    for s in keep:
+      after = cfg[s].to_dict()
+      changed = sorted(k for k in {*before[s], *after}
+                       if before[s].get(k, _MISSING) != after.get(k, _MISSING)
+                       and not (s == "model" and k in _FREE_MODEL_KEYS))
+      if changed:
+        k = changed[0]
+        raise WdmjaxError(f"overrides: {s}.{k}: expected the base's value "
+                          f"{before[s].get(k)!r} (a fine-tune keeps its base's {s} section), "
+                          f"got {after.get(k)!r}")
+  return cfg
+
+
+_MISSING = object()  # a key that one side of a comparison lacks
 
 
 def _positive_int(cfg, key: str, minimum: int = 1) -> None:
@@ -109,12 +144,36 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _positive_int(cfg, key, minimum=0)
   check(cfg.data.channels in (1, 3, 4),
         f"data.channels: expected 1 or 3 (images) or 4 (latents), got {cfg.data.channels}")
-  check(isinstance(cfg.train.lr, (int, float)) and cfg.train.lr > 0,
-        f"train.lr: expected a positive number, got {cfg.train.lr!r}")
-  check(0.0 <= cfg.train.ema_decay < 1.0,
-        f"train.ema_decay: expected a value in [0, 1), got {cfg.train.ema_decay!r}")
-  check(cfg.train.grad_clip is None or cfg.train.grad_clip > 0,
-        f"train.grad_clip: expected a positive number or None, got {cfg.train.grad_clip!r}")
+  # Every number is finite and in its range: NaN and inf pass `x > 0` but poison a run.
+  check_number(cfg.train.lr, "train.lr", 0, low_open=True)
+  check_number(cfg.train.weight_decay, "train.weight_decay", 0)
+  check_number(cfg.train.ema_decay, "train.ema_decay", 0, 1, high_open=True)
+  if cfg.train.grad_clip is not None:
+    check_number(cfg.train.grad_clip, "train.grad_clip", 0, low_open=True)
+  check_number(cfg.sample.eta, "sample.eta", 0, 1)
+  if cfg.sample.guidance_scale is not None:
+    check_number(cfg.sample.guidance_scale, "sample.guidance_scale", -MAX_GUIDANCE,
+                 MAX_GUIDANCE)
+  for key in ("diffusion.beta_start", "diffusion.beta_end"):
+    check_number(cfg.diffusion[key.split(".")[1]], key, 0, 1, low_open=True, high_open=True)
+  check(cfg.diffusion.beta_start <= cfg.diffusion.beta_end,
+        f"diffusion.beta_start: expected at most diffusion.beta_end = "
+        f"{cfg.diffusion.beta_end}, got {cfg.diffusion.beta_start}")
+  check_seed(cfg.train.seed, "train.seed")
+  check_seed(cfg.sample.seed, "sample.seed")
+  for key in ("data.in_memory", "train.async_checkpoint", "sample.ema", "sample.dropout"):
+    section, name = key.split(".")
+    check(isinstance(cfg[section][name], bool),
+          f"{key}: expected True or False, got {cfg[section][name]!r}")
+  for key in ("data.name", "data.split"):
+    section, name = key.split(".")
+    check(isinstance(cfg[section][name], str) and cfg[section][name],
+          f"{key}: expected a name, got {cfg[section][name]!r}")
+  check(cfg.data.data_dir is None or isinstance(cfg.data.data_dir, str),
+        f"data.data_dir: expected None or a directory, got {cfg.data.data_dir!r}")
+  for name, v in cfg.model.items():  # the model checks its own keys when it is built
+    check(not isinstance(v, float) or math.isfinite(v),
+          f"model.{name}: expected a finite number, got {v!r}")
   check(cfg.model.get("name") in ("unet", "dit"),
         f"model.name: expected 'unet' or 'dit', got {cfg.model.get('name')!r}")
   check(cfg.diffusion.objective in ("eps", "x0", "v"),
@@ -129,7 +188,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   check(cfg.data.labels is None or (isinstance(cfg.data.labels, (list, tuple))
                                     and all(isinstance(v, int) for v in cfg.data.labels)),
         f"data.labels: expected None or a list of class indices, got {cfg.data.labels!r}")
-  check(isinstance(cfg.mesh.data, int) and (cfg.mesh.data == -1 or cfg.mesh.data >= 1),
+  check(isinstance(cfg.mesh.data, int) and not isinstance(cfg.mesh.data, bool)
+        and (cfg.mesh.data == -1 or cfg.mesh.data >= 1),
         f"mesh.data: expected -1 (all devices) or a positive integer, got {cfg.mesh.data!r}")
   _positive_int(cfg, "mesh.fsdp")
   _positive_int(cfg, "mesh.fsdp_min_size")
@@ -141,10 +201,22 @@ def to_json(cfg: ml_collections.ConfigDict) -> str:
   return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
 
 
-def from_json(text: str) -> ml_collections.ConfigDict:
+def from_json(text: str | bytes, source: str | None = None) -> ml_collections.ConfigDict:
   """The config written by `to_json`, merged over today's defaults (keys added since are
-  filled in) and validated."""
-  d = json.loads(text)
+  filled in) and validated. `source` (the file) is named in the error of a bad config."""
+  what = source or "config"
+  try:
+    d = json.loads(text)
+  except ValueError as e:  # a truncated or garbled file (UnicodeDecodeError included)
+    raise WdmjaxError(f"{what}: expected the config JSON that wdmjax writes, got invalid "
+                      f"JSON ({e})") from None
+  check(isinstance(d, dict), f"{what}: expected a JSON object of config sections, got "
+                             f"{json.dumps(d)[:60]}")
   # Removed from the schema: it never had an effect (the model key is the one read).
   d.get("diffusion", {}).pop("class_dropout_prob", None)
-  return validate(merge(default_config(), d))
+  try:
+    return validate(merge(default_config(), d))
+  except WdmjaxError as e:
+    if not source:
+      raise
+    raise WdmjaxError(f"{e} (in {source!r})") from None

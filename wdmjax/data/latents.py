@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
+import zipfile
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -63,7 +65,7 @@ class ImagenetLatents(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     for path in latent_shards(manual_dir):
       with np.load(path) as z:
         latents, labels = z['latents'], z['labels']
-      _check_shard(path, latents, labels, r)
+      _check_shard(path, latents.shape, latents.dtype, labels, r)
       stem = os.path.basename(path)
       for i, (x, y) in enumerate(zip(latents.astype(np.float16), labels, strict=True)):
         yield f'{stem}:{i}', {'image': x, 'label': int(y)}
@@ -76,14 +78,45 @@ def latent_shards(directory: str) -> list[str]:
   return paths
 
 
-def _check_shard(path: str, latents: np.ndarray, labels: np.ndarray, r: int) -> None:
+def _array_header(zf: zipfile.ZipFile, name: str) -> tuple[tuple, np.dtype]:
+  """(shape, dtype) of the array `name` of an open .npz, from its header alone."""
+  with zf.open(f'{name}.npy') as f:
+    major, _ = np.lib.format.read_magic(f)
+    read = (np.lib.format.read_array_header_1_0 if major == 1
+            else np.lib.format.read_array_header_2_0)
+    shape, _, dtype = read(f)
+  return shape, dtype
+
+
+def check_shards(paths: list[str], r: int) -> None:
+  """Reads every shard's array headers and labels (not the latents) and raises WdmjaxError
+  naming the first bad shard, so that a bad one fails before any data set file is written."""
+  for path in paths:
+    try:
+      with zipfile.ZipFile(path) as zf:
+        names = set(zf.namelist())
+        if not {'latents.npy', 'labels.npy'} <= names:
+          raise WdmjaxError(f'{path}: expected arrays `latents` and `labels`, got '
+                            f'{sorted(n.removesuffix(".npy") for n in names)}')
+        shape, dtype = _array_header(zf, 'latents')
+      with np.load(path, allow_pickle=False) as z:
+        labels = z['labels']
+    except (zipfile.BadZipFile, ValueError, EOFError, KeyError) as e:
+      if isinstance(e, WdmjaxError):
+        raise
+      raise WdmjaxError(f'{path}: expected a .npz file of latents and labels, got an unreadable '
+                        f'file ({e})') from None
+    _check_shard(path, shape, dtype, labels, r)
+
+
+def _check_shard(path: str, shape: tuple, dtype: np.dtype, labels: np.ndarray, r: int) -> None:
+  """`shape` and `dtype`: the latents'."""
   want = (r, r, LATENT_CHANNELS)
-  if latents.ndim != 4 or latents.shape[1:] != want or not np.issubdtype(latents.dtype,
-                                                                          np.floating):
+  if len(shape) != 4 or tuple(shape[1:]) != want or not np.issubdtype(dtype, np.floating):
     raise WdmjaxError(f'{path}: expected `latents` float [N, {r}, {r}, {LATENT_CHANNELS}], got '
-                      f'{latents.dtype} {latents.shape}')
-  if labels.shape != (len(latents),) or not np.issubdtype(labels.dtype, np.integer):
-    raise WdmjaxError(f'{path}: expected `labels` int [{len(latents)}], got {labels.dtype} '
+                      f'{dtype} {tuple(shape)}')
+  if labels.shape != (shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+    raise WdmjaxError(f'{path}: expected `labels` int [{shape[0]}], got {labels.dtype} '
                       f'{labels.shape}')
   if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
     raise WdmjaxError(f'{path}: expected labels in [0, {NUM_CLASSES}), got '
@@ -112,8 +145,19 @@ def prepare_latents(npz_dir: str, image_size: int = 256,
   """Builds `imagenet_latents/{image_size}` in `data_dir` from the shards in `npz_dir`."""
   name = f'{ImagenetLatents.name}/{image_size}'
   builder = prepared_builder(name, data_dir)
-  latent_shards(npz_dir)  # a clear error before TFDS starts
-  builder.download_and_prepare(
-      file_format=FILE_FORMAT,
-      download_config=tfds.download.DownloadConfig(manual_dir=npz_dir))
+  # Clear errors before TFDS starts, and nothing left behind when it fails all the same.
+  check_shards(latent_shards(npz_dir), image_size // 8)
+  root = os.fspath(builder.data_dir_root)
+  made = [os.path.join(root, *parts) for parts in (
+      (), ('downloads',), (ImagenetLatents.name,), (ImagenetLatents.name, '.config'),
+      (ImagenetLatents.name, str(image_size)))]
+  made = [p for p in made if not os.path.exists(p)]
+  try:
+    builder.download_and_prepare(
+        file_format=FILE_FORMAT,
+        download_config=tfds.download.DownloadConfig(manual_dir=npz_dir))
+  except BaseException:
+    for path in reversed(made):  # the deepest first
+      shutil.rmtree(path, ignore_errors=True)
+    raise
   return prepared_builder(name, data_dir)

@@ -6,6 +6,7 @@ from wdmjax.diffusion.process import coef_at, q_posterior, q_sample, sample_time
 from wdmjax.diffusion.samplers import SAMPLERS, ddim_sample, ddpm_sample, sample
 from wdmjax.diffusion.schedules import (
                                          Schedule,
+                                         check_steps,
                                          cosine_betas,
                                          linear_betas,
                                          make_schedule,
@@ -14,8 +15,8 @@ from wdmjax.diffusion.schedules import (
 )
 
 __all__ = [
-    "OBJECTIVES", "SAMPLERS", "Schedule", "cosine_betas", "ddim_sample", "ddpm_sample",
-    "coef_at", "diffusion_loss", "eps_from_x0", "guided_model_fn", "linear_betas",
+    "OBJECTIVES", "SAMPLERS", "Schedule", "check_steps", "cosine_betas", "ddim_sample",
+    "ddpm_sample", "coef_at", "diffusion_loss", "eps_from_x0", "guided_model_fn", "linear_betas",
     "make_schedule", "q_posterior", "q_sample", "respaced_timesteps", "sample",
     "sample_timesteps", "schedule_from_betas", "target", "to_x0_eps",
 ]

@@ -7,6 +7,10 @@ from collections.abc import Callable
 import chex
 import jax.numpy as jnp
 
+# The largest |scale| a sampler accepts: beyond it guidance only saturates every pixel (DiT
+# samples at 1.5 to 4; few papers go past 20).
+MAX_GUIDANCE = 100.0
+
 
 def guided_model_fn(model_fn: Callable, params: chex.ArrayTree, y: chex.Array,
                     scale: chex.Numeric, null_label: chex.Numeric

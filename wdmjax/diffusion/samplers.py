@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wdmjax.diffusion.guidance import guided_model_fn
+from wdmjax.diffusion.guidance import MAX_GUIDANCE, guided_model_fn
 from wdmjax.diffusion.objectives import check_objective, eps_from_x0, to_x0_eps
 from wdmjax.diffusion.schedules import Schedule, respaced_timesteps
-from wdmjax.errors import check
+from wdmjax.errors import check, check_number
 
 DenoiseFn = Callable[[chex.Array, chex.Array], chex.Array]
 InputTransform = Callable[[chex.Array, chex.Array], chex.Array]
@@ -72,10 +72,13 @@ def ddim_sample(denoise_fn: DenoiseFn, schedule: Schedule, x_T: chex.Array, nois
                 clip_denoised: bool = True) -> chex.Array:
   """DDIM (Song et al. 2021) from x_T [B,H,W,C] in `steps` respaced steps; returns x_0.
 
-  eta = 0 is the deterministic DDIM; eta = 1 matches DDPM's posterior variance.
+  eta = 0 is the deterministic DDIM; eta = 1 matches DDPM's posterior variance (eta in
+  [0, 1]: beyond 1 the noise would exceed the variance the step leaves).
   `noise` (key or [steps, B, H, W, C]) is only read when eta > 0.
   """
   check_objective(objective)
+  if isinstance(eta, (int, float)):  # a traced eta is checked by `sample`
+    check_number(eta, "eta", 0, 1)
   ts = respaced_timesteps(schedule.num_timesteps, steps)
   _check_stream(noise, x_T, steps)
   check(noise is not None or not (isinstance(eta, (int, float)) and eta > 0),
@@ -188,8 +191,10 @@ def sample(model_fn: Callable, params: chex.ArrayTree, rng: chex.PRNGKey, schedu
   """
   check(sampler in SAMPLERS, f"sampler: expected one of {list(SAMPLERS)}, got {sampler!r}")
   check(len(shape) == 4, f"shape: expected [B, H, W, C], got {shape}")
+  check_number(eta, "eta", 0, 1)  # sigma = eta * (DDPM's posterior std): 0 to 1
   guided = guidance_scale is not None
   if guided:
+    check_number(guidance_scale, "guidance_scale", -MAX_GUIDANCE, MAX_GUIDANCE)
     check(y is not None and null_label is not None,
           "guidance_scale: classifier-free guidance needs labels y and a null_label")
   return _sample_jit(model_fn, params, rng, schedule, y, jnp.float32(eta),

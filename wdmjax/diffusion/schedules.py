@@ -74,12 +74,20 @@ def make_schedule(name: str = "linear", num_timesteps: int = 1000, **kwargs) -> 
   return schedule_from_betas(builders[name](num_timesteps, **kwargs))
 
 
+def check_steps(steps, num_timesteps: int) -> int:
+  """A number of sampling steps: an integer in [1, T] (the steps are respaced over the T-step
+  process); returns it as an int."""
+  check(isinstance(steps, (int, np.integer)) and not isinstance(steps, bool)
+        and 1 <= steps <= num_timesteps,
+        f"steps: expected an integer in [1, {num_timesteps}], got {steps!r}")
+  return int(steps)
+
+
 def respaced_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
   """`steps` evenly spaced timesteps of a T-step process, increasing, always ending at T-1.
 
   Returns an int32 array [steps]; steps == T gives arange(T).
   """
-  check(isinstance(steps, (int, np.integer)) and 1 <= steps <= num_timesteps,
-        f"steps: expected an integer in [1, {num_timesteps}], got {steps!r}")
+  check_steps(steps, num_timesteps)
   ts = np.round(np.linspace(0, num_timesteps - 1, steps)).astype(np.int32)
   return ts

@@ -5,7 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from wdmjax.errors import check
+from wdmjax.errors import check, check_number
 from wdmjax.models.layers import (
   Array,
   Dtype,
@@ -171,17 +171,17 @@ class DiT(LabelAndOutputMixin, nn.Module):
           f"width: expected a multiple of num_heads={self.num_heads}, got {self.width}")
     check(self.width % 4 == 0,
           f"width: expected a multiple of 4 (2-D sin-cos position embedding), got {self.width}")
-    check(self.mlp_ratio > 0 and int(self.width * self.mlp_ratio) > 0,
-          f"mlp_ratio: expected > 0, got {self.mlp_ratio!r}")
+    # Finite numbers only (NaN and inf pass `x > 0`; inf * width overflows below).
+    check_number(self.mlp_ratio, "mlp_ratio", 0, 1e6, low_open=True)
+    check(int(self.width * self.mlp_ratio) > 0, f"mlp_ratio: expected width * mlp_ratio >= 1, "
+                                                f"got {self.mlp_ratio!r}")
     check(isinstance(self.num_classes, int) and self.num_classes >= 0,
           f"num_classes: expected an int >= 0, got {self.num_classes!r}")
-    check(0.0 <= self.class_dropout_prob <= 1.0,
-          f"class_dropout_prob: expected a probability in [0, 1], got "
-          f"{self.class_dropout_prob!r}")
+    check_number(self.class_dropout_prob, "class_dropout_prob", 0, 1)
     if self.out_channels is not None:
       check_positive_int("out_channels", self.out_channels)
-    check(0.0 <= self.dropout < 1.0, f"dropout: expected a rate in [0, 1), got {self.dropout!r}")
-    check(self.pos_coord_scale > 0, f"pos_coord_scale: expected > 0, got {self.pos_coord_scale!r}")
+    check_number(self.dropout, "dropout", 0, 1, high_open=True)
+    check_number(self.pos_coord_scale, "pos_coord_scale", 0, low_open=True)
     check(self.gamma_blocks is None
           or (isinstance(self.gamma_blocks, int) and 0 <= self.gamma_blocks <= self.depth),
           f"gamma_blocks: expected None or an int in [0, depth={self.depth}], "

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from wdmjax.errors import check
+from wdmjax.errors import check, check_number
 from wdmjax.models.layers import (
   Array,
   Dtype,
@@ -126,12 +126,10 @@ class UNet(LabelAndOutputMixin, nn.Module):
     check(self.resolution % factor == 0,
           f"resolution: expected a multiple of 2**(len(ch_mult)-1) = {factor}, "
           f"got {self.resolution}")
-    check(0.0 <= self.dropout < 1.0, f"dropout: expected a rate in [0, 1), got {self.dropout!r}")
+    check_number(self.dropout, "dropout", 0, 1, high_open=True)
     check(isinstance(self.num_classes, int) and self.num_classes >= 0,
           f"num_classes: expected an int >= 0, got {self.num_classes!r}")
-    check(0.0 <= self.class_dropout_prob <= 1.0,
-          f"class_dropout_prob: expected a probability in [0, 1], got "
-          f"{self.class_dropout_prob!r}")
+    check_number(self.class_dropout_prob, "class_dropout_prob", 0, 1)
     check_positive_int("num_groups", self.num_groups)
     check_positive_int("num_heads", self.num_heads)
     if self.out_channels is not None:

@@ -22,7 +22,7 @@ import jax
 import ml_collections
 from flax import traverse_util
 
-from wdmjax.errors import WdmjaxError, check
+from wdmjax.errors import check, check_number
 from wdmjax.models import build_model, init_params
 from wdmjax.peft.delta import check_base, load_delta, params_hash, save_delta
 from wdmjax.peft.labels import check_strategy, count_trainable, param_labels
@@ -47,6 +47,13 @@ class PeftSpec:
 
   def __post_init__(self):
     check_strategy(self.strategy)
+    check(self.gamma_blocks is None or self.strategy == "difffit",
+          f"gamma_blocks: expected only with strategy 'difffit', got {self.gamma_blocks!r} "
+          f"with {self.strategy!r}")
+    check(isinstance(self.lora_rank, int) and not isinstance(self.lora_rank, bool)
+          and self.lora_rank >= 1, f"lora_rank: expected a positive int, got {self.lora_rank!r}")
+    if self.lora_alpha is not None:
+      check_number(self.lora_alpha, "lora_alpha", 0, low_open=True)
 
 
 def combine_params(trainable: chex.ArrayTree, frozen: chex.ArrayTree,
@@ -131,19 +138,14 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str | Workdir, base: str,
                                                         "lora_alpha", "base_hash")),
         f"workdir: {wd.path!r} holds a different fine-tune ({old and old['strategy']} of "
         f"{old and old['base']}); use a new workdir")
-  fresh = not wd.has_checkpoint()
-  if main:
-    wd.write_json(Workdir.PEFT, ref)
-    if log:
-      log(f"{spec.strategy}: training {ref['trainable']:,} of {ref['total']:,} parameters "
-          f"({100 * ref['fraction']:.3f}%)")
-  try:
+  with wd.undo_on_failure(main):  # rejected before its first checkpoint: leave nothing
+    if main:
+      wd.write_json(Workdir.PEFT, ref)
+      if log:
+        log(f"{spec.strategy}: training {ref['trainable']:,} of {ref['total']:,} parameters "
+            f"({100 * ref['fraction']:.3f}%)")
     state = train(cfg, wd, loss_fn=loss_fn, init_params=trainable, frozen_params=frozen,
                   combine=combine, progress=progress, log=log)
-  except WdmjaxError:
-    if main and fresh and not wd.has_checkpoint():  # rejected before any step
-      wd.remove(Workdir.PEFT)
-    raise
   ema = to_host(state.ema_params)  # a collective with several processes
   if main:
     save_delta(ema, wd.file(Workdir.DELTA))

@@ -85,8 +85,10 @@ def param_labels(params: chex.ArrayTree, strategy: str, gamma_blocks: int | None
   flat = traverse_util.flatten_dict(params)
   n = _num_blocks(flat)
   gamma_blocks = (n + 1) // 2 if gamma_blocks is None else gamma_blocks
-  check(isinstance(gamma_blocks, int) and gamma_blocks >= 0,
-        f"gamma_blocks: expected a non-negative int, got {gamma_blocks!r}")
+  check(isinstance(gamma_blocks, int) and not isinstance(gamma_blocks, bool)
+        and 0 <= gamma_blocks <= max(n, 0 if strategy == "difffit" else gamma_blocks),
+        f"gamma_blocks: expected an int in [0, {n}] (the model's DiT blocks), "
+        f"got {gamma_blocks!r}")
   labels = {k: label_leaf(k, strategy, gamma_blocks) for k in flat}
   return traverse_util.unflatten_dict(labels)
 

@@ -3,7 +3,8 @@
     from wdmjax import runs
     runs.train("mnist5k_dit", "runs/dit", ["train.steps=3000"])
     runs.embed("runs/dit_wm", secret, base="runs/dit", steps=600, lr=3e-4)
-    report = runs.verify("runs/dit_wm")
+    report = runs.verify("runs/dit_wm")                      # the owner's own model
+    report = runs.verify("suspect", secret="runs/dit_wm")    # a suspect, the owner's secret
 
 Each function reads and writes a run's directory through `wdmjax.Workdir` and returns a
 result object or a report dict; the command line only parses, prints and sets exit codes.
@@ -22,6 +23,8 @@ from wdmjax.runs.watermark import (
   evidence_images,
   extract,
   extract_samples,
+  load_secret,
+  read_key,
   read_secret,
   resolve_secret,
   verify,
@@ -33,7 +36,7 @@ __all__ = [
   "DEMO_SECRET", "AttackResult", "DemoResult", "EmbedResult", "ExtractResult",
   "FinetuneResult", "LatentsResult", "Model", "SampleResult", "TrainResult", "attack",
   "attack_model", "base_workdir", "demo", "embed", "evidence_images", "extract",
-  "extract_samples", "finetune", "finetune_config", "latents", "load_model", "params", "plan",
-  "read_secret", "resolve_secret", "sample", "train", "verify", "verify_model",
-  "write_secret",
+  "extract_samples", "finetune", "finetune_config", "latents", "load_model", "load_secret",
+  "params", "plan", "read_key", "read_secret", "resolve_secret", "sample", "train", "verify",
+  "verify_model", "write_secret",
 ]

@@ -15,7 +15,8 @@ import ml_collections
 
 from wdmjax.attacks import FINETUNE_LR, Attack, apply_attacks, parse_attack
 from wdmjax.configs import apply_override, validate
-from wdmjax.errors import check
+from wdmjax.errors import check, check_seed
+from wdmjax.files import check_dir_path
 from wdmjax.peft import PeftSpec, finetune
 from wdmjax.runs.model import load_model
 from wdmjax.train.export import workdir_from_params
@@ -62,9 +63,13 @@ class AttackResult:
 def attack(workdir: str | Workdir, out: str | Workdir, attacks: Sequence[str], *,
            seed: int = 0, progress: bool = True) -> AttackResult:
   """Writes `out`, the model of `workdir` after `attacks` ('NAME:STRENGTH', in order; see
-  `wdmjax.attacks.spec`), as an ordinary workdir plus attacks.json and, when the source has
-  one, the owner's secret.json. `out` is written whole or not at all."""
+  `wdmjax.attacks.spec`), as an ordinary workdir plus attacks.json. `out` is written whole
+  or not at all. The owner's secret.json is never copied (an attacked copy is a model to
+  ship or hand over): verify it with the original's secret, `verify(out, secret=workdir)`
+  (`wdmjax verify --workdir OUT --secret WORKDIR`)."""
   t0 = time.time()
+  check_dir_path(out, "out", writable=True)
+  check_seed(seed)
   src, dst = Workdir(workdir), Workdir(out)
   parsed = [parse_attack(a) for a in attacks]
   check(parsed, "attack: expected at least one attack")
@@ -80,8 +85,6 @@ def attack(workdir: str | Workdir, out: str | Workdir, attacks: Sequence[str], *
   tmp = Workdir(tempfile.mkdtemp(prefix=".attack_", dir=parent))
   try:
     workdir_from_params(validate(cfg), params, tmp, 0)
-    if src.exists(Workdir.SECRET):  # the owner's own attacked copy verifies without flags
-      tmp.write_private(Workdir.SECRET, src.read_text(Workdir.SECRET))
     tmp.write_json(Workdir.ATTACKS, {"source": src.abspath, "attacks": [str(a) for a in parsed],
                                      "seed": seed})
     if dst.exists():

@@ -19,7 +19,8 @@ import time
 import jax
 
 from wdmjax.configs import apply_override, load_config, validate
-from wdmjax.files import write_json
+from wdmjax.errors import check
+from wdmjax.files import check_dir_path, write_json
 from wdmjax.models import load_params_npz
 from wdmjax.runs.model import load_model
 from wdmjax.runs.watermark import embed, evidence_images, extract_samples, image_shape, verify_model
@@ -81,6 +82,17 @@ def demo(out: str = "wdmjax_demo", *, steps: int = EMBED_STEPS, train_base: bool
   """Runs the demo into `out` (see the module docstring); `log` gets its four stage lines."""
   log = log or (lambda *_: None)
   t0 = time.time()
+  # Every argument before any work: a bad one must not cost a trained, written base model.
+  check_dir_path(out, "out", writable=True)
+  for name, v in (("steps", steps), ("num", num)):
+    check(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+          f"{name}: expected a positive integer, got {v!r}")
+  check(base_steps is None or (isinstance(base_steps, int) and not isinstance(base_steps, bool)
+                               and base_steps >= 1),
+        f"base_steps: expected a positive integer, got {base_steps!r}")
+  check(base_steps is None or train_base,
+        f"base_steps: expected only with train_base (the shipped base is already trained), "
+        f"got {base_steps!r}")
   os.makedirs(out, exist_ok=True)
   base = base_workdir(os.path.join(out, "base"), train_base, base_steps, log)
   wm_dir = Workdir(os.path.join(out, "watermarked"))

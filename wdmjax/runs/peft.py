@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from wdmjax.configs import apply_override, load_config, validate
-from wdmjax.errors import check
+from wdmjax.configs import BASE_SECTIONS, apply_override, apply_overrides, load_config, validate
+from wdmjax.errors import check, check_number
 from wdmjax.peft import LR_MULT, PeftSpec, count
 from wdmjax.peft import finetune as _finetune
 from wdmjax.runs.model import load_model
@@ -30,17 +30,16 @@ def finetune_config(base: str | Workdir, config: str | None = None,
   cfg = load_config(config, []) if config else Workdir(base).read_config()
   if lr is None:
     mult = (1.0 if strategy == "full" else LR_MULT) if lr_mult is None else lr_mult
-    check(mult > 0, f"lr_mult: expected a positive factor, got {mult!r}")
+    check_number(mult, "lr_mult", 0, low_open=True)
     lr = float(base_cfg.train.lr) * mult
-  check(lr > 0, f"lr: expected a positive learning rate, got {lr!r}")
+  check_number(lr, "lr", 0, low_open=True)
   apply_override(cfg, f"train.lr={lr}")
   apply_override(cfg, "train.warmup_steps=0")
   if steps is not None:
     check(isinstance(steps, int) and steps >= 1,
           f"steps: expected a positive integer, got {steps!r}")
     apply_override(cfg, f"train.steps={steps}")
-  for o in overrides:
-    apply_override(cfg, o)
+  apply_overrides(cfg, overrides, keep=BASE_SECTIONS)
   return validate(cfg)
 
 

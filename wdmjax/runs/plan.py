@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from wdmjax.configs import load_config
 from wdmjax.data.latents import prepare_latents
-from wdmjax.errors import check
+from wdmjax.errors import check, check_number
 from wdmjax.peft import PeftSpec, prepare
 from wdmjax.train.plan import CHIPS, plan_step
 
@@ -23,8 +23,7 @@ def plan(config: str, devices: int, *, fsdp: int | None = None, peft: str | None
   chips = list(chips or sorted(CHIPS))
   for c in chips:
     check(c in CHIPS, f"chip: expected one of {sorted(CHIPS)}, got {c!r}")
-  check(isinstance(mfu, (int, float)) and 0 < mfu <= 1,
-        f"mfu: expected a fraction in (0, 1], got {mfu!r}")
+  check_number(mfu, "mfu", 0, 1, low_open=True)
   spec = None if peft is None else PeftSpec(peft)
 
   def split(params):

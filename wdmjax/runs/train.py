@@ -10,7 +10,9 @@ import jax
 import numpy as np
 
 from wdmjax.configs import load_config
-from wdmjax.errors import check
+from wdmjax.diffusion.guidance import MAX_GUIDANCE
+from wdmjax.errors import check, check_number, check_seed
+from wdmjax.files import check_file_path
 from wdmjax.runs.model import load_model
 from wdmjax.train import TrainState, save_grid, setup, write_final_samples
 from wdmjax.train import sample_images as _sample_images
@@ -33,7 +35,8 @@ def train(config: str, workdir: str | Workdir, overrides: Sequence[str] = (), *,
   resuming it when it holds a checkpoint, and draws the final sample grid."""
   t0 = time.time()
   cfg = load_config(config, overrides)
-  state = _train(cfg, workdir, progress=progress, log=log)
+  with Workdir(workdir).undo_on_failure(jax.process_index() == 0):
+    state = _train(cfg, workdir, progress=progress, log=log)
   path = None
   if int(state.step) >= cfg.train.steps and samples:
     path = write_final_samples(cfg, state, workdir)
@@ -58,6 +61,13 @@ def sample(workdir: str | Workdir, num: int = 64, *, sampler: str | None = None,
   check(steps is None or (isinstance(steps, int) and steps >= 1),
         f"steps: expected a positive integer, got {steps!r}")
   check(out is None or out.lower().endswith(".png"), f"out: expected a .png path, got {out!r}")
+  if out is not None:
+    check_file_path(out, "out")
+  if eta is not None:
+    check_number(eta, "eta", 0, 1)
+  if guidance is not None:
+    check_number(guidance, "guidance", -MAX_GUIDANCE, MAX_GUIDANCE)
+  check_seed(seed)
   cfg, params = load_model(workdir, ema=not raw)
   t0 = time.time()
   images = _sample_images(cfg, params, jax.random.PRNGKey(seed), num, sampler=sampler,

@@ -3,7 +3,8 @@
 A watermarked workdir is an ordinary training workdir plus `secret.json` (the trigger,
 watermark, key and gammas; see `wdmjax.watermark.Secret`, written with owner-only
 permissions) and `embedding.json` (how it was made). The secret never goes into the config,
-the metrics or the log.
+the metrics, the log or an attacked copy. `extract` and `verify` take it from the owner
+only (`resolve_secret`): a suspect workdir's own secret.json never changes their test.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from wdmjax.configs import apply_override, load_config, validate
-from wdmjax.errors import WdmjaxError, check
+from wdmjax.configs import BASE_SECTIONS, apply_override, apply_overrides, load_config, validate
+from wdmjax.diffusion import check_steps
+from wdmjax.errors import WdmjaxError, check, check_number, check_seed
 from wdmjax.peft import LR_MULT, PeftSpec
 from wdmjax.peft import finetune as _finetune
 from wdmjax.runs.model import load_model
@@ -30,10 +32,14 @@ from wdmjax.watermark import (
   ALPHA,
   ImageShape,
   Secret,
+  add_warning,
   decoy_test,
+  decoy_trigger_specs,
   expected_bits,
+  is_generated_trigger,
   keyed_test,
   make_trigger,
+  reach_warning,
   vote_bits,
   watermark_labels,
   wdp_input,
@@ -64,21 +70,94 @@ def write_secret(workdir: str | Workdir, secret: Secret) -> str:
   return Workdir(workdir).write_private(Workdir.SECRET, secret.to_json() + "\n")
 
 
-def resolve_secret(workdir: str | Workdir, trigger: str | None = None,
-                   watermark: str | None = None, key: int | None = None,
-                   gamma1: float | None = None, block: int | None = None) -> Secret:
-  """The workdir's secret with any explicitly given part replaced; a suspect workdir without
-  a secret needs `trigger` and `watermark`."""
-  stored = read_secret(workdir)
-  if stored is None:
-    check(trigger is not None and watermark is not None,
-          f"trigger/watermark: {Workdir(workdir).path!r} has no {Workdir.SECRET}; give the "
-          f"secret explicitly (trigger, watermark and, for an exact test, key)")
-    stored = Secret(trigger=trigger, watermark=watermark)
-  changes = {name: v for name, v in (("trigger", trigger), ("watermark", watermark),
-                                     ("key", key), ("gamma1", gamma1), ("block", block))
-             if v is not None}
-  return dataclasses.replace(stored, **changes)
+SECRET_PARTS = ("trigger", "watermark", "key", "gamma1", "block")
+KEY_ENV = "WDMJAX_KEY"  # the environment variable `read_key` falls back on
+EXPLICIT = "explicit"  # the secret source of a secret given as a value, not read from a file
+
+
+def load_secret(path: str | os.PathLike) -> tuple[Secret, str]:
+  """The owner's secret at `path` (a secret.json file, or a workdir holding one) and the
+  absolute path of the file read."""
+  path = os.fspath(path)
+  file = os.path.join(path, Workdir.SECRET) if os.path.isdir(path) else path
+  check(os.path.isfile(file), f"secret: expected the owner's {Workdir.SECRET} or a workdir "
+                              f"holding one, got {path!r}")
+  try:
+    with open(file) as f:
+      text = f.read()
+  except (OSError, UnicodeDecodeError) as e:
+    raise WdmjaxError(f"secret: could not read {file!r} "
+                      f"({getattr(e, 'strerror', None) or type(e).__name__})") from None
+  return Secret.from_json(text, source=file), os.path.abspath(file)
+
+
+def resolve_secret(workdir: str | Workdir, secret: Secret | str | os.PathLike | None = None,
+                   **parts) -> tuple[Secret, str]:
+  """The secret to test the model of `workdir` with, and where it came from (the path of
+  the secret.json read, or "explicit"). It comes from exactly one owner-side source:
+
+  - `secret`: a `Secret`, or the path of the owner's secret.json or watermarked workdir;
+    any of `parts` (trigger, watermark, key, gamma1, block; None: not given) then replace
+    its fields;
+  - else `parts` alone: trigger and watermark required, the other fields their defaults;
+    nothing is read from `workdir`;
+  - else `workdir`'s own secret.json: the owner checking their own model.
+  A suspect's secret.json therefore never changes a test with an explicit secret.
+  """
+  unknown = sorted(set(parts) - set(SECRET_PARTS))
+  check(not unknown, f"secret parts: expected some of {list(SECRET_PARTS)}, got {unknown}")
+  given = {name: v for name, v in parts.items() if v is not None}
+  if isinstance(secret, Secret):
+    return dataclasses.replace(secret, **given), EXPLICIT
+  if secret is not None:
+    loaded, source = load_secret(secret)
+    return dataclasses.replace(loaded, **given), source
+  if given:
+    check("trigger" in given and "watermark" in given,
+          f"trigger/watermark: expected both with the explicit secret parts {sorted(given)}, "
+          f"or a secret (the owner's {Workdir.SECRET} or workdir) for them to change; "
+          f"nothing is read from the tested workdir")
+    return Secret(**given), EXPLICIT
+  wd = Workdir(workdir)
+  stored = read_secret(wd)
+  check(stored is not None,
+        f"trigger/watermark: {wd.path!r} has no {Workdir.SECRET}; give the owner's secret "
+        f"(secret: the owner's {Workdir.SECRET} or workdir) or the secret explicitly "
+        f"(trigger, watermark and, for an exact test, key)")
+  return stored, os.path.abspath(wd.file(Workdir.SECRET))
+
+
+def read_key(key: int | None = None, key_file: str | os.PathLike | None = None, *,
+             env: bool = True) -> int | None:
+  """The owner's key from, in this order: `key`; the file `key_file` (one non-negative
+  integer; the key stays off the command line, where other local users can see it); the
+  environment variable WDMJAX_KEY (when `env`). None when none is given. Errors name the
+  source, never the content."""
+  if key is not None:
+    check(isinstance(key, int) and not isinstance(key, bool) and key >= 0,
+          "key: expected a non-negative integer")
+    return key
+  if key_file is not None:
+    key_file = os.fspath(key_file)
+    check(os.path.isfile(key_file), f"key_file: expected a file holding the key, got "
+                                    f"{key_file!r} (no such file)")
+    try:
+      with open(key_file, "rb") as f:
+        text = f.read(4097)
+    except OSError as e:
+      raise WdmjaxError(f"key_file: could not read {key_file!r} ({e.strerror})") from None
+    return _parse_key(text, f"key_file: expected {key_file!r} to hold one non-negative "
+                            f"integer (the key), and nothing else")
+  text = os.environ.get(KEY_ENV, "") if env else ""
+  if text.strip():
+    return _parse_key(text.encode(), f"{KEY_ENV}: expected one non-negative integer (the key)")
+  return None
+
+
+def _parse_key(text: bytes, message: str) -> int:
+  text = text.strip() if len(text) <= 4096 else b""
+  check(0 < len(text) <= 40 and text.isdigit(), message)  # bytes.isdigit: ASCII digits only
+  return int(text)
 
 
 def image_shape(cfg: ml_collections.ConfigDict) -> ImageShape:
@@ -125,11 +204,9 @@ def embedding_config(*, base: str | Workdir | None = None, config: str | None = 
   else:
     cfg = load_config(config, [])
   if lr is not None:
-    check(lr > 0, f"lr: expected a positive learning rate, got {lr!r}")
-    apply_override(cfg, f"train.lr={lr}")
+    apply_override(cfg, f"train.lr={check_number(lr, 'lr', 0, low_open=True)!r}")
   apply_override(cfg, f"train.steps={steps}")
-  for o in overrides:
-    apply_override(cfg, o)
+  apply_overrides(cfg, overrides, keep=BASE_SECTIONS if base is not None else ())
   return validate(cfg)
 
 
@@ -158,36 +235,32 @@ def embed(workdir: str | Workdir, secret: Secret, *, base: str | Workdir | None 
                          overrides=overrides, peft=peft)
   su = setup(cfg)
   trigger, _, targets = secret.images(image_shape(cfg), cfg.data.data_dir)
+  unreachable = reach_warning(secret, image_shape(cfg)) if secret.key is not None else None
+  if unreachable and log and jax.process_index() == 0:
+    log(f"warning: {unreachable}")
   loss = wdp_loss(su.apply_fn, su.schedule, cfg.diffusion.objective, trigger=trigger,
                   watermark=targets, gamma1=secret.gamma1, gamma2=secret.gamma2,
                   class_dropout_prob=su.class_dropout_prob, null_label=su.null_label,
                   num_classes=su.num_classes, decoy_fraction=decoy_fraction,
                   decoy_kind=decoy_kind_for(secret.trigger), decoy_t_min=decoy_t_min)
-  fresh = not wd.has_checkpoint()
   base_params = None
-  if base is not None and (fresh or peft is not None):
+  if base is not None and (not wd.has_checkpoint() or peft is not None):
     base_params = load_model(base, ema=True).params
   main = jax.process_index() == 0
-  written = []
-  if main:
-    written = [write_secret(wd, secret), wd.write_json(Workdir.EMBEDDING, {
-      "method": "wdm", "base": Workdir(base).abspath if base is not None else None,
-      "config": config, "steps": steps, "lr": float(cfg.train.lr),
-      "decoy_fraction": decoy_fraction, "decoy_t_min": decoy_t_min,
-      "peft": None if peft is None else peft.strategy})]
-  try:
+  with wd.undo_on_failure(main):  # rejected before its first checkpoint: leave nothing
+    if main:
+      write_secret(wd, secret)
+      wd.write_json(Workdir.EMBEDDING, {
+        "method": "wdm", "base": Workdir(base).abspath if base is not None else None,
+        "config": config, "steps": steps, "lr": float(cfg.train.lr),
+        "decoy_fraction": decoy_fraction, "decoy_t_min": decoy_t_min,
+        "peft": None if peft is None else peft.strategy})
     if peft is not None:
       state = _finetune(cfg, wd, Workdir(base).path, base_params, peft, loss_fn=loss,
                         progress=progress, log=log)
     else:
       state = _train(cfg, wd, loss_fn=loss, init_params=base_params, progress=progress,
                      log=log)
-  except WdmjaxError:
-    if fresh and not wd.has_checkpoint():  # rejected before any step: leave nothing
-      for path in written:
-        if os.path.exists(path):
-          os.remove(path)
-    raise
   return EmbedResult(wd.abspath, int(state.step), time.time() - t0, wd.file(Workdir.SECRET),
                      state)
 
@@ -201,8 +274,9 @@ def extract_samples(cfg: ml_collections.ConfigDict, params: chex.ArrayTree,
   """`num` extracted samples [num, H, W, C] in [-1, 1]: the model sampled with the
   trigger-shifted network input (no guidance; labels as in the watermark loss)."""
   check(isinstance(num, int) and num >= 1, f"num: expected a positive integer, got {num!r}")
+  check_steps(steps, cfg.diffusion.num_timesteps)  # sample_images reads 0 as "the config's"
   su = setup(cfg)
-  rng = jax.random.PRNGKey(seed)
+  rng = jax.random.PRNGKey(check_seed(seed))
   labels = watermark_labels(num, su.num_classes, su.null_label, jax.random.fold_in(rng, 1))
   return sample_images(cfg, params, rng, num, sampler=sampler, steps=steps, eta=0.0,
                        guidance_scale=1.0, labels=labels, input_transform=wdp_input,
@@ -224,17 +298,19 @@ class ExtractResult:
   evidence: np.ndarray  # [2, H, W, C]: the block vote and the expected bits
   path: str | None
   seconds: float
+  secret_source: str = "explicit"  # the secret.json read, or "explicit"
 
 
-def extract(workdir: str | Workdir, secret: Secret | None = None, *, num: int = 16,
-            sampler: str = "ddim", steps: int = 50, seed: int = 0, raw: bool = False,
-            out: str | None = None, **secret_parts) -> ExtractResult:
-  """Samples the workdir's model with the trigger of `secret` (default: its own
-  secret.json with any of `trigger`, `watermark`, `key`, `gamma1`, `block` given in
-  `secret_parts` replaced); writes the samples, the block vote and the expected bits to
-  `out` (.png)."""
+def extract(workdir: str | Workdir, secret: Secret | str | os.PathLike | None = None, *,
+            num: int = 16, sampler: str = "ddim", steps: int = 50, seed: int = 0,
+            raw: bool = False, out: str | None = None, **secret_parts) -> ExtractResult:
+  """Samples the workdir's model with the trigger of the owner's secret (`secret`: a
+  `Secret` or the path of the owner's secret.json or workdir, with any of `trigger`,
+  `watermark`, `key`, `gamma1`, `block` in `secret_parts` replacing its fields; or those
+  parts alone; or, with neither, the workdir's own secret.json: see `resolve_secret`);
+  writes the samples, the block vote and the expected bits to `out` (.png)."""
   check(out is None or out.lower().endswith(".png"), f"out: expected a .png path, got {out!r}")
-  secret = secret or resolve_secret(workdir, **secret_parts)
+  secret, source = resolve_secret(workdir, secret, **secret_parts)
   cfg, params = load_model(workdir, ema=not raw)
   trigger, watermark, _ = secret.images(image_shape(cfg), cfg.data.data_dir)
   t0 = time.time()
@@ -243,7 +319,7 @@ def extract(workdir: str | Workdir, secret: Secret | None = None, *, num: int = 
   evidence = evidence_images(samples, secret, watermark)
   if out is not None:
     save_grid(np.concatenate([samples, evidence]), out, upscale=2)
-  return ExtractResult(samples, evidence, out, time.time() - t0)
+  return ExtractResult(samples, evidence, out, time.time() - t0, source)
 
 
 # ----------------------------------------------------------------------------- verify
@@ -253,7 +329,9 @@ def verify_model(cfg: ml_collections.ConfigDict, params: chex.ArrayTree, secret:
                  num: int = 16, sampler: str = "ddim", steps: int = 50, seed: int = 0,
                  alpha: float = ALPHA, decoys: int = NUM_DECOYS) -> dict:
   """Extracts `num` samples with the secret's trigger and tests them: the exact keyed test
-  with a key, a decoy-calibrated rank test without. Returns the report."""
+  with a key; without, the decoy permutation test over the secret trigger and `decoys`
+  decoy triggers of its kind (see `wdmjax.watermark.verify`). Returns the report, with a
+  `warning` when the test can never reach `alpha` or is not exact."""
   shape = image_shape(cfg)
   trigger, watermark, _ = secret.images(shape, cfg.data.data_dir)
   samples = extract_samples(cfg, params, trigger, secret.gamma1, num, sampler=sampler,
@@ -264,22 +342,33 @@ def verify_model(cfg: ml_collections.ConfigDict, params: chex.ArrayTree, secret:
     check(isinstance(decoys, int) and decoys >= 1,
           f"decoys: expected at least 1 for an unkeyed watermark, got {decoys!r}")
     decoy_samples = [
-      extract_samples(cfg, params, make_trigger(f"random:{1_000_003 + i}", shape),
-                      secret.gamma1, num, sampler=sampler, steps=steps, seed=seed + 1 + i)
-      for i in range(decoys)]
+      extract_samples(cfg, params, make_trigger(spec, shape), secret.gamma1, num,
+                      sampler=sampler, steps=steps, seed=seed + 1 + i)
+      for i, spec in enumerate(decoy_trigger_specs(secret.trigger, decoys))]
     out = decoy_test(samples, decoy_samples, watermark, secret.block, alpha)
+    if not is_generated_trigger(secret.trigger):
+      add_warning(out, "the trigger is an image file, so the random-pixel decoy triggers "
+                       "are not drawn from its distribution and the permutation p-value is "
+                       "not exact (a model may answer any natural image differently); use a "
+                       "random: or stripes: trigger, or a key")
   out.update({"num_samples": num, "sampler": sampler, "steps": steps})
   return out
 
 
-def verify(workdir: str | Workdir, secret: Secret | None = None, *, num: int = 16,
-           sampler: str = "ddim", steps: int = 50, seed: int = 0, alpha: float = ALPHA,
-           decoys: int = NUM_DECOYS, raw: bool = False, **secret_parts) -> dict:
-  """Tests whether the workdir's model carries the watermark of `secret` (default: its own
-  secret.json, with any of `trigger`, `watermark`, `key`, `gamma1`, `block` given in
-  `secret_parts` replaced). Returns the report (log10_p_value, verified, bits,
-  agreeing_bits, bit_agreement, null_agreement, alpha, test, ...)."""
-  secret = secret or resolve_secret(workdir, **secret_parts)
+def verify(workdir: str | Workdir, secret: Secret | str | os.PathLike | None = None, *,
+           num: int = 16, sampler: str = "ddim", steps: int = 50, seed: int = 0,
+           alpha: float = ALPHA, decoys: int = NUM_DECOYS, raw: bool = False,
+           **secret_parts) -> dict:
+  """Tests whether the workdir's model carries the owner's watermark. The secret comes from
+  the owner only (see `resolve_secret`): `secret` (a `Secret`, or the path of the owner's
+  secret.json or workdir, e.g. the original of an attacked copy) with any of `trigger`,
+  `watermark`, `key`, `gamma1`, `block` in `secret_parts` replacing its fields; or those
+  parts alone; or, with neither, the workdir's own secret.json. Returns the report
+  (log10_p_value, verified, bits, agreeing_bits, bit_agreement, null_agreement, alpha,
+  test, secret_source: the path read or "explicit", warning when there is one, ...)."""
+  secret, source = resolve_secret(workdir, secret, **secret_parts)
   cfg, params = load_model(workdir, ema=not raw)
-  return verify_model(cfg, params, secret, num=num, sampler=sampler, steps=steps, seed=seed,
-                      alpha=alpha, decoys=decoys)
+  out = verify_model(cfg, params, secret, num=num, sampler=sampler, steps=steps, seed=seed,
+                     alpha=alpha, decoys=decoys)
+  out["secret_source"] = source
+  return out

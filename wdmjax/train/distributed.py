@@ -14,16 +14,19 @@ crashed worker never leaves the others hanging.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import os
 import re
+import socket
 import sys
 import time
 
 import jax
 from jax.experimental import multihost_utils
 
-from wdmjax.errors import check
+from wdmjax.errors import WdmjaxError, check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +71,12 @@ def _cloud_tpu_vm() -> str | None:
   return None
 
 
+INIT_TIMEOUT = 60  # seconds for the processes of a run to meet (JAX's own default: 300)
+
+
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, *, heartbeat_timeout: int = 100,
-               initialization_timeout: int = 300) -> ProcessInfo:
+               initialization_timeout: int = INIT_TIMEOUT) -> ProcessInfo:
   """Connects this process to the others of the run (a no-op for a single process).
 
   Args:
@@ -82,7 +88,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
       the others are stopped with an error.
     initialization_timeout: seconds to wait for every process to connect.
 
-  Must run before any JAX computation; calling it again is a no-op.
+  With explicit arguments the processes first meet in `rendezvous`, so that a disagreement
+  (two processes with one id, different process counts) or a missing process fails every
+  process with a one-line WdmjaxError instead of JAX's timeout and C++ abort. Must run
+  before any JAX computation; calling it again is a no-op.
   """
   given = [coordinator is not None, num_processes is not None, process_id is not None]
   check(all(given) or not any(given),
@@ -91,6 +100,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         f"process_id={process_id!r}")
   check(isinstance(heartbeat_timeout, int) and heartbeat_timeout >= 1,
         f"heartbeat_timeout: expected a whole number of seconds >= 1, got {heartbeat_timeout!r}")
+  check(isinstance(initialization_timeout, int) and not isinstance(initialization_timeout, bool)
+        and initialization_timeout >= 1, f"initialization_timeout: expected a whole number of "
+                                         f"seconds >= 1, got {initialization_timeout!r}")
   if jax.distributed.is_initialized():
     return ProcessInfo(jax.process_index(), jax.process_count(), "already initialized")
   kwargs = dict(heartbeat_timeout_seconds=heartbeat_timeout,
@@ -104,10 +116,15 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
           f"process_id: expected an integer in [0, {num_processes}), got {process_id!r}")
     if num_processes == 1:
       return ProcessInfo(0, 1, "single")
-    _use_gloo_on_cpu()
     _announce(f"process {process_id} of {num_processes}: joining the run at {coordinator}",
               initialization_timeout)
+    rendezvous(coordinator, num_processes, process_id, initialization_timeout)
+    _use_gloo_on_cpu()
     jax.distributed.initialize(coordinator, num_processes, process_id, **kwargs)
+    check(jax.process_count() == num_processes and jax.process_index() == process_id,
+          f"num_processes, process_id: expected process {process_id} of {num_processes}, "
+          f"got process {jax.process_index()} of {jax.process_count()} from the coordinator "
+          f"{coordinator}")
     return ProcessInfo(jax.process_index(), jax.process_count(), "explicit")
   cluster = detect_cluster()
   if cluster is None:
@@ -116,6 +133,121 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   _announce(f"joining the {cluster} run", initialization_timeout)
   jax.distributed.initialize(**kwargs)
   return ProcessInfo(jax.process_index(), jax.process_count(), cluster)
+
+
+def _split_address(coordinator: str) -> tuple[str, int]:
+  host, _, port = coordinator.rpartition(":")
+  return host.strip("[]"), int(port)
+
+
+def _recv_line(sock: socket.socket, deadline: float) -> bytes | None:
+  """One newline-terminated message (at most 4 KiB), or None at EOF, timeout or garbage."""
+  data = b""
+  while not data.endswith(b"\n") and len(data) < 4096:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+      return None
+    sock.settimeout(remaining)
+    try:
+      chunk = sock.recv(4096)
+    except OSError:
+      return None
+    if not chunk:
+      return None
+    data += chunk
+  return data if data.endswith(b"\n") else None
+
+
+def _send(sock: socket.socket, message: dict) -> None:
+  with contextlib.suppress(OSError):
+    sock.sendall(json.dumps(message).encode() + b"\n")
+
+
+def rendezvous(coordinator: str, num_processes: int, process_id: int, timeout: float) -> None:
+  """Checks that the `num_processes` processes of a run agree before JAX connects them.
+
+  Process 0 listens on the coordinator's port (JAX's coordination service takes it over
+  afterwards); every other process sends it its process id and count. Process 0 answers all
+  of them at once: go, or the first disagreement (a count that differs from process 0's, an
+  id given twice, a process missing after `timeout` seconds), which every process then
+  raises as one WdmjaxError. Without it JAX waits out its timeout and aborts with a C++ stack.
+  """
+  host, port = _split_address(coordinator)
+  deadline = time.monotonic() + timeout
+  if process_id != 0:
+    _join(host, port, coordinator, num_processes, process_id, timeout, deadline)
+    return
+  try:
+    if socket.has_dualstack_ipv6():
+      server = socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True)
+    else:
+      server = socket.create_server(("", port))
+  except OSError as e:
+    why = os.strerror(e.errno) if e.errno else str(e)
+    raise WdmjaxError(f"coordinator: expected a free port {port} on process 0's host, got "
+                      f"{why} (is another process of the run also process 0?)") from None
+  ids: set[int] = set()
+  peers: list[socket.socket] = []
+  error = None
+  with server:
+    while error is None and len(ids) < num_processes - 1:
+      remaining = deadline - time.monotonic()
+      if remaining <= 0:
+        missing = sorted(set(range(1, num_processes)) - ids)
+        error = (f"coordinator: expected {num_processes} processes at {coordinator} within "
+                 f"{timeout:g} s, got {len(ids) + 1} (missing process ids {missing}); start "
+                 f"every process with the same coordinator and process count and its own id")
+        break
+      server.settimeout(remaining)
+      try:
+        conn, _ = server.accept()
+      except OSError:
+        continue
+      try:
+        hello = json.loads(_recv_line(conn, min(deadline, time.monotonic() + 10)) or b"")
+        pid, n = int(hello["process_id"]), int(hello["num_processes"])
+      except (ValueError, KeyError, TypeError):  # not one of ours: ignore it
+        conn.close()
+        continue
+      peers.append(conn)
+      if n != num_processes:
+        error = (f"num_processes: expected the same process count in every process, got "
+                 f"{num_processes} in process 0 and {n} in process {pid}")
+      elif pid in ids or not 0 < pid < num_processes:
+        error = (f"process_id: expected a different id in every process, got {pid} in two "
+                 f"processes")
+      ids.add(pid)
+    for conn in peers:
+      _send(conn, {"error": error} if error else {"ok": True})
+    for conn in peers:  # the peers close first: no TIME_WAIT on the coordinator port
+      _recv_line(conn, time.monotonic() + 5)
+      conn.close()
+  check(error is None, error or "")
+
+
+def _join(host: str, port: int, coordinator: str, num_processes: int, process_id: int,
+          timeout: float, deadline: float) -> None:
+  """The side of `rendezvous` of a process other than 0."""
+  while True:
+    try:
+      sock = socket.create_connection((host, port), timeout=max(deadline - time.monotonic(),
+                                                                0.1))
+      break
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise WdmjaxError(f"coordinator: expected process 0 of the run at {coordinator} "
+                          f"within {timeout:g} s, got {e.strerror or e}") from None
+      time.sleep(0.2)
+  with sock:
+    _send(sock, {"process_id": process_id, "num_processes": num_processes})
+    reply = _recv_line(sock, deadline + 10)  # process 0 answers at its own deadline
+  try:
+    answer = json.loads(reply or b"")
+  except ValueError:  # no answer: process 0 had all its processes, or is not listening
+    answer = {"error": f"process_id: expected process 0 at {coordinator} to admit process "
+                       f"{process_id} within {timeout:g} s, got no answer (does another "
+                       f"process have id {process_id}?)"}
+  check(bool(answer.get("ok")), str(answer.get("error")))
 
 
 def _announce(what: str, timeout: int) -> None:

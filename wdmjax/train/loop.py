@@ -1,8 +1,16 @@
 """The training loop: data -> jitted step -> metrics, sample grids and Orbax checkpoints.
 
-`train(cfg, workdir)` resumes automatically from the newest checkpoint in `workdir`, saves
-every `train.ckpt_every` steps and at the end, and on SIGTERM or Ctrl-C saves the current
-step before it returns, so no finished step is lost.
+`train(cfg, workdir)` resumes automatically from the newest intact checkpoint in `workdir`
+(metrics.jsonl is cut back to it), saves every `train.ckpt_every` steps and at the end, and
+on SIGTERM or Ctrl-C saves the current step and raises `wdmjax.errors.Interrupted`, so no
+finished step is lost and no caller mistakes a stopped run for a finished one.
+
+Every step reports whether its loss, gradient norm and new weights are finite; the host
+reads the flag with the step's metrics (one step late, so no step waits for it) and always
+before a checkpoint or a sample grid is written. The first non-finite step stops the run
+with a one-line error: nothing of it or after it is saved, and the checkpoints already
+saved (all of finite states) are kept, so a rerun with a lower `train.lr` continues from
+the newest of them.
 
 The progress bar counts completed steps, not dispatched ones: the loop keeps one step in
 flight (the next step is queued before the previous one's metrics are read), so the device
@@ -16,6 +24,7 @@ import contextlib
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +38,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from wdmjax.data import InputPipeline, load_source, shard_batch
-from wdmjax.errors import WdmjaxError, check
+from wdmjax.errors import Interrupted, WdmjaxError, check
 from wdmjax.train.checkpoint import Checkpointer
 from wdmjax.train.derived import setup
 from wdmjax.train.images import save_grid
@@ -105,7 +114,7 @@ class _Interval:
     self.rows: list[dict[str, float]] = []
 
   def add(self, metrics: dict) -> None:
-    self.rows.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+    self.rows.append(metrics)
 
   def mean(self) -> dict[str, float]:
     out = {k: float(np.mean([r[k] for r in self.rows])) for k in self.rows[-1]}
@@ -170,28 +179,41 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Workdir, *,
                             state_sharding=jax.tree.map(lambda x: x.sharding, state),
                             fsdp_min_size=cfg.mesh.fsdp_min_size)
   full = (lambda p: combine(p, frozen_params)) if partial else (lambda p: p)
-  ckpt = Checkpointer(wd, keep=tc.keep_checkpoints, async_save=tc.async_checkpoint)
-  start = ckpt.latest_step()
-  if start is not None:
-    state = ckpt.restore(state, start)
-    log(f"resumed from {ckpt.directory}/{start}")
+  ckpt = Checkpointer(wd, keep=tc.keep_checkpoints, async_save=tc.async_checkpoint, log=log)
+  if ckpt.latest_step() is not None:
+    restored, state = ckpt.restore_step(state)
+    log(f"resumed from {ckpt.step_dir(restored)}")
   start = int(state.step)
+  if is_main:  # rows of steps after the checkpoint are replayed: drop them, never repeat
+    wd.truncate_metrics(start)
   bar = tqdm(total=tc.steps, initial=start, disable=not (progress and is_main),
              desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
   interval = _Interval()
 
   def complete(done: int, metrics: dict) -> None:
-    """Books the finished step `done` (reading its metrics waits for it)."""
-    interval.add(metrics)
+    """Books the finished step `done` (reading its metrics waits for it); stops the run at
+    a non-finite step."""
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not m.pop("finite"):
+      if not np.isfinite(m["loss"]) and ckpt.latest_step() == done - 1:
+        # the loss of step `done` is that of the weights saved at done - 1: they are bad
+        # whatever the learning rate, so no rerun may resume from them
+        ckpt.move_aside(done - 1, "diverged")
+      last = ckpt.latest_step()
+      kept = (f"the checkpoints up to step {last} are kept; lower train.lr (now "
+              f"{tc.lr:g}) and rerun to continue from step {last}" if last is not None else
+              f"nothing was saved; lower train.lr (now {tc.lr:g})")
+      bad = ", ".join(f"{name} {m[k]:.4g}" for k, name in (("loss", "loss"),
+                      ("grad_norm", "gradient norm")) if not np.isfinite(m[k]))
+      raise WdmjaxError(f"train.lr: step {done} diverged ({bad or 'the new weights'} not "
+                        f"finite): {kept}")
+    interval.add(m)
     bar.update(1)
     if tc.log_every and (done % tc.log_every == 0 or done == tc.steps):
       m = interval.mean()
       if is_main:
         wd.append_metrics(done, m, time.time())
       bar.set_postfix(loss=f"{m['loss']:.4f}")
-      check(bool(np.isfinite(m["loss"])),
-            f"train: loss became {m['loss']} by step {done}; lower train.lr (the last "
-            f"checkpoint in {ckpt.directory} is kept)")
 
   # One process alone must never stop: the others would wait for it in the next collective.
   # With several processes a SIGTERM (a preemption notice) goes to JAX's preemption service,
@@ -211,18 +233,20 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Workdir, *,
           complete(*pending)
         pending = (step + 1, metrics)
         done = step + 1
-        if tc.ckpt_every and done % tc.ckpt_every == 0:
+        save = bool(tc.ckpt_every) and done % tc.ckpt_every == 0
+        grid = bool(tc.sample_every) and done % tc.sample_every == 0
+        if save or grid:  # only a state known to be finite is written
+          complete(*pending)
+          pending = None
+        if save:
           ckpt.save(done, state)
-        if tc.sample_every and done % tc.sample_every == 0:
+        if grid:
           _write_samples(cfg, state, wd.sample_grid(done), full)
       if pending is not None:
         complete(*pending)
         pending = None
       step = int(state.step)
       ckpt.save(step, state)
-      if stop.signum is not None:
-        log(f"stopped by signal {stop.signum} at step {step}; checkpoint saved, "
-            f"rerun the same command to resume")
   except WdmjaxError:
     raise
   except jax.errors.JaxRuntimeError as e:
@@ -239,7 +263,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Workdir, *,
   if is_main:
     wd.write_json(Workdir.SUMMARY, {"step": step, "seconds": time.time() - t0,
                                     "processes": jax.process_count(),
-                                    "mesh": dict(mesh.shape)})
+                                    "mesh": dict(mesh.shape),
+                                    "stopped_by_signal": stop.signum})
+  if stop.signum is not None:
+    raise Interrupted(stop.signum, step, ckpt.directory)
   return state
 
 
@@ -302,15 +329,23 @@ def load_trained(workdir: str | Workdir, ema: bool = True
   return cfg, load_params(wd, cfg, "ema_params" if ema else "params")
 
 
+def _warn(message: str) -> None:
+  print(f"wdmjax: warning: {message}", file=sys.stderr)
+
+
 def load_params(workdir: str | Workdir, cfg: ml_collections.ConfigDict, part: str,
-                like: chex.ArrayTree | None = None) -> chex.ArrayTree:
-  """The `part` of the newest checkpoint (`params` or `ema_params`), shaped like `like`
-  (default: the config's model parameters), on this process's first device."""
+                like: chex.ArrayTree | None = None, log: Log | None = None) -> chex.ArrayTree:
+  """The `part` of the newest intact checkpoint (`params` or `ema_params`), shaped like
+  `like` (default: the config's model parameters), on this process's first device. A
+  damaged newer checkpoint is skipped, and said so through `log` (default: stderr)."""
   shapes = setup(cfg).abstract_params() if like is None else like
   device = jax.sharding.SingleDeviceSharding(local_mesh().devices.flat[0])
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                         shapes)
-  ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
+  if not Workdir(workdir).has_checkpoint():
+    raise WdmjaxError(f"workdir: no checkpoint found in {Workdir(workdir).checkpoint_dir!r}")
+  ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints, writable=False,
+                      log=log or _warn)
   try:
     return ckpt.restore_part({part: target})[part]
   finally:

@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 
 from wdmjax.diffusion import sample
+from wdmjax.diffusion.schedules import check_steps
 from wdmjax.errors import check
 from wdmjax.train.derived import setup
 
@@ -35,7 +36,7 @@ def sample_images(cfg: ml_collections.ConfigDict, params: chex.ArrayTree, rng: c
   """
   s, su = cfg.sample, setup(cfg)
   sampler = sampler or s.sampler
-  steps = steps or s.steps
+  steps = check_steps(s.steps if steps is None else steps, cfg.diffusion.num_timesteps)
   eta = s.eta if eta is None else eta
   guidance_scale = s.guidance_scale if guidance_scale is None else guidance_scale
   check(isinstance(num, int) and num >= 1, f"num: expected a positive integer, got {num!r}")

@@ -42,7 +42,13 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn,
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+  grad_norm = optax.tree.norm(grads)
+  # Checked on the host one step later (no sync per step): a run stops at the first step
+  # whose loss, gradient or new weights are not finite, before anything of it is saved.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  for leaf in jax.tree.leaves(params):
+    finite &= jnp.isfinite(leaf).all()
+  metrics = dict(metrics, loss=loss, grad_norm=grad_norm, finite=finite)
   new_state = state.replace(step=state.step + 1, params=params,
                             ema_params=ema_update(state.ema_params, params,
                                                   ema_decay_at(state.step, ema_decay)),

@@ -59,11 +59,39 @@ class Secret:
 
   @classmethod
   def from_json(cls, text: str, source: str = SECRET_FILE) -> Secret:
+    """The secret in `text` (what `to_json` writes). Errors name `source` and the fields at
+    fault, never a value: the file holds the key."""
     try:
       d = json.loads(text)
-    except json.JSONDecodeError as e:
-      raise WdmjaxError(f"{source}: not valid JSON ({e})") from None
-    fields = {f.name for f in dataclasses.fields(cls)}
-    check(isinstance(d, dict) and {"trigger", "watermark"} <= set(d) and set(d) <= fields,
-          f"{source}: expected an object with keys {sorted(fields)}, got {d!r:.200}")
-    return cls(**d)
+    except json.JSONDecodeError as e:  # its message holds a position, not the text
+      raise WdmjaxError(f"{source}: not valid JSON (line {e.lineno}, column {e.colno})"
+                        ) from None
+    fields = [f.name for f in dataclasses.fields(cls)]
+    check(isinstance(d, dict), f"{source}: expected a JSON object with the fields {fields}, "
+                               f"got a {type(d).__name__}")
+    missing = [f for f in ("trigger", "watermark") if f not in d]
+    extra = sorted(k for k in d if k not in fields)
+    check(not missing and not extra, f"{source}: expected the fields {fields}; "
+          + "; ".join(([f"missing {missing}"] if missing else [])
+                      + ([f"unexpected {extra}"] if extra else [])))
+    bad = [name for name, ok in (
+      ("trigger", isinstance(d["trigger"], str)), ("watermark", isinstance(d["watermark"], str)),
+      ("key", d.get("key") is None or _is_int(d["key"])),
+      ("gamma1", _is_number(d.get("gamma1", GAMMA1))),
+      ("gamma2", _is_number(d.get("gamma2", GAMMA2))), ("block", _is_int(d.get("block", 4))))
+      if not ok]
+    check(not bad, f"{source}: wrong type of the fields {bad}")
+    try:
+      return cls(**d)
+    except WdmjaxError as e:  # its message holds the value
+      name = str(e).partition(":")[0]
+      raise WdmjaxError(f"{source}: invalid value of the field "
+                        f"{name if name in fields else 'unknown'!r}") from None
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)

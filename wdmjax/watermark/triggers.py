@@ -27,6 +27,7 @@ from PIL import Image
 from wdmjax.errors import WdmjaxError, check
 
 TRIGGER_KINDS = ("random", "stripes")
+DECOY_SEED = 1_000_003  # the first seed of the decoy triggers verification draws
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +60,25 @@ def load_image_file(path: str, shape: ImageShape, what: str) -> np.ndarray:
         f"{what}: expected 'keyed:SEED', 'class:DATA:LABEL' or an image file, got {path!r} "
         f"(no such file)")
   if path.endswith(".npy"):
-    arr = np.load(path)
+    try:
+      arr = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError) as e:  # not an .npy file, truncated, or pickled objects
+      raise WdmjaxError(f"{what}: could not read {path!r} as a .npy array ({e})") from None
+    check(isinstance(arr, np.ndarray) and (np.issubdtype(arr.dtype, np.integer)
+                                           or np.issubdtype(arr.dtype, np.floating)),
+          f"{what}: expected a numeric array in {path!r}, got "
+          f"{getattr(arr, 'dtype', type(arr).__name__)}")
     if arr.ndim == 2:
       arr = arr[..., None]
     check(arr.shape == shape.hwc, f"{what}: expected an array of shape {shape.hwc} in "
                                   f"{path!r}, got {arr.shape}")
-    arr = arr.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, refused next
+      arr = arr.astype(np.float32)
+    check(bool(np.all(np.isfinite(arr))), f"{what}: expected finite values in {path!r}, got "
+                                          f"{int(np.sum(~np.isfinite(arr)))} NaN or inf")
+    check(arr.max() <= 1.0 or (arr.min() >= 0.0 and arr.max() <= 255.0),
+          f"{what}: expected values in [-1, 1] or [0, 255] in {path!r}, got "
+          f"[{arr.min():g}, {arr.max():g}]")
     return arr / 127.5 - 1.0 if arr.max() > 1.0 else np.clip(arr, -1.0, 1.0)
   try:
     img = Image.open(path)
@@ -93,6 +107,30 @@ def make_trigger(spec: str, shape: ImageShape) -> np.ndarray:
         f"trigger: expected one of {[k + ':SEED' for k in TRIGGER_KINDS]} or an image "
         f"file, got {spec!r}")
   return load_image_file(spec, shape, "trigger")
+
+
+def is_generated_trigger(spec: str) -> bool:
+  """Whether `spec` names a trigger drawn by one of the generators (`random:`, `stripes:`)
+  rather than an image file."""
+  kind, sep, _ = spec.partition(":")
+  return bool(sep) and kind in TRIGGER_KINDS
+
+
+def decoy_trigger_specs(trigger: str, num: int) -> list[str]:
+  """`num` decoy trigger specs drawn by the same generator as `trigger` (its kind, other
+  seeds from DECOY_SEED on, never the trigger's own), so that the secret trigger and the
+  decoys are exchangeable for a model that never learned it. An image-file trigger has no
+  generator to share: it gets random-pixel decoys, and exchangeability is not guaranteed."""
+  check(isinstance(num, int) and num >= 0, f"decoys: expected a non-negative integer, "
+                                           f"got {num!r}")
+  own = None
+  if is_generated_trigger(trigger):
+    kind, _, arg = trigger.partition(":")
+    own = _seed(trigger, arg, "trigger")
+  else:
+    kind = "random"
+  seeds = [s for s in range(DECOY_SEED, DECOY_SEED + num + 1) if s != own][:num]
+  return [f"{kind}:{s}" for s in seeds]
 
 
 def block_bits(seed: int, shape: ImageShape, block: int) -> np.ndarray:

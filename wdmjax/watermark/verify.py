@@ -6,14 +6,20 @@ blocks that agree with w XOR r. A model that does not know r agrees on each bloc
 probability exactly 1/2 whatever it draws, so p = P(Binomial(n, 1/2) >= k) is exact. A tie in
 the vote counts as a disagreement, which only makes the test conservative.
 
-Decoy rank test (for an unkeyed logo or image set): nothing makes a bit agreement a fair
-coin, so the suspect model itself supplies the null. It extracts with decoy triggers (random
-triggers it was never trained on) as well as with the secret one; each sample is scored by
-its similarity to the watermark (the largest Pearson correlation with any watermark image),
-and the one-sided rank-sum test asks whether the secret trigger's samples score higher. This
-is exact if all samples are exchangeable under the null, i.e. if a model that never learned
-the trigger draws the same distribution whichever random trigger it is given; more decoy
-triggers make a trigger-specific quirk matter less. The keyed test needs no such assumption.
+Decoy permutation test (for an unkeyed logo or image set): nothing makes a bit agreement a
+fair coin, so the suspect model itself supplies the null. It extracts m samples with each of
+D decoy triggers as well as with the secret one; each trigger's statistic is the mean, over
+its samples, of their similarity to the watermark (a sample's largest Pearson correlation
+with any watermark image), and p = (1 + #{decoys whose statistic >= the secret's}) / (D + 1)
+(ties count against the owner). The statistic is per trigger, not per sample, because the
+samples of one trigger share that trigger's effect on the model: treating them as
+exchangeable with other triggers' samples (a rank-sum test over samples) over-counts the
+evidence and is anti-conservative. The test is exact if the secret trigger and the decoys
+are exchangeable for a model that never learned the trigger, which holds when the decoys are
+drawn by the secret trigger's own generator (`decoy_trigger_specs`); for an image-file
+trigger it is not guaranteed, and the report warns. Its smallest p-value is 1 / (D + 1): with
+a practical number of decoys an unkeyed watermark cannot reach a court-grade alpha such as
+1e-6 (the report warns), and an exact, strong test needs a key.
 The report names the test it used.
 """
 
@@ -23,13 +29,20 @@ import math
 
 import numpy as np
 
-from wdmjax.errors import check
-from wdmjax.stats import exact_binomial_log10_sf, rank_sum_log10_p
-from wdmjax.watermark.triggers import ImageShape, block_signs, key_mask, reference_bits
+from wdmjax.errors import check, check_number
+from wdmjax.stats import exact_binomial_log10_sf, permutation_log10_p
+from wdmjax.watermark.secret import Secret
+from wdmjax.watermark.triggers import (
+  ImageShape,
+  block_signs,
+  check_block,
+  key_mask,
+  reference_bits,
+)
 
 ALPHA = 1e-6
 EXACT_TEST = "exact-binomial"
-DECOY_TEST = "decoy-rank-sum"
+DECOY_TEST = "decoy-permutation"
 
 
 def vote_bits(samples: np.ndarray, block: int) -> np.ndarray:
@@ -62,9 +75,65 @@ def agreement(votes: np.ndarray, expected: np.ndarray) -> tuple[int, int]:
 
 def keyed_test(samples: np.ndarray, watermark: np.ndarray, key: int, block: int,
                alpha: float = ALPHA) -> dict:
-  """The exact test of a keyed watermark; returns the report (see `report`)."""
+  """The exact test of a keyed watermark; returns the report (see `report`), with a
+  `warning` when even full agreement could not reach `alpha`."""
   k, n = agreement(vote_bits(samples, block), expected_bits(watermark, key, block))
-  return report(EXACT_TEST, k, n, 0.5, alpha, num_samples=len(samples), block=block)
+  return report(EXACT_TEST, k, n, 0.5, alpha, num_samples=len(samples), block=block,
+                warning=_keyed_warning(n, alpha))
+
+
+# ----------------------------------------------------------------------------- reach
+
+
+def best_log10_p(secret: Secret, shape: ImageShape, decoys: int | None = None) -> float:
+  """The smallest log10 p the secret's test can ever report on a model of `shape`.
+
+  Keyed: n log10(1/2), every one of the n = (resolution / block)^2 bit blocks agreeing.
+  Unkeyed: -log10(decoys + 1), the secret trigger beating all `decoys` decoy triggers.
+  If it is above log10(alpha), no model can ever be verified with this secret.
+  """
+  check_block(secret.block, shape)
+  if secret.key is not None:
+    return (shape.resolution // secret.block) ** 2 * math.log10(0.5)
+  check(isinstance(decoys, int) and decoys >= 1,
+        f"decoys: expected at least 1 for an unkeyed secret, got {decoys!r}")
+  return -math.log10(decoys + 1)
+
+
+def reach_warning(secret: Secret, shape: ImageShape, alpha: float = ALPHA,
+                  decoys: int | None = None) -> str | None:
+  """A warning when the secret's test can never reach `alpha` on a model of `shape` (see
+  `best_log10_p`), else None: what `embed` and `verify` report."""
+  check_block(secret.block, shape)
+  if secret.key is not None:
+    return _keyed_warning((shape.resolution // secret.block) ** 2, alpha)
+  best_log10_p(secret, shape, decoys)  # checks decoys
+  return _decoy_warning(decoys, alpha)
+
+
+def _check_alpha(alpha: float) -> None:
+  check_number(alpha, "alpha", 0.0, 1.0, low_open=True, high_open=True)
+
+
+def _keyed_warning(n: int, alpha: float) -> str | None:
+  _check_alpha(alpha)
+  best = n * math.log10(0.5)
+  if best <= math.log10(alpha):
+    return None
+  return (f"the secret has {n} bits: its smallest possible p-value is 10^{best:.2f} (every "
+          f"bit agreeing), above alpha {alpha:g}, so no model can ever be verified; use a "
+          f"smaller block or a higher resolution (at least "
+          f"{math.ceil(math.log2(1 / alpha))} bits)")
+
+
+def _decoy_warning(decoys: int, alpha: float) -> str | None:
+  _check_alpha(alpha)
+  if 1 / (decoys + 1) <= alpha:
+    return None
+  return (f"an unkeyed watermark is tested against {decoys} decoy triggers: its smallest "
+          f"possible p-value is 1/{decoys + 1} = {1 / (decoys + 1):.3g}, above alpha "
+          f"{alpha:g}, so it can never be verified (that would take "
+          f"{math.ceil(1 / alpha) - 1} decoys); embed with a key for an exact test")
 
 
 def watermark_similarity(samples: np.ndarray, watermark: np.ndarray) -> np.ndarray:
@@ -84,37 +153,40 @@ def watermark_similarity(samples: np.ndarray, watermark: np.ndarray) -> np.ndarr
 
 def decoy_test(samples: np.ndarray, decoy_samples: list[np.ndarray], watermark: np.ndarray,
                block: int, alpha: float = ALPHA) -> dict:
-  """The decoy rank test of an unkeyed watermark (see the module docstring).
+  """The decoy permutation test of an unkeyed watermark (see the module docstring).
 
   samples: [m, H, W, C] extracted with the secret trigger; decoy_samples: one [m', H, W, C]
-  array per decoy trigger; watermark: [N, H, W, C]. The block bit agreement is reported too,
-  as a description (the p-value comes from the rank test).
+  array per decoy trigger, drawn by the secret trigger's generator; watermark:
+  [N, H, W, C]. The block bit agreement is reported too, as a description (the p-value
+  comes from the permutation test over triggers); `warning` when 1 / (decoys + 1) > alpha.
   """
   check(len(decoy_samples) >= 1, "decoys: expected at least one decoy trigger")
   want = expected_bits(watermark, None, block)
   k, n = agreement(vote_bits(samples, block), want)
   decoy_k = [agreement(vote_bits(d, block), want)[0] for d in decoy_samples]
-  score = watermark_similarity(samples, watermark)
-  decoy_score = np.concatenate([watermark_similarity(d, watermark) for d in decoy_samples])
+  stat = float(np.mean(watermark_similarity(samples, watermark)))
+  decoy_stats = np.array([np.mean(watermark_similarity(d, watermark)) for d in decoy_samples])
   out = report(DECOY_TEST, k, n, sum(decoy_k) / (len(decoy_k) * n), alpha,
-               log10_p=rank_sum_log10_p(score, decoy_score), num_samples=len(samples),
-               block=block)
+               log10_p=permutation_log10_p(stat, decoy_stats), num_samples=len(samples),
+               block=block, warning=_decoy_warning(len(decoy_samples), alpha))
+  out["decoys"] = len(decoy_samples)
   out["decoy_agreements"] = [dk / n for dk in decoy_k]
-  out["similarity_median"] = float(np.median(score))
-  out["decoy_similarity_median"] = float(np.median(decoy_score))
-  out["decoy_samples"] = int(decoy_score.size)
+  out["similarity_mean"] = stat
+  out["decoy_similarity_means"] = [float(v) for v in decoy_stats]
+  out["decoy_samples"] = int(sum(len(d) for d in decoy_samples))
   return out
 
 
 def report(test: str, k: int, n: int, p_null: float, alpha: float,
-           log10_p: float | None = None, **extra) -> dict:
+           log10_p: float | None = None, warning: str | None = None, **extra) -> dict:
   """The verification report: what `wdmjax verify --json` prints.
 
   Keys: test, log10_p_value (of Binomial(n, p_null) >= k unless `log10_p` is given),
   verified (p <= alpha), bit_agreement (k / n), agreeing_bits, bits, null_agreement (the
-  per-bit agreement rate under the null), alpha, plus `extra`.
+  per-bit agreement rate under the null), alpha, plus `extra`, plus `warning` when one is
+  given (see `add_warning`).
   """
-  check(0.0 < alpha < 1.0, f"alpha: expected a level in (0, 1), got {alpha!r}")
+  _check_alpha(alpha)
   if log10_p is None:
     log10_p = exact_binomial_log10_sf(k, n, p_null)
   return {
@@ -127,4 +199,11 @@ def report(test: str, k: int, n: int, p_null: float, alpha: float,
     "null_agreement": p_null,
     "alpha": alpha,
     **extra,
-  }
+  } | ({} if warning is None else {"warning": warning})
+
+
+def add_warning(report: dict, warning: str | None) -> dict:
+  """Appends `warning` (a sentence) to the report's `warning`; returns the report."""
+  if warning:
+    report["warning"] = f"{report['warning']}; {warning}" if report.get("warning") else warning
+  return report

@@ -20,11 +20,12 @@ from collections.abc import Callable
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from wdmjax.diffusion import diffusion_loss, q_sample, sample
 from wdmjax.diffusion.objectives import ApplyFn, check_objective
 from wdmjax.diffusion.schedules import Schedule
-from wdmjax.errors import check
+from wdmjax.errors import check, check_number
 
 GAMMA1 = 0.8  # the reference values
 GAMMA2 = 0.1
@@ -32,9 +33,12 @@ DECOY_KINDS = ("pixels", "stripes", "mixed")
 
 
 def check_gammas(gamma1: float, gamma2: float | None = None) -> None:
-  check(0.0 < float(gamma1) <= 1.0, f"gamma1: expected a value in (0, 1], got {gamma1!r}")
+  def scalar(v):  # a NumPy or JAX scalar counts as the number it holds
+    return float(v) if isinstance(v, (np.generic, jax.Array)) and np.ndim(v) == 0 else v
+
+  check_number(scalar(gamma1), "gamma1", 0.0, 1.0, low_open=True)
   if gamma2 is not None:
-    check(float(gamma2) > 0.0, f"gamma2: expected a positive weight, got {gamma2!r}")
+    check_number(scalar(gamma2), "gamma2", 0.0, low_open=True)
 
 
 def wdp_input(x_t: chex.Array, t: chex.Array, trigger: chex.Array,
