@@ -10,11 +10,13 @@ import math
 import os
 import socket
 import threading
+import uuid
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from tests.conftest import TINY_DIT, run_cli
 from wdmjax.errors import SEED_MAX, WdmjaxError, check_number, check_seed
@@ -409,10 +411,11 @@ def test_numeric_flags_never_give_a_traceback(command_flag, value, untrained, tm
   """Bad numbers are refused in one line before any sampling; a valid one may run, on the
   untrained tiny model with one step and one sample."""
   command, flag = command_flag
+  tmp_path = tmp_path / uuid.uuid4().hex  # a fresh folder per example: tmp_path is shared
   base = {"sample": ["--workdir", untrained, "--num", "1", "--steps", "1", "--out",
                      tmp_path / "g.png"],
           "verify": ["--workdir", untrained, "--trigger", "random:1", "--watermark",
-                     "keyed:2", "--key", "3", "--num", "1", "--steps", "1"],
+                     "keyed:2", "--key", "3", "--num", "1", "--steps", "1", "--json"],
           "extract": ["--workdir", untrained, "--trigger", "random:1", "--watermark",
                       "keyed:2", "--num", "1", "--steps", "1", "--out", tmp_path / "w.png"],
           "attack": ["--workdir", untrained, "--out", tmp_path / "attacked", "--attack",
@@ -422,8 +425,11 @@ def test_numeric_flags_never_give_a_traceback(command_flag, value, untrained, tm
   assert "Traceback" not in r.stderr
   if r.returncode == 0:
     if command == "verify":
-      report = json.loads(r.stdout) if r.stdout.startswith("{") else None
-      assert report is None or math.isfinite(report["log10_p_value"])
+      assert math.isfinite(json.loads(r.stdout)["log10_p_value"])
+    if command in ("sample", "extract"):  # a written, finite picture
+      out = base[base.index("--out") + 1]
+      pixels = np.asarray(Image.open(out))
+      assert pixels.size and np.isfinite(pixels).all() and pixels.std() > 0
     if command == "plan":
       assert all(math.isfinite(v) for v in json.loads(r.stdout).values()
                  if isinstance(v, float))

@@ -215,8 +215,8 @@ def test_cli_params_and_finetune(base_and_finetune):
   assert set(out) == {"trainable", "total", "fraction"} and 0 < out["fraction"] < 0.05
   r = run_cli("finetune", "--base", base, "--workdir", str(root / "bad"), "--peft", "difffit",
               "--set", "model.width=64", "--steps", "2", "--no-progress")
-  assert r.returncode == 2 and "does not take the base's parameters" in r.stderr
-  assert "Traceback" not in r.stderr
+  assert r.returncode == 2 and "model.width: expected the base's value 32" in r.stderr
+  assert "Traceback" not in r.stderr and not (root / "bad").exists()
 
 
 def test_cli_finetune_and_a_difffit_watermark(base_and_finetune):

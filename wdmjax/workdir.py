@@ -156,13 +156,18 @@ class Workdir:
     writes, so only it cleans up."""
     existed = os.path.isdir(self.path)
     before = set(os.listdir(self.path)) if existed else set()
-    had_checkpoint = self.has_checkpoint()
+    had_checkpoint = self._has_progress()
     try:
       yield
     except BaseException:
-      if enabled and not had_checkpoint and not self.has_checkpoint():
+      if enabled and not had_checkpoint and not self._has_progress():
         self._remove_new(existed, before)
       raise
+
+  def _has_progress(self) -> bool:
+    """A checkpoint, or one moved aside (`<step>.diverged`, `<step>.corrupt`): never undone."""
+    d = self.checkpoint_dir
+    return os.path.isdir(d) and any(n[:1].isdigit() for n in os.listdir(d))
 
   def _remove_new(self, existed: bool, before: set[str]) -> None:
     if not os.path.isdir(self.path):

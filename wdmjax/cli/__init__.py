@@ -174,8 +174,8 @@ _OS_ERROR_PATH = re.compile(r'(?:local file|Failed writing:|Failed reading:|open
 
 
 def os_error(e: BaseException) -> OSError | None:
-  """The OS error behind `e` (itself, one in its chain of causes, or one that tensorstore
-  reports as text), or None when it has none."""
+  """The OS error behind `e` (itself, one in its chain of explicit causes, or one that
+  tensorstore reports as text), or None when it has none."""
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
@@ -185,7 +185,7 @@ def os_error(e: BaseException) -> OSError | None:
     if m:
       code, paths = int(m.group(1)), _OS_ERROR_PATH.findall(str(e))
       return OSError(code, os.strerror(code), paths[-1] if paths else None)
-    e = e.__cause__ or e.__context__
+    e = e.__cause__  # not __context__: a bug raised while handling an OS error stays a bug
   return None
 
 

@@ -11,7 +11,9 @@ import time
 from collections.abc import Sequence
 
 import chex
+import jax
 import ml_collections
+import numpy as np
 
 from wdmjax.attacks import FINETUNE_LR, Attack, apply_attacks, parse_attack
 from wdmjax.configs import apply_override, validate
@@ -80,6 +82,9 @@ def attack(workdir: str | Workdir, out: str | Workdir, attacks: Sequence[str], *
   check(dst.abspath != src.abspath, "out: expected a new directory, not the workdir itself")
   cfg, params = load_model(src, ema=parsed[0].name != "raw")
   cfg, params = attack_model(cfg, params, parsed, seed, progress)
+  check(all(bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree.leaves(params)),
+        f"attack: {', '.join(map(str, parsed))} leaves non-finite weights (a strength beyond "
+        f"float32's range?); nothing was written")
   parent = os.path.dirname(dst.abspath)
   os.makedirs(parent, exist_ok=True)
   tmp = Workdir(tempfile.mkdtemp(prefix=".attack_", dir=parent))

@@ -312,7 +312,9 @@ def extract(workdir: str | Workdir, secret: Secret | str | os.PathLike | None = 
   check(out is None or out.lower().endswith(".png"), f"out: expected a .png path, got {out!r}")
   secret, source = resolve_secret(workdir, secret, **secret_parts)
   cfg, params = load_model(workdir, ema=not raw)
-  trigger, watermark, _ = secret.images(image_shape(cfg), cfg.data.data_dir)
+  # the owner's data dir (WDMJAX_DATA_DIR or the cache), never the suspect config's: a
+  # class:DATA:LABEL watermark's images must not come from where the suspect points
+  trigger, watermark, _ = secret.images(image_shape(cfg), None)
   t0 = time.time()
   samples = extract_samples(cfg, params, trigger, secret.gamma1, num, sampler=sampler,
                             steps=steps, seed=seed)
@@ -333,7 +335,7 @@ def verify_model(cfg: ml_collections.ConfigDict, params: chex.ArrayTree, secret:
   decoy triggers of its kind (see `wdmjax.watermark.verify`). Returns the report, with a
   `warning` when the test can never reach `alpha` or is not exact."""
   shape = image_shape(cfg)
-  trigger, watermark, _ = secret.images(shape, cfg.data.data_dir)
+  trigger, watermark, _ = secret.images(shape, None)  # the owner's data dir (see extract)
   samples = extract_samples(cfg, params, trigger, secret.gamma1, num, sampler=sampler,
                             steps=steps, seed=seed)
   if secret.key is not None:

@@ -24,7 +24,9 @@ from collections.abc import Callable
 
 import chex
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from wdmjax.errors import WdmjaxError
 from wdmjax.files import write_json
@@ -67,9 +69,13 @@ def damage(step_dir: str) -> str | None:
     return None
   try:
     with open(path) as f:
-      want = json.load(f)["files"]
-    assert isinstance(want, dict)
-  except (OSError, ValueError, KeyError, TypeError, AssertionError):
+      want = json.load(f)
+  except (OSError, ValueError):
+    want = None
+  want = want.get("files") if isinstance(want, dict) else None
+  if not (isinstance(want, dict) and all(
+      isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and isinstance(v[1], str)
+      for v in want.values())):
     return f"its {SEAL} is unreadable"
   try:
     have = file_checksums(step_dir)
@@ -129,6 +135,9 @@ class Checkpointer:
     need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) + (1 << 20)
     os.makedirs(self.directory, exist_ok=True)
     free = shutil.disk_usage(self.directory).free
+    if jax.process_count() > 1:  # decided together: a lone refusal would hang the others
+      mib = np.int32(min(free >> 20, 2**31 - 1))  # MiB: int32 without x64
+      free = int(multihost_utils.process_allgather(mib).min()) << 20
     if free < need:
       raise OSError(errno.ENOSPC, f"No space left on device: checkpoint {step} needs about "
                     f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free; the checkpoints "
@@ -175,6 +184,9 @@ class Checkpointer:
     forgets it. Returns the new path."""
     self._seal_finished()
     target = f"{self.step_dir(step)}.{why}"
+    multi = jax.process_count() > 1
+    if multi:  # every process has finished reading it before process 0 renames it
+      multihost_utils.sync_global_devices(f"wdmjax: move checkpoint {step}")
     if jax.process_index() == 0 and os.path.isdir(self.step_dir(step)):
       n = 1
       while os.path.exists(target):
@@ -182,6 +194,8 @@ class Checkpointer:
       os.rename(self.step_dir(step), target)
       if say:
         self.log(f"moved checkpoint {step} to {target}")
+    if multi:
+      multihost_utils.sync_global_devices(f"wdmjax: moved checkpoint {step}")
     self.manager.reload()
     return target
 
@@ -193,18 +207,18 @@ class Checkpointer:
       sealed = os.path.exists(os.path.join(self.step_dir(s), SEAL))
       try:
         out = restore(s)
-      except (ValueError, KeyError) as e:  # a sealed checkpoint that does not fit: the config
-        if sealed:
+      except Exception as e:  # noqa: BLE001 (Orbax and TensorStore raise many kinds)
+        first = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else repr(e)
+        if sealed and isinstance(e, (ValueError, KeyError)):  # intact files: the config
           raise WdmjaxError(f"checkpoint {self.step_dir(s)} does not match this model config "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
-        errors.append(f"checkpoint {s} (unsealed) cannot be read: {type(e).__name__}: "
-                      f"{str(e).splitlines()[0][:200]}")
-        continue
-      except Exception as e:  # an unsealed checkpoint that cannot be read: try an older one
+                            f"({first})") from e
         if sealed:
           raise
-        errors.append(f"checkpoint {s} (unsealed) cannot be read: {type(e).__name__}: "
-                      f"{str(e).splitlines()[0][:200]}")
+        # an unsealed checkpoint that cannot be read: try an older one; a resuming run moves
+        # it aside, or it would never save that step again
+        errors.append(f"checkpoint {s} (unsealed) cannot be read: {first}")
+        if self.writable:
+          self.move_aside(s, "corrupt", False)
         continue
       said = damaged + errors
       if not sealed:

@@ -137,6 +137,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 
 def _split_address(coordinator: str) -> tuple[str, int]:
   host, _, port = coordinator.rpartition(":")
+  check(0 < int(port) < 65536, f"coordinator: expected HOST:PORT with a port in [1, 65535], "
+                               f"got {coordinator!r}")
   return host.strip("[]"), int(port)
 
 
@@ -240,7 +242,9 @@ def _join(host: str, port: int, coordinator: str, num_processes: int, process_id
       time.sleep(0.2)
   with sock:
     _send(sock, {"process_id": process_id, "num_processes": num_processes})
-    reply = _recv_line(sock, deadline + 10)  # process 0 answers at its own deadline
+    # process 0 was listening before this connection, so it answers at the latest `timeout`
+    # seconds from now (its own deadline), whenever this process started
+    reply = _recv_line(sock, time.monotonic() + timeout + 10)
   try:
     answer = json.loads(reply or b"")
   except ValueError:  # no answer: process 0 had all its processes, or is not listening

@@ -195,9 +195,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Workdir, *,
     a non-finite step."""
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not m.pop("finite"):
-      if not np.isfinite(m["loss"]) and ckpt.latest_step() == done - 1:
-        # the loss of step `done` is that of the weights saved at done - 1: they are bad
-        # whatever the learning rate, so no rerun may resume from them
+      if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])) and (
+          ckpt.latest_step() == done - 1):
+        # the loss and gradient of step `done` are those of the weights saved at done - 1
+        # on a fixed batch: they are bad whatever the learning rate, so no rerun may resume
+        # from them (only non-finite new weights depend on the rate)
         ckpt.move_aside(done - 1, "diverged")
       last = ckpt.latest_step()
       kept = (f"the checkpoints up to step {last} are kept; lower train.lr (now "
@@ -207,7 +209,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Workdir, *,
                       ("grad_norm", "gradient norm")) if not np.isfinite(m[k]))
       raise WdmjaxError(f"train.lr: step {done} diverged ({bad or 'the new weights'} not "
                         f"finite): {kept}")
-    interval.add(m)
+    if tc.log_every:
+      interval.add(m)
     bar.update(1)
     if tc.log_every and (done % tc.log_every == 0 or done == tc.steps):
       m = interval.mean()

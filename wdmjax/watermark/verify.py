@@ -17,7 +17,10 @@ exchangeable with other triggers' samples (a rank-sum test over samples) over-co
 evidence and is anti-conservative. The test is exact if the secret trigger and the decoys
 are exchangeable for a model that never learned the trigger, which holds when the decoys are
 drawn by the secret trigger's own generator (`decoy_trigger_specs`); for an image-file
-trigger it is not guaranteed, and the report warns. Its smallest p-value is 1 / (D + 1): with
+trigger it is not guaranteed, and the report warns. "Exact" is over the owner's random draw
+of the secret trigger (its seed unknown to anyone else): for one fixed trigger, repeated over
+sample seeds, the p-values of an innocent model are not uniform, since that trigger's own
+effect on the model repeats in every run. Its smallest p-value is 1 / (D + 1): with
 a practical number of decoys an unkeyed watermark cannot reach a court-grade alpha such as
 1e-6 (the report warns), and an exact, strong test needs a key.
 The report names the test it used.
