@@ -136,7 +136,7 @@ def test_model_attacks_compose_in_order(dit_params):
 
 @pytest.mark.parametrize("text,match", [
   ("zap:1", "expected a name in"), ("prune:1.5", r"F in \[0, 1\)"), ("prune", "STRENGTH"),
-  ("noise:-1", "STD >= 0"), ("quantize:int4", "MODE"), ("finetune:0", "positive integer"),
+  ("noise:-1", "STD in"), ("quantize:int4", "MODE"), ("finetune:0", "positive integer"),
   ("raw:1", "no strength"), ("steps:x", "positive integer"), ("dropout:1", r"F in \[0, 1\)")])
 def test_bad_attack_names_and_strengths_give_clear_errors(text, match):
   with pytest.raises(WdmjaxError, match=match):

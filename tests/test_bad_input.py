@@ -216,8 +216,8 @@ def test_a_trigger_or_watermark_array_must_be_finite(bad, tmp_path):
     load_image_file(str(tmp_path / "junk.npy"), ImageShape(8, 1), "trigger")
 
 
-@pytest.mark.parametrize("spec", ["noise:inf", "noise:nan", "noise_rel:1e999", "prune:inf",
-                                  "steps:²", "finetune:-1"])
+@pytest.mark.parametrize("spec", ["noise:inf", "noise:nan", "noise_rel:1e999", "noise:1e39",
+                                  "prune:inf", "steps:²", "finetune:-1"])
 def test_attack_strengths_must_be_finite(spec, tmp_path):
   from wdmjax.attacks.spec import parse_attack
   with pytest.raises(WdmjaxError, match="attack: expected"):

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import chex
 import jax
 import ml_collections
+import numpy as np
 
 from wdmjax.attacks.model import QUANT_MODES, prune, quantize, weight_noise
 from wdmjax.errors import check
@@ -33,6 +34,8 @@ FINETUNE_LR = {"full": 1e-4, "difffit": 1e-3}
 _FLOAT = ("prune", "prune_layer", "noise", "noise_rel", "dropout")
 _INT = ("finetune", "finetune_difffit", "steps")
 ATTACKS = (*_FLOAT, "quantize", *_INT, "raw")
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -65,12 +68,14 @@ def parse_attack(text: str) -> Attack:
     x = float(value)
   except ValueError:
     x = float("nan")
-  # Finite only: `inf >= 0` holds, but infinite noise leaves nothing to attack.
+  # Finite in float32 (the weights' type) only: `inf >= 0` holds, but infinite noise leaves
+  # nothing to attack, and 1e39 is finite in float64 but not in the float32 it is cast to.
   if name.startswith("prune") or name == "dropout":
     check(0.0 <= x < 1.0, f"attack: expected {name}:F with F in [0, 1), got {text!r}")
   else:
-    check(math.isfinite(x) and x >= 0.0,
-          f"attack: expected {name}:STD with STD >= 0 (finite), got {text!r}")
+    check(math.isfinite(x) and 0.0 <= x <= _FLOAT32_MAX,
+          f"attack: expected {name}:STD with STD in [0, {_FLOAT32_MAX:.3g}] (finite in "
+          f"float32), got {text!r}")
   return Attack(name, x)
 
 
