@@ -203,3 +203,17 @@ def test_a_full_disk_stops_the_run_before_a_checkpoint_is_half_written(base, tmp
   assert r.returncode == 1 and len(lines) == 1, r.stderr
   assert "checkpoints: No space left on device: checkpoint 30 needs about" in lines[0]
   assert _steps(w) == ["10", "20"]
+
+
+def test_a_write_failing_half_way_leaves_no_temporary_file(tmp_path, monkeypatch):
+  from wdmjax import files
+
+  def full(fd):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(files.os, "fsync", full)
+  for write in (lambda: files.write_json(str(tmp_path / "a.json"), {"x": 1}),
+                lambda: Workdir(str(tmp_path)).write_private(Workdir.SECRET, "{}")):
+    with pytest.raises(OSError):
+      write()
+  assert os.listdir(tmp_path) == []
