@@ -366,6 +366,23 @@ def test_tiny_model_trained_with_wdp_verifies_and_clean_one_does_not(tiny_models
 # ----------------------------------------------------------------------------- CLI
 
 
+def test_unkeyed_test_is_calibrated_over_secrets_on_an_innocent_model(tiny_models):
+  """The whole pipeline (extraction with the secret and the decoy triggers, similarity,
+  permutation p) on the clean tiny model, over 60 secrets drawn as an owner draws them:
+  P(p <= q) stays at or below q (binomial noise allowed)."""
+  from wdmjax.configs import load_config
+
+  params = tiny_models[-1]["clean"]
+  cfg = load_config(TINY_DIT, [])
+  seeds = np.random.default_rng(0).integers(0, 10**6, 60)
+  p = np.array([10 ** runs.verify_model(
+    cfg, params, Secret(trigger=f"random:{s}", watermark="keyed:2", block=2), num=8,
+    steps=10, decoys=4, seed=i)["log10_p_value"] for i, s in enumerate(seeds)])
+  for q in (0.2, 0.4, 0.6, 0.8):
+    assert np.mean(p <= q + 1e-9) <= q + 3 * math.sqrt(q * (1 - q) / len(p)), (q, p)
+  assert np.mean(p <= 0.2 + 1e-9) > 0.05  # reaches its smallest p: not vacuous
+
+
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
   """A tiny model watermarked from scratch through the CLI (a few steps: plumbing only)."""
