@@ -1,7 +1,8 @@
 """The `wdmjax` command: diffusion models, their watermarks and the tools around them.
 
 Subcommands: train, sample, embed, extract, verify, attack, finetune, params, plan, latents,
-demo. Each calls one function of `wdmjax.runs` and prints what it returns.
+demo, augment preview, classifier. Each calls one function of `wdmjax.runs` and prints what
+it returns.
 
 Errors in what the user typed are printed as one line (`wdmjax: error: ...`, exit status 2),
 never as a traceback. The library names a bad parameter (`steps: expected ...`); the command
@@ -25,6 +26,7 @@ import jax
 
 from wdmjax import runs
 from wdmjax.cli.attack import add_parsers as add_attack_parsers
+from wdmjax.cli.augment import add_parsers as add_augment_parsers
 from wdmjax.cli.demo import add_parser as add_demo_parser
 from wdmjax.cli.multihost import add_distributed_args, connect
 from wdmjax.cli.peft import add_parsers as add_peft_parsers
@@ -36,7 +38,7 @@ from wdmjax.train.distributed import exit_run
 _FLAG_OF = {"overrides": "set", "strategy": "peft", "guidance_scale": "guidance",
             "image_size": "image_size", "chips": "chip",
             "initialization_timeout": "init_timeout"}
-_NAMES = re.compile(r"^([a-z_][a-z0-9_]*(?:(?:/|, )[a-z_][a-z0-9_]*)*):")
+_NAMES = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:(?:/|, )[A-Za-z_][A-Za-z0-9_]*)*):")
 
 
 def _cmd_train(args) -> int:
@@ -139,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
   add_attack_parsers(sub)
   add_peft_parsers(sub)
   add_demo_parser(sub)
+  add_augment_parsers(sub)
   return p
 
 
@@ -147,7 +150,12 @@ def _flags(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
   for action in parser._subparsers._group_actions:  # the subcommands
     sub = action.choices.get(command)
     if sub is not None:
-      return {a.dest: max(a.option_strings, key=len) for a in sub._actions if a.option_strings}
+      flags = {a.dest: max(a.option_strings, key=len) for a in sub._actions if a.option_strings}
+      for nested in (sub._subparsers._group_actions if sub._subparsers else []):
+        for p in nested.choices.values():  # `wdmjax augment preview`: its options too
+          flags.update({a.dest: max(a.option_strings, key=len) for a in p._actions
+                        if a.option_strings})
+      return flags
   return {}
 
 

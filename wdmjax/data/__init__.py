@@ -13,7 +13,13 @@ from wdmjax.data.pipeline import (
     preprocess,
     shard_batch,
 )
-from wdmjax.data.sources import ImageLabelSource, load_arrays, load_source, mnist5k_split
+from wdmjax.data.sources import (
+    ImageLabelSource,
+    labelled_split,
+    load_arrays,
+    load_source,
+    mnist5k_split,
+)
 
 __all__ = [
     'DATA_DIR_ENV',
@@ -24,6 +30,7 @@ __all__ = [
     'Mnist5k',
     'default_data_dir',
     'embedded_builder',
+    'labelled_split',
     'load_arrays',
     'load_source',
     'mnist5k_split',

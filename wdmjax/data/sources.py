@@ -18,7 +18,7 @@ import tensorflow_datasets as tfds
 
 from wdmjax.data.builders import EMBEDDED_BUILDERS, embedded_builder, resolve_data_dir
 from wdmjax.data.latents import prepared_builder
-from wdmjax.errors import WdmjaxError
+from wdmjax.errors import WdmjaxError, check
 
 # Examples per `__getitems__` call: large enough to amortise the per-call overhead.
 _READ_CHUNK = 1024
@@ -184,4 +184,28 @@ def mnist5k_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
   x = np.asarray(images, np.float32)[order] / 255.0
   y = np.asarray(labels, np.int32)[order]
   n = MNIST5K_TRAIN
+  return x[:n], y[:n], x[n:], y[n:]
+
+
+def labelled_split(name: str, seed: int = 0, held_out: float = 0.2,
+                   data_dir: str | os.PathLike | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """A classifier split of a small labelled set: (train x, train y, held-out x, held-out y),
+  images float32 [N, H, W, C] in [-1, 1], labels int32.
+
+  mnist5k is split as `mnist5k_split(seed)` (4,000 / 1,000, whatever `held_out`); other sets
+  by a `seed` permutation with a `held_out` share (in (0, 1)) held out.
+  """
+  check(isinstance(held_out, float | int) and 0.0 < held_out < 1.0,
+        f"held_out: expected a share in (0, 1), got {held_out!r}")
+  if name == "mnist5k":
+    x, y, xh, yh = mnist5k_split(seed)
+    return x * 2.0 - 1.0, y, xh * 2.0 - 1.0, yh
+  images, labels = load_arrays(name, "train", data_dir)
+  check(images.dtype == np.uint8, f"name: expected a labelled image set, got {name!r} "
+                                  f"(dtype {images.dtype})")
+  order = np.random.default_rng(seed).permutation(len(labels))
+  x = np.asarray(images, np.float32)[order] / 127.5 - 1.0
+  y = np.asarray(labels, np.int32)[order]
+  n = len(y) - max(1, int(round(held_out * len(y))))
   return x[:n], y[:n], x[n:], y[n:]

@@ -34,6 +34,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from wdmjax.augment import DIGIT_FAMILY, Augmentation, random_augment, uncertainty_augment
 from wdmjax.errors import WdmjaxError, check
 from wdmjax.models.layers import check_int_sequence, check_positive_int, max_pool_2x2
 
@@ -138,24 +139,48 @@ def _loss(model: DigitClassifier, params: chex.ArrayTree, x: Array, y: Array) ->
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
+def _soft_losses(model: nn.Module, params: chex.ArrayTree, x: Array, targets: Array) -> Array:
+  """Per-example cross-entropy against soft targets [N, K] (one-hot or mixed)."""
+  logits = model.apply({"params": params}, x)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
 @functools.lru_cache(maxsize=16)
-def _make_train_step(model: DigitClassifier, batch_size: int, lr: float, steps: int
+def _make_train_step(model: DigitClassifier, batch_size: int, lr: float, steps: int,
+                     augment: Augmentation | None = None
                      ) -> tuple[optax.GradientTransformation, Callable[..., Any]]:
   """The optimiser and the jitted step (params, opt_state, images, labels, key) ->
   (params, opt_state, loss).
 
   The step draws `batch_size` examples (with replacement) from images [N, H, W, C],
-  labels [N] with `key` and takes one Adam step (cosine-decayed from `lr` to 0 over `steps`);
-  params and opt_state are donated. Cached, so retraining with the same settings does not
-  recompile.
+  labels [N] with `key`, augments them as `augment` says (on the device, inside the step)
+  and takes one Adam step (cosine-decayed from `lr` to 0 over `steps`); params and
+  opt_state are donated. Cached, so retraining with the same settings does not recompile.
   """
   tx = optax.adam(optax.cosine_decay_schedule(lr, steps))
+  plain = augment is None or augment.policy == "none"
 
   def step(params: chex.ArrayTree, opt_state: optax.OptState, images: Array, labels: Array,
            key: Array) -> tuple[chex.ArrayTree, optax.OptState, Array]:
-    idx = jax.random.randint(key, (batch_size,), 0, images.shape[0])
-    x, y = images[idx], labels[idx]
-    loss, grads = jax.value_and_grad(lambda p: _loss(model, p, x, y))(params)
+    if plain:
+      idx = jax.random.randint(key, (batch_size,), 0, images.shape[0])
+      x, y = images[idx], labels[idx]
+      loss_fn = lambda p: _loss(model, p, x, y)
+    else:
+      k_idx, k_aug = jax.random.split(key)
+      idx = jax.random.randint(k_idx, (batch_size,), 0, images.shape[0])
+      x = images[idx]
+      t = jax.nn.one_hot(labels[idx], model.num_classes)
+      if augment.policy == "random":
+        x, t = random_augment(k_aug, x, t, L=augment.L, ops=augment.ops,
+                              magnitude=augment.magnitude)
+      else:
+        sel = uncertainty_augment(functools.partial(_soft_losses, model), params, (x, t),
+                                  k_aug, augment.L, augment.C, augment.S, ops=augment.ops,
+                                  magnitude=augment.magnitude)
+        x, t = sel.images, sel.targets
+      loss_fn = lambda p: _soft_losses(model, p, x, t).mean()
+    loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
@@ -171,8 +196,8 @@ def _init_params(model: DigitClassifier, key: Array, image_shape: tuple[int, int
 def train_classifier(images: np.ndarray, labels: np.ndarray, rng: Array, *, steps: int = 1000,
                      batch_size: int = 64, lr: float = 3e-3, num_classes: int = 10,
                      conv_widths: Sequence[int] = (16, 32), feature_dim: int = 128,
-                     progress: bool = False, model: nn.Module | None = None
-                     ) -> ClassifierState:
+                     progress: bool = False, model: nn.Module | None = None,
+                     augment: Augmentation | str | None = None) -> ClassifierState:
   """Trains a `DigitClassifier` (or `model`) with Adam (cosine-decayed rate, cross-entropy).
 
   The data stay on the device; step s draws its batch with `fold_in(rng, s)`, so a run is
@@ -191,6 +216,10 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, rng: Array, *, step
     progress: show a tqdm progress bar with the running loss.
     model: another classifier module (images -> logits) to train instead, e.g.
       `wdmjax.models.LeNet`; then num_classes, conv_widths and feature_dim are its own.
+    augment: data augmentation of every batch, inside the jitted step: a
+      `wdmjax.augment.Augmentation`, or a policy name ("none", "random", "uncertainty")
+      with the published settings L = 2, C = 4, S = 1 and the transformations that keep a
+      digit's label (`DIGIT_FAMILY`). The transformations assume images in [-1, 1].
 
   Returns:
     ClassifierState(model, params).
@@ -208,6 +237,10 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, rng: Array, *, step
         f"lr: expected a positive float, got {lr!r}")
   check_int_sequence("conv_widths", conv_widths, allow_empty=False)
   check_positive_int("feature_dim", feature_dim)
+  if isinstance(augment, str):
+    augment = Augmentation(policy=augment, ops=DIGIT_FAMILY)
+  check(augment is None or isinstance(augment, Augmentation),
+        f"augment: expected a policy name or a wdmjax.augment.Augmentation, got {augment!r}")
   if model is None:
     model = DigitClassifier(num_classes=int(num_classes),
                             conv_widths=tuple(int(v) for v in conv_widths),
@@ -222,7 +255,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, rng: Array, *, step
   check(key_ok, f"rng: expected a PRNG key (jax.random.key or PRNGKey), got {rng!r}")
   init_key, data_key = jax.random.split(rng)
   params = _init_params(model, init_key, tuple(x.shape[1:]))
-  tx, train_step = _make_train_step(model, int(batch_size), float(lr), int(steps))
+  tx, train_step = _make_train_step(model, int(batch_size), float(lr), int(steps), augment)
   opt_state = tx.init(params)
   x_dev, y_dev = jnp.asarray(x), jnp.asarray(y)
   bar = tqdm(range(int(steps)), desc="classifier", disable=not progress)

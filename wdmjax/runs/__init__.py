@@ -11,6 +11,7 @@ result object or a report dict; the command line only parses, prints and sets ex
 """
 
 from wdmjax.runs.attack import AttackResult, attack, attack_model
+from wdmjax.runs.augment import ClassifierResult, PreviewResult, classifier, preview
 from wdmjax.runs.demo import DEMO_SECRET, DemoResult, base_workdir, demo
 from wdmjax.runs.model import Model, load_model
 from wdmjax.runs.peft import FinetuneResult, finetune, finetune_config, params
@@ -33,10 +34,11 @@ from wdmjax.runs.watermark import (
 )
 
 __all__ = [
-  "DEMO_SECRET", "AttackResult", "DemoResult", "EmbedResult", "ExtractResult",
-  "FinetuneResult", "LatentsResult", "Model", "SampleResult", "TrainResult", "attack",
-  "attack_model", "base_workdir", "demo", "embed", "evidence_images", "extract",
-  "extract_samples", "finetune", "finetune_config", "latents", "load_model", "load_secret",
-  "params", "plan", "read_key", "read_secret", "resolve_secret", "sample", "train", "verify",
-  "verify_model", "write_secret",
+  "DEMO_SECRET", "AttackResult", "ClassifierResult", "DemoResult", "EmbedResult",
+  "ExtractResult", "FinetuneResult", "LatentsResult", "Model", "PreviewResult",
+  "SampleResult", "TrainResult", "attack", "attack_model", "base_workdir", "classifier",
+  "demo", "embed", "evidence_images", "extract", "extract_samples", "finetune",
+  "finetune_config", "latents", "load_model", "load_secret", "params", "plan", "preview",
+  "read_key", "read_secret", "resolve_secret", "sample", "train", "verify", "verify_model",
+  "write_secret",
 ]
