@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,13 +136,6 @@ def test_random_augment_composes_L_transforms_deterministically(batch):
   np.testing.assert_array_equal(one[0], x)
 
 
-def test_candidates_have_a_leading_C_axis(batch):
-  x, y = batch
-  cx, cy = A.augment_candidates(jax.random.key(10), x, y, C=3, L=1, ops=A.DIGIT_FAMILY)
-  assert cx.shape == (3, *x.shape) and cy.shape == (3, *y.shape)
-  assert not np.array_equal(cx[0], cx[1])
-
-
 def _brightness_loss(params, images, targets):
   """A per-example 'loss' the test can recompute: a weighted mean pixel."""
   del targets
@@ -154,7 +149,9 @@ def test_selection_keeps_the_highest_loss_candidates_brute_force(batch):
   sel = jax.jit(A.uncertainty_augment, static_argnums=(0,),
                 static_argnames=("L", "C", "S"))(_brightness_loss, 1.5, (x, y), key, L=L,
                                                  C=C, S=S)
-  cx, cy = A.augment_candidates(key, x, y, C=C, L=L)
+  cx, cy = jax.jit(functools.partial(A.augment_candidates, C=C, L=L))(key, x, y)
+  assert cx.shape == (C, *x.shape) and cy.shape == (C, *y.shape)
+  assert not np.array_equal(cx[0], cx[1])
   losses = np.asarray(_brightness_loss(1.5, cx.reshape(-1, *x.shape[1:]), None)).reshape(C, B)
   np.testing.assert_allclose(sel.candidate_losses, losses, rtol=1e-5)
   for i in range(B):
@@ -166,6 +163,24 @@ def test_selection_keeps_the_highest_loss_candidates_brute_force(batch):
   assert sel.images.shape == (B * S, *x.shape[1:])
 
 
+def test_proportional_selection_draws_by_loss():
+  # 3 examples x C = 4 candidates; candidate c of example b is the number 10 b + c.
+  cand = jnp.arange(3)[None, :] * 10 + jnp.arange(4)[:, None]  # [C, B]
+  losses = jnp.array([[0.0, 1.0, 0.0], [1.0, 1.0, 0.0], [3.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
+  keys = jax.random.split(jax.random.key(13), 4000)
+  kept, kept_losses = jax.vmap(lambda k: A.select_proportional(k, cand, losses, 2))(keys)
+  kept = np.asarray(kept).reshape(-1, 3, 2)  # [draws, B, S]
+  # Example 0: candidates 1 and 2 at 1 : 3, never a zero-loss one.
+  share = (kept[:, 0] == 2).mean()
+  assert set(np.unique(kept[:, 0])) == {1, 2} and abs(share - 0.75) < 0.03
+  # Example 1: equal losses; example 2: all zero, so uniform.
+  for b in (1, 2):
+    freq = np.bincount(kept[:, b].ravel() - 10 * b, minlength=4) / kept[:, b].size
+    np.testing.assert_allclose(freq, 0.25, atol=0.03)
+  np.testing.assert_allclose(np.asarray(kept_losses)[:, 0],
+                             np.asarray(losses)[kept[:, 0] - 0, 0])
+
+
 def test_selection_inside_a_jitted_gradient_step(batch):
   x, y = batch
   w = jnp.ones((16 * 16 * 3, 4)) * 0.01
@@ -174,13 +189,15 @@ def test_selection_inside_a_jitted_gradient_step(batch):
     logits = images.reshape(images.shape[0], -1) @ params
     return -(targets * jax.nn.log_softmax(logits)).sum(-1)
 
-  @jax.jit
-  def step(params, key):
-    sel = A.uncertainty_augment(loss_per_example, params, (x, y), key)
+  @functools.partial(jax.jit, static_argnames="selection")
+  def step(params, key, selection):
+    sel = A.uncertainty_augment(loss_per_example, params, (x, y), key, L=1, C=3, S=2,
+                                selection=selection)
     return jax.grad(lambda p: loss_per_example(p, sel.images, sel.targets).mean())(params)
 
-  g = step(w, jax.random.key(12))
-  assert g.shape == w.shape and bool(jnp.isfinite(g).all()) and float(jnp.abs(g).sum()) > 0
+  for selection in A.SELECTIONS:
+    g = step(w, jax.random.key(12), selection)
+    assert g.shape == w.shape and bool(jnp.isfinite(g).all()) and float(jnp.abs(g).sum()) > 0
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -191,6 +208,7 @@ def test_selection_inside_a_jitted_gradient_step(batch):
   (dict(ops=("rotate", "twirl")), "ops: expected names from"),
   (dict(ops=()), "ops: expected a non-empty list"),
   (dict(magnitude=1.5), "magnitude: expected a number in [0, 1]"),
+  (dict(selection="max"), "selection: expected one of top, proportional"),
 ])
 def test_bad_augmentation_settings_name_the_argument(kwargs, message):
   with pytest.raises(WdmjaxError) as e:
@@ -207,6 +225,8 @@ def test_bad_inputs_of_the_functions_name_the_argument(batch):
     (lambda: A.uncertainty_augment(_brightness_loss, 1.0, (x, y), key, L=0), "L:"),
     (lambda: A.uncertainty_augment(_brightness_loss, 1.0, x, key), "batch:"),
     (lambda: A.uncertainty_augment(None, 1.0, (x, y), key), "loss_per_example:"),
+    (lambda: A.uncertainty_augment(_brightness_loss, 1.0, (x, y), key, selection="x"),
+     "selection:"),
     (lambda: A.random_augment(key, x, jnp.arange(B), ops=("mixup",)), "targets:"),
     (lambda: A.random_augment(key, x[0], y), "images:"),
     (lambda: A.rotate(key, x, 1.5), "magnitude:"),

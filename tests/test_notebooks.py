@@ -79,10 +79,30 @@ def _check_verification(stdout: str) -> None:
     assert 0.0 <= float(r[name]) <= 1.0, (name, r)
 
 
+def _check_augmentation(stdout: str) -> None:
+  # The kept candidate is each image's highest-loss one, exactly (the selection and the
+  # candidates' losses come out of one call), and S = C keeps all C of each of the B images.
+  # Accuracies are probabilities; at the tiny size only the unaugmented classifier is held to
+  # beating chance (1 in 10 digits): a few hundred steps do not rank the policies.
+  r = _result(stdout)
+  assert r["size"] == "tiny"
+  assert float(r["kept_loss_max_abs_diff"]) == 0.0, r
+  assert float(r["ranked_loss_max_abs_diff"]) == 0.0, r
+  b, c = int(r["num_images"]), int(r["C"])
+  assert tuple(int(d) for d in r["selection_shape"].split("x")) == (b * c, 28, 28, 1), r
+  assert float(r["kept_loss"]) >= float(r["random_candidate_loss"]) >= 0.0, r
+  for policy in ("none", "random", "uncertainty"):
+    for name in (f"accuracy_{policy}", f"shifted_{policy}"):
+      assert 0.0 <= float(r[name]) <= 1.0, (name, r)
+  assert float(r["accuracy_none"]) > 0.1, r
+  assert int(r["bad_S_rejected"]) == 2, r
+
+
 CHECKS = {
   "01_quickstart.ipynb": _check_quickstart,
   "02_difffit.ipynb": _check_difffit,
   "03_verification_robustness_attacks.ipynb": _check_verification,
+  "04_augmentation.ipynb": _check_augmentation,
 }
 
 

@@ -18,6 +18,15 @@ from wdmjax.augment.policy import (
   random_augment,
   shifted,
 )
+from wdmjax.augment.ridge import (
+  augment_label_preserving,
+  augment_mixup,
+  error_curves,
+  label_preserving_drop,
+  matching_ridge_strength,
+  random_problem,
+  ridge,
+)
 from wdmjax.augment.transforms import (
   DIGIT_FAMILY,
   FAMILY,
@@ -43,12 +52,20 @@ from wdmjax.augment.transforms import (
   translate_x,
   translate_y,
 )
-from wdmjax.augment.uncertainty import Selection, select_top, uncertainty_augment
+from wdmjax.augment.uncertainty import (
+  SELECTIONS,
+  Selection,
+  select_proportional,
+  select_top,
+  uncertainty_augment,
+)
 
 __all__ = [
-  "DIGIT_FAMILY", "FAMILY", "MAX_STRENGTH", "MIXING", "POLICIES", "TRANSFORMS",
-  "Augmentation", "Selection", "augment_candidates", "autocontrast", "blur", "brightness",
-  "contrast", "cutmix", "cutout", "equalize", "flip", "mixup", "posterize", "random_augment",
-  "rotate", "scale", "select_top", "sharpness", "shifted", "shear_x", "shear_y", "solarize",
-  "translate_x", "translate_y", "uncertainty_augment",
+  "DIGIT_FAMILY", "FAMILY", "MAX_STRENGTH", "MIXING", "POLICIES", "SELECTIONS", "TRANSFORMS",
+  "Augmentation", "Selection", "augment_candidates", "augment_label_preserving",
+  "augment_mixup", "autocontrast", "blur", "brightness", "contrast", "cutmix", "cutout",
+  "equalize", "error_curves", "flip", "label_preserving_drop", "matching_ridge_strength",
+  "mixup", "posterize", "random_augment", "random_problem", "ridge", "rotate", "scale",
+  "select_proportional", "select_top", "sharpness", "shear_x", "shear_y", "shifted",
+  "solarize", "translate_x", "translate_y", "uncertainty_augment",
 ]

@@ -132,9 +132,9 @@ def random_augment(key: Array, images: Array, targets: Array, *, L: int = 2,
 
   def one(k: Array, im: Array, y: Array, pi: Array, py: Array, w: Array, m: Array
           ) -> tuple[Array, Array]:
-    for i in range(L):
-      im, y = step(jax.random.fold_in(k, i), im, y, pi, py, w[i], m[i])
-    return im, y
+    # A loop, not L unrolled copies: every branch is traced (and compiled) once.
+    body = lambda i, c: step(jax.random.fold_in(k, i), c[0], c[1], pi, py, w[i], m[i])
+    return jax.lax.fori_loop(0, L, body, (im, y))
 
   keys = jax.random.split(k_apply, b)
   out, y = jax.vmap(one)(keys, x0, targets, p_img, p_y, which.T, mags.T)
@@ -177,6 +177,8 @@ class Augmentation:
     S: candidates kept per image (uncertainty), S <= C.
     ops: the transformation family (names from `TRANSFORMS`).
     magnitude: upper end of the uniform magnitudes, in [0, 1].
+    selection: "top" (the S highest losses, as the paper states it) or "proportional"
+      (S drawn with probability proportional to the loss, as the authors' code does).
   """
   policy: str = "uncertainty"
   L: int = 2
@@ -184,6 +186,7 @@ class Augmentation:
   S: int = 1
   ops: tuple[str, ...] = FAMILY
   magnitude: float = 1.0
+  selection: str = "top"
 
   def __post_init__(self) -> None:
     check(self.policy in POLICIES,
@@ -195,6 +198,8 @@ class Augmentation:
     check(isinstance(self.magnitude, int | float) and not isinstance(self.magnitude, bool)
           and 0.0 <= self.magnitude <= 1.0,
           f"magnitude: expected a number in [0, 1], got {self.magnitude!r}")
+    check(self.selection in ("top", "proportional"),
+          f"selection: expected one of top, proportional, got {self.selection!r}")
 
   @property
   def mixing(self) -> bool:

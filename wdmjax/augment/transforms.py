@@ -286,7 +286,8 @@ TRANSFORMS: dict[str, Transform] = {t.name: t for t in [
 ]}
 FAMILY = tuple(TRANSFORMS)
 MIXING = tuple(n for n, t in TRANSFORMS.items() if t.mixing)
-# The family without the horizontal mirror, which does not preserve a digit's label.
+# The family without the horizontal mirror, which changes a digit's label (a mirrored 3 is
+# no digit); mixup and cutmix stay, mixing labels as they mix images.
 DIGIT_FAMILY = tuple(n for n in FAMILY if n != "flip")
 
 

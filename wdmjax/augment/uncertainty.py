@@ -23,6 +23,7 @@ from wdmjax.errors import check
 Array = jax.Array
 # loss_per_example(params, images [N, H, W, C], targets [N, ...]) -> losses [N]
 LossPerExample = Callable[[Any, Array, Array], Array]
+SELECTIONS = ("top", "proportional")
 
 
 class Selection(NamedTuple):
@@ -56,11 +57,38 @@ def select_top(candidates: Array, losses: Array, S: int) -> tuple[Array, Array]:
   return kept.reshape((-1,) + candidates.shape[2:]), top
 
 
+def select_proportional(key: Array, candidates: Array, losses: Array, S: int
+                        ) -> tuple[Array, Array]:
+  """S of the C candidates of every example, drawn with replacement with probability
+  proportional to their loss (uniformly where all are 0).
+
+  Args:
+    key: PRNG key (the same key draws the same picks for any `candidates`).
+    candidates: [C, B, ...]; losses: [C, B] (negative losses count as 0).
+    S: draws per example.
+
+  Returns:
+    (kept [B * S, ...] example-major, their losses [B, S]).
+  """
+  w = jnp.maximum(losses.T, 0.0)  # [B, C]
+  w = jnp.where(w.sum(-1, keepdims=True) > 0, w, 1.0)
+  idx = jax.random.categorical(key, jnp.log(w), axis=-1, shape=(S, w.shape[0])).T  # [B, S]
+  kept = jnp.take_along_axis(jnp.moveaxis(candidates, 0, 1),
+                             idx.reshape(idx.shape + (1,) * (candidates.ndim - 2)), axis=1)
+  return kept.reshape((-1,) + candidates.shape[2:]), jnp.take_along_axis(losses.T, idx, 1)
+
+
 def uncertainty_augment(loss_per_example: LossPerExample, params: chex.ArrayTree,
                         batch: tuple[Array, Array], key: Array, L: int = 2, C: int = 4,
                         S: int = 1, *, ops: Sequence[str] = FAMILY,
-                        magnitude: float = 1.0) -> Selection:
+                        magnitude: float = 1.0, selection: str = "top") -> Selection:
   """C candidate augmentations per example, the S with the highest loss kept.
+
+  `selection="top"` keeps the S highest-loss candidates, as the paper states the scheme.
+  `selection="proportional"` draws S of the C (with replacement) with probability
+  proportional to the loss, as the authors' released code does (uniformly when every loss
+  is 0); the draw spares the model a diet of nothing but the hardest candidates, which at
+  large C can be images a transformation has made unrecognizable.
 
   Args:
     loss_per_example: (params, images [N, H, W, C], targets [N, ...]) -> losses [N]; any
@@ -75,6 +103,7 @@ def uncertainty_augment(loss_per_example: LossPerExample, params: chex.ArrayTree
     S: candidates kept per example, 1 <= S <= C.
     ops: the transformation family (names of `wdmjax.augment.TRANSFORMS`).
     magnitude: upper end of the uniform magnitudes, in [0, 1].
+    selection: "top" or "proportional" (see above).
 
   Returns:
     Selection(images [B * S, ...], targets [B * S, ...], losses [B, S], candidate_losses
@@ -87,7 +116,11 @@ def uncertainty_augment(loss_per_example: LossPerExample, params: chex.ArrayTree
         f"batch: expected (images, targets), got {type(batch).__name__}")
   C = check_int("C", C, 1)
   S = check_int("S", S, 1, C)
+  check(selection in SELECTIONS,
+        f"selection: expected one of {', '.join(SELECTIONS)}, got {selection!r}")
   images, targets = batch
+  if selection == "proportional":
+    key, k_pick = jax.random.split(key)
   cand_x, cand_y = augment_candidates(key, images, targets, C=C, L=L, ops=ops,
                                       magnitude=magnitude)
   b = images.shape[0]
@@ -98,6 +131,10 @@ def uncertainty_augment(loss_per_example: LossPerExample, params: chex.ArrayTree
         f"loss_per_example: expected one loss per candidate, shape ({C * b},), got "
         f"{losses.shape}")
   losses = losses.reshape(C, b)
-  kept_x, top = select_top(jax.lax.stop_gradient(cand_x), losses, S)
-  kept_y, _ = select_top(jax.lax.stop_gradient(cand_y), losses, S)
+  if selection == "proportional":
+    kept_x, top = select_proportional(k_pick, jax.lax.stop_gradient(cand_x), losses, S)
+    kept_y, _ = select_proportional(k_pick, jax.lax.stop_gradient(cand_y), losses, S)
+  else:
+    kept_x, top = select_top(jax.lax.stop_gradient(cand_x), losses, S)
+    kept_y, _ = select_top(jax.lax.stop_gradient(cand_y), losses, S)
   return Selection(kept_x, kept_y, top, losses)

@@ -15,16 +15,17 @@ def _ops(text: str | None) -> list[str] | None:
 
 def cmd_preview(args) -> int:
   r = runs.preview(args.data, args.policy, args.out, num=args.num, L=args.L, C=args.C,
-                   S=args.S, magnitude=args.magnitude, ops=_ops(args.ops), seed=args.seed,
-                   data_dir=args.data_dir)
-  print(f"{args.policy}: {args.num} images x {args.C} candidates -> {r.path}")
+                   S=args.S, magnitude=args.magnitude, ops=_ops(args.ops),
+                   selection=args.selection, seed=args.seed, data_dir=args.data_dir)
+  print(f"{args.policy}: {r.num} images x {args.C} candidates -> {r.path}")
   return 0
 
 
 def cmd_classifier(args) -> int:
   r = runs.classifier(args.data, args.augment, steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr, L=args.L, C=args.C, S=args.S, magnitude=args.magnitude,
-                      ops=_ops(args.ops), seed=args.seed, shift=args.shift, out=args.out,
+                      ops=_ops(args.ops), selection=args.selection, seed=args.seed,
+                      shift=args.shift, out=args.out,
                       data_dir=args.data_dir, progress=not args.no_progress)
   if args.json:
     print(json.dumps({"accuracy": r.accuracy, "shifted_accuracy": r.shifted_accuracy,
@@ -47,6 +48,8 @@ def _policy_args(p) -> None:
   p.add_argument("--ops", default=None, metavar="A,B,...",
                  help="the transformation family (default: all but flip); from "
                  + ", ".join(FAMILY))
+  p.add_argument("--selection", default="top", help="top (the S highest losses) or "
+                 "proportional (S drawn with probability proportional to the loss)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--data-dir", default=None, help="TFDS data dir")
 

@@ -177,7 +177,7 @@ def _make_train_step(model: DigitClassifier, batch_size: int, lr: float, steps: 
       else:
         sel = uncertainty_augment(functools.partial(_soft_losses, model), params, (x, t),
                                   k_aug, augment.L, augment.C, augment.S, ops=augment.ops,
-                                  magnitude=augment.magnitude)
+                                  magnitude=augment.magnitude, selection=augment.selection)
         x, t = sel.images, sel.targets
       loss_fn = lambda p: _soft_losses(model, p, x, t).mean()
     loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -218,8 +218,9 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, rng: Array, *, step
       `wdmjax.models.LeNet`; then num_classes, conv_widths and feature_dim are its own.
     augment: data augmentation of every batch, inside the jitted step: a
       `wdmjax.augment.Augmentation`, or a policy name ("none", "random", "uncertainty")
-      with the published settings L = 2, C = 4, S = 1 and the transformations that keep a
-      digit's label (`DIGIT_FAMILY`). The transformations assume images in [-1, 1].
+      with the published settings L = 2, C = 4, S = 1 and the family without the mirror,
+      which changes a digit's label (`DIGIT_FAMILY`; mixup and cutmix mix the labels).
+      The transformations assume images in [-1, 1].
 
   Returns:
     ClassifierState(model, params).

@@ -32,10 +32,12 @@ _DROPPED = (200, 200, 200)
 
 @dataclasses.dataclass(frozen=True)
 class PreviewResult:
-  """What `preview` drew: `path` (PNG), the policy, the candidates' losses [num, C] under
-  `scorer` (None for "random"), and the kept candidates' indices [num, S] (None likewise)."""
+  """What `preview` drew: `path` (PNG), the policy, `num` images, the candidates' losses
+  [num, C] under `scorer` (None for "random"), and the kept candidates' indices [num, S]
+  (None likewise)."""
   path: str
   policy: str
+  num: int
   scorer: str | None
   losses: np.ndarray | None
   kept: np.ndarray | None
@@ -55,9 +57,10 @@ class ClassifierResult:
 
 
 def _augmentation(policy: str, L: int, C: int, S: int, magnitude: float,
-                  ops: Sequence[str] | None) -> Augmentation:
+                  ops: Sequence[str] | None, selection: str) -> Augmentation:
   return Augmentation(policy=policy, L=L, C=C, S=S, magnitude=magnitude,
-                      ops=tuple(ops) if ops is not None else DIGIT_FAMILY)
+                      ops=tuple(ops) if ops is not None else DIGIT_FAMILY,
+                      selection=selection)
 
 
 def _scorer(data: str, images: np.ndarray, labels: np.ndarray, seed: int):
@@ -110,7 +113,7 @@ def _render(rows: list[np.ndarray], kept: np.ndarray | None, losses: np.ndarray 
 
 def preview(data: str = "mnist5k", policy: str = "uncertainty", out: str = "grid.png", *,
             num: int = 8, L: int = 2, C: int = 4, S: int = 1, magnitude: float = 1.0,
-            ops: Sequence[str] | None = None, seed: int = 0,
+            ops: Sequence[str] | None = None, selection: str = "top", seed: int = 0,
             data_dir: str | None = None) -> PreviewResult:
   """A picture of the policy on real images: each row an image of `data` and its C
   candidate compositions of L transformations; for "uncertainty" the S candidates with the
@@ -121,7 +124,8 @@ def preview(data: str = "mnist5k", policy: str = "uncertainty", out: str = "grid
     policy: "random" or "uncertainty".
     out: the PNG to write.
     num: images (rows).
-    L, C, S, magnitude, ops: the policy's settings (ops default: `DIGIT_FAMILY`).
+    L, C, S, magnitude, ops, selection: the policy's settings (ops default:
+      `DIGIT_FAMILY`; see `wdmjax.augment.Augmentation`).
     seed: picks the images and draws the candidates.
     data_dir: TFDS data dir.
 
@@ -130,7 +134,7 @@ def preview(data: str = "mnist5k", policy: str = "uncertainty", out: str = "grid
   """
   check(policy in ("random", "uncertainty"),
         f"policy: expected one of random, uncertainty, got {policy!r}")
-  aug = _augmentation(policy, L, C, S, magnitude, ops)
+  aug = _augmentation(policy, L, C, S, magnitude, ops, selection)
   check_positive_int("num", num)
   seed = check_seed(seed)
   check_file_path(out, "out")
@@ -147,20 +151,27 @@ def preview(data: str = "mnist5k", policy: str = "uncertainty", out: str = "grid
     loss_fn, scorer = _scorer(data, x, y, seed)
     flat = loss_fn(cand_x.reshape(-1, *images.shape[1:]), cand_y.reshape(-1, num_classes))
     losses = np.asarray(flat.reshape(aug.C, -1).T)  # [num, C]
-    kept = np.asarray(jax.lax.top_k(losses, aug.S)[1])  # the rule of uncertainty_augment
+    if aug.selection == "top":  # the rules of uncertainty_augment
+      kept = np.asarray(jax.lax.top_k(losses, aug.S)[1])
+    else:
+      w = np.maximum(losses, 0.0)
+      w = np.where(w.sum(1, keepdims=True) > 0, w, 1.0)
+      kept = np.asarray(jax.random.categorical(jax.random.key(seed + 1), jnp.log(w), axis=-1,
+                                               shape=(aug.S, len(w))).T)
   rows = [to_uint8(np.concatenate([x[pick][i:i + 1], np.asarray(cand_x[:, i])]))
           for i in range(len(pick))]
-  what = (f"uncertainty: C={aug.C} candidates of L={aug.L}, kept S={aug.S} (framed) by "
-          f"loss under {scorer}") if policy == "uncertainty" else \
+  what = (f"uncertainty: C={aug.C} candidates of L={aug.L}, kept S={aug.S} (framed, "
+          f"{aug.selection}) by loss under {scorer}") if policy == "uncertainty" else \
       f"random: {aug.C} draws of L={aug.L} transformations"
   path = _render(rows, kept, losses, os.fspath(out), f"{data} - {what}")
-  return PreviewResult(path, policy, scorer, losses, kept)
+  return PreviewResult(path, policy, len(pick), scorer, losses, kept)
 
 
 def classifier(data: str = "mnist5k", augment: str = "uncertainty", *, steps: int = 1000,
                batch_size: int = 64, lr: float = 3e-3, L: int = 2, C: int = 4, S: int = 1,
-               magnitude: float = 1.0, ops: Sequence[str] | None = None, seed: int = 0,
-               shift: float = 0.5, out: str | None = None, data_dir: str | None = None,
+               magnitude: float = 1.0, ops: Sequence[str] | None = None,
+               selection: str = "top", seed: int = 0, shift: float = 0.5,
+               out: str | None = None, data_dir: str | None = None,
                progress: bool = False) -> ClassifierResult:
   """Trains the small digit classifier (`DigitClassifier`) on `data`'s training split with
   an augmentation policy and measures it on the held-out split, clean and shifted.
@@ -169,7 +180,8 @@ def classifier(data: str = "mnist5k", augment: str = "uncertainty", *, steps: in
     data: an embedded labelled set (mnist5k, digits) or a TFDS one in `data_dir`.
     augment: "none", "random" or "uncertainty".
     steps, batch_size, lr: the classifier's training (Adam, cosine-decayed).
-    L, C, S, magnitude, ops: the policy's settings (ops default: `DIGIT_FAMILY`).
+    L, C, S, magnitude, ops, selection: the policy's settings (ops default:
+      `DIGIT_FAMILY`; see `wdmjax.augment.Augmentation`).
     seed: initialization, batches and augmentation.
     shift: magnitude of the shifted held-out set (`wdmjax.augment.shifted`).
     out: a `.npz` for the parameters (its report beside it, `.json`), or None.
@@ -180,7 +192,7 @@ def classifier(data: str = "mnist5k", augment: str = "uncertainty", *, steps: in
     ClassifierResult.
   """
   check(augment in POLICIES, f"augment: expected one of {', '.join(POLICIES)}, got {augment!r}")
-  aug = _augmentation(augment, L, C, S, magnitude, ops)
+  aug = _augmentation(augment, L, C, S, magnitude, ops, selection)
   seed = check_seed(seed)
   check(isinstance(shift, float | int) and 0.0 <= shift <= 1.0,
         f"shift: expected a number in [0, 1], got {shift!r}")
@@ -194,11 +206,12 @@ def classifier(data: str = "mnist5k", augment: str = "uncertainty", *, steps: in
                                    augment=aug, progress=progress)
   jax.block_until_ready(params)
   seconds = time.perf_counter() - t0
-  xs = np.asarray(shifted(jax.random.key(10_000 + seed), jnp.asarray(xh), float(shift)))
+  xs = np.asarray(jax.jit(shifted)(jax.random.key(10_000 + seed), jnp.asarray(xh),
+                                   float(shift)))
   acc = classifier_accuracy(model, params, xh, yh)
   acc_shift = classifier_accuracy(model, params, xs, yh)
   spec = {"policy": aug.policy, "L": aug.L, "C": aug.C, "S": aug.S,
-          "magnitude": aug.magnitude, "ops": list(aug.ops)}
+          "magnitude": aug.magnitude, "ops": list(aug.ops), "selection": aug.selection}
   report = path = None
   if out is not None:
     report_dict = {"data": data, "augment": spec, "steps": steps, "batch_size": batch_size,
