@@ -1,0 +1,88 @@
+"""HiDDeN (Zhu, Kaplan, Johnson, Fei-Fei 2018): the watermark encoder and extractor that
+Stable Signature (Fernandez et al. 2023) pre-trains and then roots in a latent decoder.
+
+`HiddenEncoder`: image [B, H, W, 3] in [-1, 1] and message bits [B, k] -> a residual
+[B, H, W, 3] in [-1, 1] (tanh); the watermarked image is `image + strength * residual`
+(`embed`). Architecture as published: `depth` Conv3x3-BN-ReLU blocks of `channels`, the
+features concatenated with the message (bits as +-1, broadcast over the image) and the image,
+one more Conv-BN-ReLU block, a 1x1 convolution to the image's channels.
+
+`HiddenExtractor`: image -> k logits (bit i read as 1 when logit i > 0). As Stable Signature
+states it: `depth` = 8 Conv3x3-BN-GELU blocks of 64 channels, global average pooling, and a
+linear layer to k logits.
+
+Both take `train` for BatchNorm: batch statistics (and updated running averages, the
+'batch_stats' collection) while training, running averages otherwise.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from wdmjax.errors import check
+
+Array = jax.Array
+
+
+def _check_images(x: Array, channels: int | None = None) -> None:
+  check(hasattr(x, "ndim") and x.ndim == 4,
+        f"images: expected [B, H, W, C], got shape {getattr(x, 'shape', None)}")
+  check(channels is None or x.shape[-1] == channels,
+        f"images: expected {channels} channels, got shape {x.shape}")
+
+
+class _ConvBN(nn.Module):
+  channels: int
+  activation: str = "relu"
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    x = nn.Conv(self.channels, (3, 3), padding="SAME", use_bias=False)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+    return nn.gelu(x) if self.activation == "gelu" else nn.relu(x)
+
+
+class HiddenEncoder(nn.Module):
+  """(images [B, H, W, C], bits [B, k] in {0, 1}) -> residual [B, H, W, C] in [-1, 1]."""
+  num_bits: int = 48
+  channels: int = 64
+  depth: int = 4
+
+  @nn.compact
+  def __call__(self, images: Array, bits: Array, train: bool = False) -> Array:
+    _check_images(images)
+    check(bits.shape == (images.shape[0], self.num_bits),
+          f"bits: expected [B, {self.num_bits}] with B = {images.shape[0]}, got {bits.shape}")
+    x = images.astype(jnp.float32)
+    h = x
+    for _ in range(self.depth):
+      h = _ConvBN(self.channels)(h, train)
+    b, height, width, _ = x.shape
+    signs = (2.0 * bits.astype(jnp.float32) - 1.0)[:, None, None, :]
+    h = jnp.concatenate([jnp.broadcast_to(signs, (b, height, width, self.num_bits)), h, x], -1)
+    h = _ConvBN(self.channels)(h, train)
+    return jnp.tanh(nn.Conv(x.shape[-1], (1, 1))(h))
+
+
+class HiddenExtractor(nn.Module):
+  """images [B, H, W, C] in [-1, 1] -> logits [B, k]."""
+  num_bits: int = 48
+  channels: int = 64
+  depth: int = 8
+
+  @nn.compact
+  def __call__(self, images: Array, train: bool = False) -> Array:
+    _check_images(images)
+    h = images.astype(jnp.float32)
+    for _ in range(self.depth):
+      h = _ConvBN(self.channels, "gelu")(h, train)
+    return nn.Dense(self.num_bits)(h.mean(axis=(1, 2)))
+
+
+def embed(images: Array, residual: Array, strength: float = 1.0) -> Array:
+  """The watermarked images: images + strength * residual, clipped to [-1, 1]."""
+  check(images.shape == residual.shape,
+        f"residual: expected the images' shape {images.shape}, got {residual.shape}")
+  return jnp.clip(images + strength * residual, -1.0, 1.0)
