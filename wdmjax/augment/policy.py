@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from wdmjax.augment.transforms import (
   FAMILY,
@@ -31,14 +32,14 @@ from wdmjax.augment.transforms import (
   translate_y,
   warp,
 )
-from wdmjax.errors import check
+from wdmjax.errors import check, check_number
 
 Array = jax.Array
 POLICIES = ("none", "random", "uncertainty")
 
 
 def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
-  ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (
+  ok = isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= low and (
       high is None or value <= high)
   want = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
   check(ok, f"{name}: expected {want}, got {value!r}")
@@ -49,7 +50,7 @@ def check_ops(ops: Any) -> tuple[str, ...]:
   """A non-empty sequence of transformation names -> a tuple of them."""
   check(isinstance(ops, Sequence) and not isinstance(ops, str) and len(ops) > 0,
         f"ops: expected a non-empty list of names from {', '.join(FAMILY)}, got {ops!r}")
-  bad = [o for o in ops if o not in TRANSFORMS]
+  bad = [o for o in ops if not isinstance(o, str) or o not in TRANSFORMS]
   check(not bad, f"ops: expected names from {', '.join(FAMILY)}, got {(bad or [None])[0]!r}")
   return tuple(ops)
 
@@ -119,14 +120,16 @@ def random_augment(key: Array, images: Array, targets: Array, *, L: int = 2,
   b = images.shape[0]
   check_targets(targets, b, ops)
   if not isinstance(magnitude, jax.core.Tracer):
-    check(isinstance(magnitude, int | float) and 0.0 <= magnitude <= 1.0,
-          f"magnitude: expected a number in [0, 1], got {magnitude!r}")
+    scalar = isinstance(magnitude, np.generic | jax.Array) and np.ndim(magnitude) == 0
+    check_number(magnitude.item() if scalar else magnitude, "magnitude", 0.0, 1.0)
   k_ops, k_mag, k_pair, k_apply = jax.random.split(key, 4)
   which = jax.random.randint(k_ops, (L, b), 0, len(ops))
   mags = jax.random.uniform(k_mag, (L, b), maxval=magnitude)
   j = partners(k_pair, b)
   x0 = images.astype(jnp.float32)
-  p_img, p_y = x0[j], targets[j]  # mixing partners are the originals, drawn once
+  # Floating targets travel as float32, so every branch of the switch returns one dtype.
+  y0 = targets.astype(jnp.float32) if jnp.issubdtype(targets.dtype, jnp.floating) else targets
+  p_img, p_y = x0[j], y0[j]  # mixing partners are the originals, drawn once
 
   step = _composition_step(ops)
 
@@ -137,7 +140,7 @@ def random_augment(key: Array, images: Array, targets: Array, *, L: int = 2,
     return jax.lax.fori_loop(0, L, body, (im, y))
 
   keys = jax.random.split(k_apply, b)
-  out, y = jax.vmap(one)(keys, x0, targets, p_img, p_y, which.T, mags.T)
+  out, y = jax.vmap(one)(keys, x0, y0, p_img, p_y, which.T, mags.T)
   return out.astype(images.dtype), y.astype(targets.dtype)
 
 
@@ -195,9 +198,7 @@ class Augmentation:
     check_int("C", self.C, 1)
     check_int("S", self.S, 1, self.C if isinstance(self.C, int) else None)
     object.__setattr__(self, "ops", check_ops(self.ops))
-    check(isinstance(self.magnitude, int | float) and not isinstance(self.magnitude, bool)
-          and 0.0 <= self.magnitude <= 1.0,
-          f"magnitude: expected a number in [0, 1], got {self.magnitude!r}")
+    object.__setattr__(self, "magnitude", check_number(self.magnitude, "magnitude", 0.0, 1.0))
     check(self.selection in ("top", "proportional"),
           f"selection: expected one of top, proportional, got {self.selection!r}")
 

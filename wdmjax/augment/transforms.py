@@ -185,7 +185,7 @@ def _sharpness(key: Array, img: Array, m: Array) -> Array:
 
 def _posterize(key: Array, img: Array, m: Array) -> Array:
   del key
-  levels = 2.0 ** (8.0 - m * MAX_STRENGTH["posterize"])
+  levels = 2.0 ** jnp.round(8.0 - m * MAX_STRENGTH["posterize"])  # whole bits
   u = jnp.clip((img + 1.0) / 2.0, 0.0, 1.0)
   q = jnp.floor(jnp.minimum(u * levels, levels - 1.0)) / jnp.maximum(levels - 1.0, 1.0)
   return jnp.where(m > 0, 2.0 * q - 1.0, img)
@@ -206,7 +206,9 @@ def _autocontrast(key: Array, img: Array, m: Array) -> Array:
 
 
 def _equalize(key: Array, img: Array, m: Array) -> Array:
-  """Histogram equalization per channel on 256 levels (PIL's lookup table), blended by m."""
+  """Histogram equalization per channel on 256 levels, blended by m: the textbook map
+  (cdf - cdf_min) / (N - cdf_min), within a few levels of PIL's table (which leaves images
+  with fewer than 255 pixels outside their brightest level unchanged; this does not)."""
   del key
   h, w, c = img.shape
   q = jnp.clip(jnp.round((img + 1.0) * 127.5), 0, 255).astype(jnp.int32)

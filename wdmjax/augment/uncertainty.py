@@ -31,7 +31,8 @@ class Selection(NamedTuple):
 
   images: [B * S, H, W, C], example-major (the S picks of image 0 first).
   targets: [B * S, ...], the kept candidates' targets (mixed where a mixing transform ran).
-  losses: [B, S] the kept candidates' losses, highest first (no gradient flows through).
+  losses: [B, S] the kept candidates' losses (highest first for "top"; in draw order for
+    "proportional"); no gradient flows through.
   candidate_losses: [C, B] the losses of all candidates.
   """
   images: Array

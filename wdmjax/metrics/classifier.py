@@ -35,7 +35,7 @@ import optax
 from tqdm.auto import tqdm
 
 from wdmjax.augment import DIGIT_FAMILY, Augmentation, random_augment, uncertainty_augment
-from wdmjax.errors import WdmjaxError, check
+from wdmjax.errors import WdmjaxError, check, check_number
 from wdmjax.models.layers import check_int_sequence, check_positive_int, max_pool_2x2
 
 Array = jax.Array
@@ -147,7 +147,7 @@ def _soft_losses(model: nn.Module, params: chex.ArrayTree, x: Array, targets: Ar
 
 @functools.lru_cache(maxsize=16)
 def _make_train_step(model: DigitClassifier, batch_size: int, lr: float, steps: int,
-                     augment: Augmentation | None = None
+                     augment: Augmentation | None = None, num_classes: int | None = None
                      ) -> tuple[optax.GradientTransformation, Callable[..., Any]]:
   """The optimiser and the jitted step (params, opt_state, images, labels, key) ->
   (params, opt_state, loss).
@@ -170,7 +170,7 @@ def _make_train_step(model: DigitClassifier, batch_size: int, lr: float, steps: 
       k_idx, k_aug = jax.random.split(key)
       idx = jax.random.randint(k_idx, (batch_size,), 0, images.shape[0])
       x = images[idx]
-      t = jax.nn.one_hot(labels[idx], model.num_classes)
+      t = jax.nn.one_hot(labels[idx], num_classes or model.num_classes)
       if augment.policy == "random":
         x, t = random_augment(k_aug, x, t, L=augment.L, ops=augment.ops,
                               magnitude=augment.magnitude)
@@ -234,8 +234,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, rng: Array, *, step
   y = _check_labels(labels, n, num_classes)
   check_positive_int("steps", steps)
   check_positive_int("batch_size", batch_size)
-  check(isinstance(lr, float | int) and not isinstance(lr, bool) and lr > 0,
-        f"lr: expected a positive float, got {lr!r}")
+  check_number(lr, "lr", 0.0, low_open=True)
   check_int_sequence("conv_widths", conv_widths, allow_empty=False)
   check_positive_int("feature_dim", feature_dim)
   if isinstance(augment, str):
@@ -256,7 +255,8 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, rng: Array, *, step
   check(key_ok, f"rng: expected a PRNG key (jax.random.key or PRNGKey), got {rng!r}")
   init_key, data_key = jax.random.split(rng)
   params = _init_params(model, init_key, tuple(x.shape[1:]))
-  tx, train_step = _make_train_step(model, int(batch_size), float(lr), int(steps), augment)
+  tx, train_step = _make_train_step(model, int(batch_size), float(lr), int(steps), augment,
+                                    int(num_classes))
   opt_state = tx.init(params)
   x_dev, y_dev = jnp.asarray(x), jnp.asarray(y)
   bar = tqdm(range(int(steps)), desc="classifier", disable=not progress)

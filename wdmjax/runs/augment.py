@@ -71,7 +71,9 @@ def _scorer(data: str, images: np.ndarray, labels: np.ndarray, seed: int):
     scale = lambda x: (x + 1.0) / 2.0  # LeNet reads [0, 1]
     name = "shipped LeNet"
   else:
-    model, params = train_classifier(images, labels, jax.random.key(seed), steps=300)
+    # A key of its own: the candidates are drawn from key(seed).
+    model, params = train_classifier(images, labels, jax.random.fold_in(jax.random.key(seed), 1),
+                                     steps=300, num_classes=int(labels.max()) + 1)
     scale = lambda x: x
     name = "a classifier trained for 300 steps"
 
