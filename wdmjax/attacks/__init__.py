@@ -1,6 +1,7 @@
-"""Attacks on watermarked models (weights, sampling) and on their images."""
+"""Attacks on watermarked models (weights, sampling) and on their images (the edits of
+`wdmjax.imaging`, which the methods share)."""
 
-from wdmjax.attacks.image import (
+from wdmjax.imaging import (  # the image attacks, shared with signature (training)
   brightness,
   center_crop,
   compose,

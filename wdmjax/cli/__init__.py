@@ -1,8 +1,9 @@
 """The `wdmjax` command: diffusion models, their watermarks and the tools around them.
 
 Subcommands: train, sample, embed, extract, verify, attack, finetune, params, plan, latents,
-demo, augment preview, classifier. Each calls one function of `wdmjax.runs` and prints what
-it returns.
+demo, augment preview, classifier, autoencoder train, autoencoder generate,
+signature pretrain/embed/generate/detect/identify. Each calls one
+function of `wdmjax.runs` and prints what it returns.
 
 Errors in what the user typed are printed as one line (`wdmjax: error: ...`, exit status 2),
 never as a traceback. The library names a bad parameter (`steps: expected ...`); the command
@@ -27,9 +28,11 @@ import jax
 from wdmjax import runs
 from wdmjax.cli.attack import add_parsers as add_attack_parsers
 from wdmjax.cli.augment import add_parsers as add_augment_parsers
+from wdmjax.cli.autoencoder import add_parsers as add_autoencoder_parsers
 from wdmjax.cli.demo import add_parser as add_demo_parser
 from wdmjax.cli.multihost import add_distributed_args, connect
 from wdmjax.cli.peft import add_parsers as add_peft_parsers
+from wdmjax.cli.signature import add_parsers as add_signature_parsers
 from wdmjax.cli.watermark import add_parsers as add_watermark_parsers
 from wdmjax.errors import Interrupted, WdmjaxError
 from wdmjax.train.distributed import exit_run
@@ -142,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
   add_peft_parsers(sub)
   add_demo_parser(sub)
   add_augment_parsers(sub)
+  add_autoencoder_parsers(sub)
+  add_signature_parsers(sub)
   return p
 
 

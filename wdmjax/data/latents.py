@@ -7,6 +7,11 @@ and write shards `*.npz` with `latents` float [N, R, R, 4] (R = image side / 8) 
 `labels` int [N] into one directory. `prepare_latents` (or `wdmjax latents`) turns them
 into a TFDS array_record data set, `imagenet_latents/256` (R = 32) or `imagenet_latents/512`
 (R = 64), which the input pipeline reads by random access, each host only its own examples.
+
+`ae_latents/<data>` holds the same for wdmjax's own small autoencoder
+(`wdmjax.models.autoencoder`): `wdmjax autoencoder train` encodes an embedded image set
+(`mnist5k`: 7x7x4 latents, 10 classes; `photos32`: 8x8x4, 1 class) and builds it with
+`prepare_ae_latents` into the autoencoder's workdir.
 """
 
 from __future__ import annotations
@@ -61,14 +66,60 @@ class ImagenetLatents(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {'train': self._generate_examples(os.fspath(dl_manager.manual_dir))}
 
   def _generate_examples(self, manual_dir: str):
-    r = self.builder_config.latent_size
-    for path in latent_shards(manual_dir):
-      with np.load(path) as z:
-        latents, labels = z['latents'], z['labels']
-      _check_shard(path, latents.shape, latents.dtype, labels, r)
-      stem = os.path.basename(path)
-      for i, (x, y) in enumerate(zip(latents.astype(np.float16), labels, strict=True)):
-        yield f'{stem}:{i}', {'image': x, 'label': int(y)}
+    return _shard_examples(manual_dir, self.builder_config.latent_size, NUM_CLASSES)
+
+
+class AeLatentConfig(tfds.core.BuilderConfig):
+  def __init__(self, *, name: str, latent_size: int, num_classes: int, **kwargs):
+    super().__init__(name=name, **kwargs)
+    self.latent_size = latent_size
+    self.num_classes = num_classes
+
+
+class AeLatents(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """An embedded image set as latents of wdmjax's autoencoder: image float16 [r, r, 4] (scaled
+  as the latent diffusion model sees them), label."""
+
+  name = 'ae_latents'
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  BUILDER_CONFIGS = [AeLatentConfig(name='mnist5k', latent_size=7, num_classes=10),
+                     AeLatentConfig(name='photos32', latent_size=8, num_classes=1)]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = 'Built by `wdmjax autoencoder train` (see wdmjax.data.latents).'
+  code_path = tfds.core.Path(__file__)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    c = self.builder_config
+    r = c.latent_size
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=f'{c.name} encoded by a wdmjax autoencoder to {r}x{r}x{LATENT_CHANNELS} '
+                    f'latents (scaled as the diffusion model sees them).',
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Tensor(shape=(r, r, LATENT_CHANNELS), dtype=np.float16),
+            'label': tfds.features.ClassLabel(num_classes=c.num_classes),
+        }),
+        supervised_keys=('image', 'label'),
+        disable_shuffling=True,  # example i is image i of the source set
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict:
+    return {'train': self._generate_examples(os.fspath(dl_manager.manual_dir))}
+
+  def _generate_examples(self, manual_dir: str):
+    c = self.builder_config
+    return _shard_examples(manual_dir, c.latent_size, c.num_classes)
+
+
+def _shard_examples(manual_dir: str, r: int, num_classes: int):
+  """(key, example) of every latent of the shards in `manual_dir`, in shard order."""
+  for path in latent_shards(manual_dir):
+    with np.load(path) as z:
+      latents, labels = z['latents'], z['labels']
+    _check_shard(path, latents.shape, latents.dtype, labels, r, num_classes)
+    stem = os.path.basename(path)
+    for i, (x, y) in enumerate(zip(latents.astype(np.float16), labels, strict=True)):
+      yield f'{stem}:{i}', {'image': x, 'label': int(y)}
 
 
 def latent_shards(directory: str) -> list[str]:
@@ -88,7 +139,7 @@ def _array_header(zf: zipfile.ZipFile, name: str) -> tuple[tuple, np.dtype]:
   return shape, dtype
 
 
-def check_shards(paths: list[str], r: int) -> None:
+def check_shards(paths: list[str], r: int, num_classes: int = NUM_CLASSES) -> None:
   """Reads every shard's array headers and labels (not the latents) and raises WdmjaxError
   naming the first bad shard, so that a bad one fails before any data set file is written."""
   for path in paths:
@@ -106,10 +157,11 @@ def check_shards(paths: list[str], r: int) -> None:
         raise
       raise WdmjaxError(f'{path}: expected a .npz file of latents and labels, got an unreadable '
                         f'file ({e})') from None
-    _check_shard(path, shape, dtype, labels, r)
+    _check_shard(path, shape, dtype, labels, r, num_classes)
 
 
-def _check_shard(path: str, shape: tuple, dtype: np.dtype, labels: np.ndarray, r: int) -> None:
+def _check_shard(path: str, shape: tuple, dtype: np.dtype, labels: np.ndarray, r: int,
+                 num_classes: int = NUM_CLASSES) -> None:
   """`shape` and `dtype`: the latents'."""
   want = (r, r, LATENT_CHANNELS)
   if len(shape) != 4 or tuple(shape[1:]) != want or not np.issubdtype(dtype, np.floating):
@@ -118,17 +170,18 @@ def _check_shard(path: str, shape: tuple, dtype: np.dtype, labels: np.ndarray, r
   if labels.shape != (shape[0],) or not np.issubdtype(labels.dtype, np.integer):
     raise WdmjaxError(f'{path}: expected `labels` int [{shape[0]}], got {labels.dtype} '
                       f'{labels.shape}')
-  if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-    raise WdmjaxError(f'{path}: expected labels in [0, {NUM_CLASSES}), got '
+  if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+    raise WdmjaxError(f'{path}: expected labels in [0, {num_classes}), got '
                       f'[{labels.min()}, {labels.max()}]')
 
 
-PREPARED_BUILDERS = {ImagenetLatents.name: ImagenetLatents}
+PREPARED_BUILDERS = {ImagenetLatents.name: ImagenetLatents, AeLatents.name: AeLatents}
 
 
 def prepared_builder(name: str, data_dir: str | os.PathLike | None = None
                      ) -> tfds.core.GeneratorBasedBuilder | None:
-  """The builder of `imagenet_latents/256` (etc.) in `data_dir`, or None for other names."""
+  """The builder of `imagenet_latents/256`, `ae_latents/mnist5k` (etc.) in `data_dir`, or None
+  for other names."""
   base, _, config = name.partition('/')
   if base not in PREPARED_BUILDERS:
     return None
@@ -143,14 +196,27 @@ def prepared_builder(name: str, data_dir: str | os.PathLike | None = None
 def prepare_latents(npz_dir: str, image_size: int = 256,
                     data_dir: str | os.PathLike | None = None) -> tfds.core.DatasetBuilder:
   """Builds `imagenet_latents/{image_size}` in `data_dir` from the shards in `npz_dir`."""
-  name = f'{ImagenetLatents.name}/{image_size}'
+  return _prepare(f'{ImagenetLatents.name}/{image_size}', npz_dir, data_dir)
+
+
+def prepare_ae_latents(npz_dir: str, config_name: str,
+                       data_dir: str | os.PathLike | None = None) -> tfds.core.DatasetBuilder:
+  """Builds `ae_latents/{config_name}` (`mnist5k`, `photos32`) in `data_dir` from the shards
+  in `npz_dir` (latents float [N, r, r, 4], labels int [N])."""
+  return _prepare(f'{AeLatents.name}/{config_name}', npz_dir, data_dir)
+
+
+def _prepare(name: str, npz_dir: str, data_dir: str | os.PathLike | None
+             ) -> tfds.core.DatasetBuilder:
+  """Builds the prepared set `name` from latent shards; a failed build leaves nothing."""
   builder = prepared_builder(name, data_dir)
+  base, _, config = name.partition('/')
+  c = builder.builder_config
   # Clear errors before TFDS starts, and nothing left behind when it fails all the same.
-  check_shards(latent_shards(npz_dir), image_size // 8)
+  check_shards(latent_shards(npz_dir), c.latent_size, getattr(c, 'num_classes', NUM_CLASSES))
   root = os.fspath(builder.data_dir_root)
   made = [os.path.join(root, *parts) for parts in (
-      (), ('downloads',), (ImagenetLatents.name,), (ImagenetLatents.name, '.config'),
-      (ImagenetLatents.name, str(image_size)))]
+      (), ('downloads',), (base,), (base, '.config'), (base, config))]
   made = [p for p in made if not os.path.exists(p)]
   try:
     builder.download_and_prepare(

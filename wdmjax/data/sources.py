@@ -73,17 +73,25 @@ def _catalog_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
   return builder
 
 
+def _not_prepared(name: str, data_dir: str) -> str:
+  """The error of a prepared (latent) set missing from `data_dir`: how to build it."""
+  base, _, config = name.partition('/')
+  if base == 'ae_latents':
+    how = (f'build it with `wdmjax autoencoder train --workdir AE --data {config}` and set '
+           f'data.data_dir=AE/tfds')
+  else:
+    how = (f'build it from latent shards with `wdmjax latents --npz-dir DIR --image-size '
+           f'{config} --data-dir {data_dir}`')
+  return f'name: data set {name!r} is not prepared in data_dir {data_dir!r}; {how}'
+
+
 @functools.cache
 def _load_source_cached(name: str, split: str, data_dir: str) -> ImageLabelSource:
   if name in EMBEDDED_BUILDERS:
     builder = embedded_builder(name, data_dir)
   elif (builder := prepared_builder(name, data_dir)) is not None:
     if not builder.is_prepared():
-      raise WdmjaxError(
-          f'name: data set {name!r} is not prepared in data_dir {data_dir!r}; build it from '
-          f'latent shards with `wdmjax latents --npz-dir DIR --image-size '
-          f'{name.partition("/")[2]} --data-dir {data_dir}`'
-      )
+      raise WdmjaxError(_not_prepared(name, data_dir))
   else:
     builder = _catalog_builder(name, data_dir)
   features = builder.info.features

@@ -1,5 +1,12 @@
 """Score networks (Flax linen, NHWC, images in [-1, 1]): UNet and DiT."""
 
+from wdmjax.models.autoencoder import (
+  Decoder,
+  Encoder,
+  autoencoder_loss,
+  autoencoder_modules,
+  init_autoencoder,
+)
 from wdmjax.models.build import (
   MODELS,
   build_model,
@@ -26,6 +33,8 @@ from wdmjax.models.unet import UNet
 
 __all__ = [
   "DIT_PRESETS",
+  "Decoder",
+  "Encoder",
   "MODELS",
   "NULL_LABEL",
   "DiT",
@@ -38,11 +47,14 @@ __all__ = [
   "TimestepEmbedder",
   "UNet",
   "attention",
+  "autoencoder_loss",
+  "autoencoder_modules",
   "build_model",
   "count_params",
   "drop_labels",
   "dummy_inputs",
   "get_2d_sincos_pos_embed",
+  "init_autoencoder",
   "init_params",
   "load_params_npz",
   "param_count_from_config",

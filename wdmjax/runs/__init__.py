@@ -12,10 +12,32 @@ result object or a report dict; the command line only parses, prints and sets ex
 
 from wdmjax.runs.attack import AttackResult, attack, attack_model
 from wdmjax.runs.augment import ClassifierResult, PreviewResult, classifier, preview
+from wdmjax.runs.autoencoder import (
+  AUTOENCODER_DATA,
+  Autoencoder,
+  AutoencoderResult,
+  GenerateResult,
+  generate,
+  ldm_autoencoder,
+  load_autoencoder,
+  train_autoencoder,
+)
 from wdmjax.runs.demo import DEMO_SECRET, DemoResult, base_workdir, demo
 from wdmjax.runs.model import Model, load_model
 from wdmjax.runs.peft import FinetuneResult, finetune, finetune_config, params
 from wdmjax.runs.plan import LatentsResult, latents, plan
+from wdmjax.runs.signature import (
+  EmbedReport,
+  Extractor,
+  GenerateReport,
+  PretrainReport,
+  load_extractor,
+  load_user_decoder,
+)
+from wdmjax.runs.signature import detect as signature_detect
+from wdmjax.runs.signature import embed as signature_embed
+from wdmjax.runs.signature import generate as signature_generate
+from wdmjax.runs.signature import pretrain as signature_pretrain
 from wdmjax.runs.train import SampleResult, TrainResult, sample, train
 from wdmjax.runs.watermark import (
   EmbedResult,
@@ -34,6 +56,8 @@ from wdmjax.runs.watermark import (
 )
 
 __all__ = [
+  "AUTOENCODER_DATA", "Autoencoder", "AutoencoderResult", "GenerateResult", "generate",
+  "ldm_autoencoder", "load_autoencoder", "train_autoencoder",
   "DEMO_SECRET", "AttackResult", "ClassifierResult", "DemoResult", "EmbedResult",
   "ExtractResult", "FinetuneResult", "LatentsResult", "Model", "PreviewResult",
   "SampleResult", "TrainResult", "attack", "attack_model", "base_workdir", "classifier",
@@ -41,4 +65,7 @@ __all__ = [
   "finetune_config", "latents", "load_model", "load_secret", "params", "plan", "preview",
   "read_key", "read_secret", "resolve_secret", "sample", "train", "verify", "verify_model",
   "write_secret",
+  "EmbedReport", "Extractor", "GenerateReport", "PretrainReport", "load_extractor",
+  "load_user_decoder", "signature_detect", "signature_embed", "signature_generate",
+  "signature_pretrain",
 ]

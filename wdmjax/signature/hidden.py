@@ -5,11 +5,15 @@ Stable Signature (Fernandez et al. 2023) pre-trains and then roots in a latent d
 [B, H, W, 3] in [-1, 1] (tanh); the watermarked image is `image + strength * residual`
 (`embed`). Architecture as published: `depth` Conv3x3-BN-ReLU blocks of `channels`, the
 features concatenated with the message (bits as +-1, broadcast over the image) and the image,
-one more Conv-BN-ReLU block, a 1x1 convolution to the image's channels.
+one more Conv-BN-ReLU block, a 1x1 convolution to the image's channels. With
+`message_map` (the default) the bits also pass through a linear "message processor" to a
+[H, W, channels / 4] map, concatenated: convolutions of a constant
+message plane can only vary where the image varies, and on a flat background (MNIST's black)
+they could not place 48 bits apart.
 
 `HiddenExtractor`: image -> k logits (bit i read as 1 when logit i > 0). As Stable Signature
 states it: `depth` = 8 Conv3x3-BN-GELU blocks of 64 channels, global average pooling, and a
-linear layer to k logits.
+linear layer to k logits. Scaled down (`channels` < k), the last block keeps k channels.
 
 Both take `train` for BatchNorm: batch statistics (and updated running averages, the
 'batch_stats' collection) while training, running averages otherwise.
@@ -49,6 +53,7 @@ class HiddenEncoder(nn.Module):
   num_bits: int = 48
   channels: int = 64
   depth: int = 4
+  message_map: bool = True
 
   @nn.compact
   def __call__(self, images: Array, bits: Array, train: bool = False) -> Array:
@@ -61,7 +66,11 @@ class HiddenEncoder(nn.Module):
       h = _ConvBN(self.channels)(h, train)
     b, height, width, _ = x.shape
     signs = (2.0 * bits.astype(jnp.float32) - 1.0)[:, None, None, :]
-    h = jnp.concatenate([jnp.broadcast_to(signs, (b, height, width, self.num_bits)), h, x], -1)
+    parts = [jnp.broadcast_to(signs, (b, height, width, self.num_bits)), h, x]
+    if self.message_map:
+      c = max(1, self.channels // 4)
+      parts.append(nn.Dense(height * width * c)(signs[:, 0, 0]).reshape(b, height, width, c))
+    h = jnp.concatenate(parts, -1)
     h = _ConvBN(self.channels)(h, train)
     return jnp.tanh(nn.Conv(x.shape[-1], (1, 1))(h))
 
@@ -76,8 +85,11 @@ class HiddenExtractor(nn.Module):
   def __call__(self, images: Array, train: bool = False) -> Array:
     _check_images(images)
     h = images.astype(jnp.float32)
-    for _ in range(self.depth):
-      h = _ConvBN(self.channels, "gelu")(h, train)
+    for i in range(self.depth):
+      # The pooled features span at most as many directions as the last block has channels:
+      # fewer than k and some bits could never be set apart (HiDDeN's last block has k).
+      last = i == self.depth - 1
+      h = _ConvBN(max(self.channels, self.num_bits) if last else self.channels, "gelu")(h, train)
     return nn.Dense(self.num_bits)(h.mean(axis=(1, 2)))
 
 

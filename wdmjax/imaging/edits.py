@@ -1,9 +1,10 @@
-"""Attacks on generated images, NHWC in [-1, 1]: the edits every watermark paper reports.
+"""Edits of images, NHWC in [-1, 1]: the attacks every watermark paper reports, and the
+differentiable ones a watermark extractor trains through (HiDDeN, Stable Signature).
 
 Geometric and photometric edits are JAX functions batched over the leading axis (jit and vmap
-them); `jpeg` is real JPEG through Pillow (evaluation), `jpeg_ste` a differentiable
-approximation for training (8x8 DCT quantised with the standard tables, rounding passed
-straight through). `compose` chains any of them in order.
+them; they are differentiable in the images); `jpeg` is real JPEG through Pillow (evaluation),
+`jpeg_ste` a differentiable approximation for training (8x8 DCT quantised with the standard
+tables, rounding passed straight through). `compose` chains any of them in order.
 """
 
 from __future__ import annotations
@@ -186,13 +187,15 @@ def _round_ste(v: chex.Array) -> chex.Array:
 def jpeg_ste(x: chex.Array, quality: int) -> chex.Array:
   """A differentiable JPEG: YCbCr, 8x8 DCT, quantisation by the quality-scaled standard
   tables, rounding with a straight-through gradient, and back (no chroma subsampling).
-  x: [B, H, W, C] in [-1, 1] with H, W multiples of 8 and C 1 or 3."""
+  x: [B, H, W, C] in [-1, 1], C 1 or 3; sides that are not multiples of 8 are padded by
+  edge replication (as an encoder pads its last blocks) and cropped back."""
   _check_images(x)
   b, h, w, c = x.shape
-  check(h % 8 == 0 and w % 8 == 0, f"jpeg_ste: expected H, W multiples of 8, got {(h, w)}")
   check(c in (1, 3), f"jpeg_ste: expected 1 or 3 channels, got {c}")
   check(1 <= quality <= 95, f"jpeg_ste: expected a quality in [1, 95], got {quality!r}")
-  v = (x + 1.0) * 127.5
+  ph, pw = -h % 8, -w % 8
+  v = (jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge") + 1.0) * 127.5
+  hp, wp = h + ph, w + pw
   if c == 3:
     r, g, bl = v[..., 0], v[..., 1], v[..., 2]
     v = jnp.stack([0.299 * r + 0.587 * g + 0.114 * bl,
@@ -201,15 +204,15 @@ def jpeg_ste(x: chex.Array, quality: int) -> chex.Array:
   m = jnp.asarray(_dct_matrix())
   tables = jnp.asarray(np.stack([_quant_table(_Q_LUMA, quality)]
                                 + [_quant_table(_Q_CHROMA, quality)] * (c - 1)), jnp.float32)
-  blocks = (v - 128.0).reshape(b, h // 8, 8, w // 8, 8, c)
+  blocks = (v - 128.0).reshape(b, hp // 8, 8, wp // 8, 8, c)
   coef = jnp.einsum("uy,bhywxc,vx->bhuwvc", m, blocks, m)
   q = tables.transpose(1, 2, 0)[None, None, :, None, :, :]
   coef = _round_ste(coef / q) * q
-  v = jnp.einsum("uy,bhuwvc,vx->bhywxc", m, coef, m).reshape(b, h, w, c) + 128.0
+  v = jnp.einsum("uy,bhuwvc,vx->bhywxc", m, coef, m).reshape(b, hp, wp, c) + 128.0
   if c == 3:
     y, cb, cr = v[..., 0], v[..., 1] - 128.0, v[..., 2] - 128.0
     v = jnp.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], -1)
-  return jnp.clip(v / 127.5 - 1.0, -1.0, 1.0)
+  return jnp.clip(v[:, :h, :w] / 127.5 - 1.0, -1.0, 1.0)
 
 
 def compose(attacks: Sequence[ImageAttack]) -> ImageAttack:

@@ -1,0 +1,116 @@
+"""`wdmjax signature ...`: Stable Signature from the shell (pre-train the extractor, sign a
+latent diffusion model's decoder for N users, generate, detect, identify)."""
+
+from __future__ import annotations
+
+import json
+
+from wdmjax import runs
+from wdmjax.signature.pretrain import SELECTIONS
+
+
+def cmd_pretrain(args) -> int:
+  r = runs.signature_pretrain(args.workdir, args.data, steps=args.steps,
+                              warmup_steps=args.warmup_steps, batch_size=args.batch_size,
+                              lr=args.lr, selection=args.selection, candidates=args.candidates,
+                              seed=args.seed, data_dir=args.data_dir,
+                              progress=not args.no_progress)
+  accs = ", ".join(f"{k} {v:.3f}" for k, v in r.attacked_bit_accuracy.items())
+  print(f"extractor: {r.workdir} ({r.steps} steps, {r.selection}, {r.seconds:.0f} s)")
+  print(f"held-out bit accuracy: {accs}")
+  return 0
+
+
+def cmd_embed(args) -> int:
+  r = runs.signature_embed(args.workdir, args.ldm, args.users, seed=args.seed, steps=args.steps,
+                           batch_size=args.batch_size, lr=args.lr,
+                           image_weight=args.image_weight, progress=not args.no_progress)
+  print(f"{r.users} signed decoders in {r.decoders} ({r.seconds:.0f} s); bit accuracy "
+        f"{r.bit_accuracy:.3f} (worst user {r.worst_bit_accuracy:.3f})")
+  return 0
+
+
+def cmd_generate(args) -> int:
+  r = runs.signature_generate(args.workdir, None if args.original else args.user, args.num,
+                              seed=args.seed, out=args.out)
+  who = "the original decoder" if args.original else f"user {args.user}"
+  print(f"{len(r.images)} images of {who} -> {r.path}")
+  return 0
+
+
+def _detect(args, user) -> int:
+  rep = runs.signature_detect(args.workdir, args.images, user=user, fpr=args.fpr,
+                              registry=args.registry)
+  if args.json:
+    print(json.dumps(rep))
+    return 0
+  for row in rep["images"]:
+    who = "-" if row["user"] is None else str(row["user"])
+    print(f"{row['image']}: {row['agreeing']}/{rep['num_bits']} bits, log10 p "
+          f"{row['log10_p']:.2f}, {'detected' if row['detected'] else 'not detected'}, "
+          f"user {who}")
+  print(f"{rep['detected']}/{len(rep['images'])} images detected at FPR {rep['fpr']:g} "
+        f"(threshold {rep['threshold']} bits, {rep['users']} users)")
+  return 0
+
+
+def cmd_detect(args) -> int:
+  return _detect(args, args.user)
+
+
+def cmd_identify(args) -> int:
+  return _detect(args, None)
+
+
+def add_parsers(sub) -> None:
+  s = sub.add_parser("signature", help="Stable Signature: every image of a latent diffusion "
+                     "model signed by its decoder, detected with an exact test")
+  ssub = s.add_subparsers(dest="signature_command", required=True)
+  p = ssub.add_parser("pretrain", help="pre-train the HiDDeN encoder and extractor with "
+                      "attacks in the loop; fit the whitening")
+  p.add_argument("--workdir", required=True, help="the signature workdir")
+  p.add_argument("--data", default="mnist5k")
+  p.add_argument("--steps", type=int, default=4000)
+  p.add_argument("--warmup-steps", type=int, default=2000, help="steps without attacks first")
+  p.add_argument("--batch-size", type=int, default=32)
+  p.add_argument("--lr", type=float, default=2e-3)
+  p.add_argument("--selection", default="uncertainty", help=" or ".join(SELECTIONS))
+  p.add_argument("--candidates", type=int, default=3, help="attacks scored per batch")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--data-dir", default=None)
+  p.add_argument("--no-progress", action="store_true")
+  p.set_defaults(func=cmd_pretrain)
+
+  e = ssub.add_parser("embed", help="fine-tune one decoder per user (messages from --seed)")
+  e.add_argument("--workdir", required=True, help="the signature workdir (pre-trained)")
+  e.add_argument("--ldm", required=True, help="the latent DiT's workdir")
+  e.add_argument("--users", type=int, required=True)
+  e.add_argument("--seed", type=int, default=0, help="the key the messages are drawn from")
+  e.add_argument("--steps", type=int, default=100)
+  e.add_argument("--batch-size", type=int, default=4)
+  e.add_argument("--lr", type=float, default=5e-4)
+  e.add_argument("--image-weight", type=float, default=0.2)
+  e.add_argument("--no-progress", action="store_true")
+  e.set_defaults(func=cmd_embed)
+
+  g = ssub.add_parser("generate", help="images of the LDM through a user's decoder (PNGs)")
+  g.add_argument("--workdir", required=True)
+  g.add_argument("--user", type=int, default=0)
+  g.add_argument("--original", action="store_true", help="the unsigned decoder instead")
+  g.add_argument("--num", type=int, default=16)
+  g.add_argument("--seed", type=int, default=0)
+  g.add_argument("--out", required=True, help="a new directory for the PNGs")
+  g.set_defaults(func=cmd_generate)
+
+  for name, func, text in (("detect", cmd_detect, "is a user's message in each image?"),
+                           ("identify", cmd_identify, "which user signed each image?")):
+    d = ssub.add_parser(name, help=text)
+    d.add_argument("--workdir", required=True, help="the signature workdir")
+    d.add_argument("--images", required=True, help="a directory of PNG/JPEG images, or one")
+    if name == "detect":
+      d.add_argument("--user", type=int, default=None,
+                     help="test this user's message alone (default: identify among all)")
+    d.add_argument("--fpr", type=float, default=1e-6)
+    d.add_argument("--registry", default=None, help="the registry (default: the workdir's)")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=func)
