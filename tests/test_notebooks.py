@@ -98,11 +98,27 @@ def _check_augmentation(stdout: str) -> None:
   assert int(r["bad_S_rejected"]) == 2, r
 
 
+def _check_signature(stdout: str) -> None:
+  # Exact thresholds (41 of 48 bits at 1e-6; 43 among 100 users, tested at 1e-8), only the
+  # decoder changed (the autoencoder's, DiT's and extractor's files hash the same), the
+  # whitened logits of held-out digits are decorrelated, and both bad inputs are refused.
+  # Detection itself is not asserted: the tiny extractor is untrained.
+  r = _result(stdout)
+  assert r["size"] == "tiny"
+  assert int(r["threshold_48_1e-6"]) == 41 and int(r["threshold_100_users"]) == 43, r
+  assert r["only_decoder_changed"] == "1", r
+  assert float(r["whitened_offdiag"]) < 0.3, r
+  assert 0.0 <= float(r["ssim"]) <= 1.0 and float(r["psnr"]) > 0, r
+  assert 0 <= int(r["detected"]) <= int(r["images"]), r
+  assert int(r["refused"]) == 2, r
+
+
 CHECKS = {
   "01_quickstart.ipynb": _check_quickstart,
   "02_difffit.ipynb": _check_difffit,
   "03_verification_robustness_attacks.ipynb": _check_verification,
   "04_augmentation.ipynb": _check_augmentation,
+  "05_stable_signature.ipynb": _check_signature,
 }
 
 

@@ -1,6 +1,15 @@
 """Attacks on watermarked models (weights, sampling) and on their images (the edits of
 `wdmjax.imaging`, which the methods share)."""
 
+from wdmjax.attacks.model import kernel_sparsity, prune, quantize, quantize_int8, weight_noise
+from wdmjax.attacks.spec import (
+  ATTACKS,
+  FINETUNE_LR,
+  Attack,
+  apply_attacks,
+  apply_weight_attack,
+  parse_attack,
+)
 from wdmjax.imaging import (  # the image attacks, shared with signature (training)
   brightness,
   center_crop,
@@ -13,15 +22,6 @@ from wdmjax.imaging import (  # the image attacks, shared with signature (traini
   random_crop,
   resize,
   rotate,
-)
-from wdmjax.attacks.model import kernel_sparsity, prune, quantize, quantize_int8, weight_noise
-from wdmjax.attacks.spec import (
-  ATTACKS,
-  FINETUNE_LR,
-  Attack,
-  apply_attacks,
-  apply_weight_attack,
-  parse_attack,
 )
 
 __all__ = [

@@ -29,6 +29,7 @@ from wdmjax.data.latents import AeLatents, prepare_ae_latents
 from wdmjax.diffusion.guidance import MAX_GUIDANCE
 from wdmjax.errors import WdmjaxError, check, check_number, check_seed
 from wdmjax.files import check_dir_path, check_file_path
+from wdmjax.metrics.quality import psnr
 from wdmjax.models.autoencoder import (
   Decoder,
   Encoder,
@@ -39,7 +40,7 @@ from wdmjax.models.autoencoder import (
 from wdmjax.models.layers import check_int_sequence, check_positive_int
 from wdmjax.models.params_io import load_params_npz, save_params_npz
 from wdmjax.runs.model import load_model
-from wdmjax.train.autoencoder import decode, encode, latent_scale, psnr, sample_latents
+from wdmjax.train.autoencoder import decode, encode, latent_scale, sample_latents
 from wdmjax.train.autoencoder import train_autoencoder as _train_autoencoder
 from wdmjax.train.derived import setup
 from wdmjax.train.images import make_grid, save_grid, save_panels
@@ -138,7 +139,7 @@ def train_autoencoder(workdir: str | Workdir, data: str = "mnist5k", *, steps: i
     encoder, decoder = autoencoder_modules(x.shape[1:], channels, LATENT_CHANNELS)
     recon = decode(decoder, params["decoder"], encode(encoder, params["encoder"], held_x, 1.0),
                    1.0)
-    value = psnr(recon, held_x)
+    value = float(np.mean(psnr(recon, held_x)))
     scale = latent_scale(encoder, params, train_x)
     latents = encode(encoder, params["encoder"], x, scale)
     with tempfile.TemporaryDirectory(prefix="wdmjax_ae_latents_") as shards:

@@ -20,8 +20,6 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from wdmjax.diffusion import sample
-from wdmjax.diffusion.schedules import check_steps
 from wdmjax.errors import check, check_number
 from wdmjax.models.autoencoder import (
   Decoder,
@@ -31,8 +29,7 @@ from wdmjax.models.autoencoder import (
   init_autoencoder,
 )
 from wdmjax.models.layers import check_int_sequence, check_positive_int
-from wdmjax.train.derived import setup
-from wdmjax.train.sampling import sample_labels
+from wdmjax.train.sampling import sample_images
 
 # Images whose posterior means set the latent scale (a fixed subset: a few thousand suffice).
 SCALE_IMAGES = 2048
@@ -200,44 +197,13 @@ def decode(decoder: Decoder, dec_params: chex.ArrayTree, latents: np.ndarray, sc
   return np.clip(np.concatenate(out), -1.0, 1.0)
 
 
-def psnr(images: np.ndarray, reference: np.ndarray) -> float:
-  """Mean per-image PSNR in dB of images against `reference`, both [N, H, W, C] in
-  [-1, 1], measured on [0, 1] (peak 1)."""
-  a, b = _check_images(images), _check_images(reference, "reference")
-  check(a.shape == b.shape, f"images: expected the shape of reference {b.shape}, "
-                            f"got {a.shape}")
-  mse = np.mean(np.square((a.astype(np.float64) - b) / 2.0), axis=(1, 2, 3))
-  return float(np.mean(10.0 * np.log10(1.0 / np.maximum(mse, 1e-12))))
-
-
 def sample_latents(cfg: ml_collections.ConfigDict, params: chex.ArrayTree, rng: chex.PRNGKey,
                    num: int, *, steps: int | None = None, guidance_scale: float | None = None,
                    labels: chex.Array | None = None, batch_size: int = 256) -> np.ndarray:
   """`num` latents [num, R, R, C] float32 of a latent diffusion model, as configured.
 
-  Like `wdmjax.train.sample_images` (same batches, keys and labels), but neither the
-  predicted x0 nor the result is clipped to [-1, 1]: scaled latents have unit variance.
+  `wdmjax.train.sample_images` with `clip=False`: neither the predicted x0 nor the result is
+  clipped to [-1, 1], since scaled latents have unit variance.
   """
-  s, su = cfg.sample, setup(cfg)
-  steps = check_steps(s.steps if steps is None else steps, cfg.diffusion.num_timesteps)
-  guidance_scale = s.guidance_scale if guidance_scale is None else guidance_scale
-  check_positive_int("num", num)
-  check_positive_int("batch_size", batch_size)
-  y_all = sample_labels(cfg, num) if labels is None else jnp.asarray(labels, jnp.int32)
-  check(y_all is None or y_all.shape == (num,),
-        f"labels: expected [num] = ({num},) labels, got shape {tuple(y_all.shape)}")
-  use_cfg = guidance_scale is not None and y_all is not None and guidance_scale != 1.0
-  check(not use_cfg or su.null_label is not None,
-        f"guidance_scale: classifier-free guidance needs a model trained with label dropout "
-        f"(model.class_dropout_prob > 0), got guidance_scale={guidance_scale}")
-  out = []
-  for i, start in enumerate(range(0, num, batch_size)):
-    b = min(batch_size, num - start)
-    y = None if y_all is None else y_all[start:start + b]
-    z = sample(su.model_fn, params, jax.random.fold_in(rng, i), su.schedule,
-               shape=(b, *su.image_shape), y=y, sampler=s.sampler, steps=steps, eta=s.eta,
-               objective=cfg.diffusion.objective,
-               guidance_scale=guidance_scale if use_cfg else None,
-               null_label=su.null_label if use_cfg else None, clip_denoised=False)
-    out.append(np.asarray(z))
-  return np.concatenate(out)
+  return sample_images(cfg, params, rng, num, steps=steps, guidance_scale=guidance_scale,
+                       labels=labels, batch_size=batch_size, clip=False)

@@ -27,8 +27,12 @@ def sample_images(cfg: ml_collections.ConfigDict, params: chex.ArrayTree, rng: c
                   eta: float | None = None, guidance_scale: float | None = None,
                   batch_size: int = 256, labels: chex.Array | None = None,
                   input_transform: Callable | None = None,
-                  transform_args: tuple | None = None) -> np.ndarray:
+                  transform_args: tuple | None = None, clip: bool | None = None
+                  ) -> np.ndarray:
   """`num` samples [num, R, R, C] in [-1, 1] as numpy, drawn in batches of `batch_size`.
+
+  `clip` (default: for images, 1 or 3 channels) clips the predicted x0 at every step and the
+  result to [-1, 1]; latents (4 channels, unit variance) are left unclipped.
 
   Sampler, steps, eta and guidance default to the config's `sample` section. `labels` [num]
   overrides the cycling class labels; `input_transform` and `transform_args` go to
@@ -48,6 +52,8 @@ def sample_images(cfg: ml_collections.ConfigDict, params: chex.ArrayTree, rng: c
         f"guidance_scale: classifier-free guidance needs a model trained with label dropout "
         f"(model.class_dropout_prob > 0), got guidance_scale={guidance_scale}")
   # Sampling with dropout on (the `dropout` attack): one model function for all batches.
+  if clip is None:
+    clip = su.image_shape[-1] in (1, 3)
   model_fn = (su.dropout_model_fn(jax.random.fold_in(rng, 0xD0)) if s.get("dropout")
               else su.model_fn)
   out = []
@@ -59,6 +65,7 @@ def sample_images(cfg: ml_collections.ConfigDict, params: chex.ArrayTree, rng: c
                objective=cfg.diffusion.objective,
                guidance_scale=guidance_scale if use_cfg else None,
                null_label=su.null_label if use_cfg else None, input_transform=input_transform,
-               transform_args=transform_args)
+               transform_args=transform_args, clip_denoised=clip)
     out.append(np.asarray(x))
-  return np.clip(np.concatenate(out), -1.0, 1.0)
+  out = np.concatenate(out)
+  return np.clip(out, -1.0, 1.0) if clip else out

@@ -1,0 +1,280 @@
+"""Stable Signature on mnist5k: does every image of a signed latent diffusion model carry its
+user's 48 bits, detectably at FPR 1e-6, under image attacks and attacks on the model?
+
+  python experiments/stable_signature.py [--runs runs/stable_signature] [--users 100]
+
+Pipeline (each stage skipped when its workdir exists, so a rerun resumes):
+  1. `wdmjax autoencoder train` on mnist5k (KL autoencoder, 4-channel 7x7 latents);
+  2. a latent DiT (`mnist5k_ldm`) on its latents;
+  3. HiDDeN pre-training with attacks in the loop, once with the attack per batch chosen by
+     uncertainty (the highest-loss of 3 drawn) and once drawn uniformly, from the same seed;
+  4. `signature embed`: one fine-tuned decoder per user (100 steps, batch 4, AdamW 5e-4).
+Evaluation, on latents sampled once from the latent DiT and decoded by each decoder:
+bit accuracy, TPR at FPR 1e-6 (exact binomial test of the user's message; tau = 41 of 48),
+identification among all users (union bound, tau = 43 for 100 users), under each attack;
+PSNR / SSIM of the signed images against the original decoder's images of the same latents;
+the Frechet distance (LeNet features) of signed and unsigned images to real digits; the
+empirical FPR on unsigned images; and the model attacks (the original decoder swapped in,
+the signed decoder fine-tuned on clean reconstruction, two users' decoders averaged).
+
+Writes experiments/results/stable_signature.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from wdm_mnist5k import device_info, write_json_and_markdown
+
+from wdmjax import imaging, runs
+from wdmjax.data import labelled_split
+from wdmjax.metrics.classifier import classifier_features
+from wdmjax.metrics.frechet import frechet_distance_from_features
+from wdmjax.metrics.quality import psnr, ssim
+from wdmjax.models import pretrained_lenet
+from wdmjax.runs.signature import REGISTRY
+from wdmjax.signature.detect import detect, identify_users
+from wdmjax.stats import threshold_for_fpr
+from wdmjax.workdir import Workdir
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+STEM = "stable_signature"
+FPR = 1e-6
+
+
+def brightness_factor(x, f):
+  return jnp.clip((x + 1.0) * f - 1.0, -1.0, 1.0)
+
+
+ATTACKS = {
+  "none": lambda x, k: x,
+  "crop 0.5": lambda x, k: imaging.center_crop(x, 0.5),
+  "crop 0.1": lambda x, k: imaging.center_crop(x, 0.1),
+  "resize 0.7": lambda x, k: imaging.resize(x, 0.7),
+  "resize 0.3": lambda x, k: imaging.resize(x, 0.3),
+  "jpeg 80": lambda x, k: imaging.jpeg(np.asarray(x), 80),
+  "jpeg 50": lambda x, k: imaging.jpeg(np.asarray(x), 50),
+  "brightness 1.5": lambda x, k: brightness_factor(x, 1.5),
+  "brightness 2": lambda x, k: brightness_factor(x, 2.0),
+  "blur 1": lambda x, k: imaging.gaussian_blur(x, 1.0),
+  "noise 0.05": lambda x, k: imaging.gaussian_noise(x, k, 0.05),
+  "rotate 10": lambda x, k: imaging.rotate(x, 10.0),
+  "crop 0.5 + brightness 1.5 + jpeg 80": lambda x, k: imaging.jpeg(
+    np.asarray(brightness_factor(imaging.center_crop(x, 0.5), 1.5)), 80),
+}
+
+
+def stage(path: str, make) -> None:
+  if not os.path.exists(path):
+    print(f"-- {path}", flush=True)
+    make()
+
+
+def build(root: str, users: int, pre_steps: int, warmup: int, ldm_steps: int) -> dict:
+  ae = os.path.join(root, "ae")
+  ldm = os.path.join(root, "ldm")
+  stage(ae, lambda: runs.train_autoencoder(ae, "mnist5k"))
+  stage(ldm, lambda: runs.train("mnist5k_ldm", ldm, [
+    f"data.data_dir={os.path.join(ae, 'tfds')}", f"train.steps={ldm_steps}"]))
+  sigs = {}
+  for sel in ("uncertainty", "uniform"):
+    sig = os.path.join(root, f"sig_{sel}")
+    stage(os.path.join(sig, "extractor.npz"), lambda sig=sig, sel=sel: runs.signature_pretrain(
+      sig, steps=pre_steps, warmup_steps=warmup, selection=sel))
+    stage(os.path.join(sig, REGISTRY), lambda sig=sig: runs.signature_embed(sig, ldm, users))
+    sigs[sel] = sig
+  return {"ae": ae, "ldm": ldm, "sigs": sigs}
+
+
+def messages(sig: str) -> np.ndarray:
+  import json  # the registry is JSON
+  with open(os.path.join(sig, REGISTRY)) as f:
+    reg = json.load(f)
+  return np.array([[int(c) for c in u["message"]] for u in reg["users"]], np.int32)
+
+
+def evaluate(sig: str, ldm: str, lat: np.ndarray, unsigned_lat: np.ndarray, eval_users: int,
+             key) -> dict:
+  """lat: [eval_users * per_user, ...] latents of the latent DiT, decoded by user u's decoder
+  for the u-th block; unsigned_lat: latents decoded by the original decoder."""
+  ext = runs.load_extractor(sig)
+  ae = runs.ldm_autoencoder(ldm)
+  msgs = messages(sig)
+  n_users = len(msgs)
+  per_user = len(lat) // eval_users
+  num_unsigned = len(unsigned_lat)
+  original = ae.decode(lat)
+  signed = np.concatenate([
+    ae.decode(lat[u * per_user:(u + 1) * per_user], runs.load_user_decoder(sig, u))
+    for u in range(eval_users)])
+  owner = np.repeat(np.arange(eval_users), per_user)
+  out = {"users": n_users, "eval_users": eval_users, "images_per_user": per_user,
+         "psnr": float(np.mean(psnr(signed, original))),
+         "ssim": float(np.mean(ssim(signed, original)))}
+  rows = {}
+  tau = int(threshold_for_fpr(msgs.shape[1], FPR))
+  for name, attack in ATTACKS.items():
+    x = np.asarray(attack(jnp.asarray(signed), jax.random.fold_in(key, len(rows))))
+    logits = jnp.asarray(ext.logits(x))
+    agree = np.asarray((np.asarray(logits)[:, None, :] > 0) == msgs[None].astype(bool)).sum(-1)
+    own = agree[np.arange(len(x)), owner]
+    ident = identify_users(logits, jnp.asarray(msgs), FPR)
+    rows[name] = {
+      "bit_accuracy": float(own.mean() / msgs.shape[1]),
+      "tpr": float(np.mean(own >= tau)),
+      "identification": float(np.mean(np.asarray(ident.identified)
+                                      & (np.asarray(ident.best) == owner))),
+    }
+    print(f"{name:40s} bits {rows[name]['bit_accuracy']:.3f} TPR {rows[name]['tpr']:.3f} "
+          f"ident {rows[name]['identification']:.3f}", flush=True)
+  out["attacks"] = rows
+  # Empirical FPR: unsigned images (the original decoder) tested against every user.
+  unsigned = ae.decode(unsigned_lat)
+  ident = identify_users(jnp.asarray(ext.logits(unsigned)), jnp.asarray(msgs), FPR)
+  out["unsigned"] = {"images": num_unsigned,
+                     "false_positives": int(np.asarray(ident.identified).sum()),
+                     "max_agreeing": int(np.asarray(ident.agreeing).max())}
+  # Quality: FD of LeNet features to real held-out digits.
+  lenet, lp = pretrained_lenet()
+  _, _, xh, _ = labelled_split("mnist5k")
+  feats = [classifier_features(lenet, lp, (im + 1) / 2) for im in (xh, signed, original)]
+  out["fd_signed"] = float(frechet_distance_from_features(feats[1], feats[0]))
+  out["fd_unsigned"] = float(frechet_distance_from_features(feats[2], feats[0]))
+  out["model_attacks"] = model_attacks(ext, ae, msgs, sig, lat[:per_user], key)
+  out["examples"] = {"signed": signed[:8].tolist(), "original": original[:8].tolist()}
+  return out
+
+
+def model_attacks(ext, ae, msgs, sig, lat, key) -> dict:
+  """TPR of user 0's message on images of attacked decoders."""
+  d0 = runs.load_user_decoder(sig, 0)
+  d1 = runs.load_user_decoder(sig, 1)
+
+  def tpr(params):
+    logits = jnp.asarray(ext.logits(ae.decode(lat, params)))
+    r = detect(logits, jnp.asarray(msgs[0]), FPR)
+    return {"tpr": float(np.mean(np.asarray(r.detected))),
+            "bit_accuracy": float(np.mean(np.asarray(r.agreeing)) / msgs.shape[1])}
+
+  out = {"signed": tpr(d0), "original decoder": tpr(None),
+         "average of users 0 and 1": tpr(jax.tree.map(lambda a, b: (a + b) / 2, d0, d1))}
+  x, _, _, _ = labelled_split("mnist5k")
+  z = ae.encode(x[:2000])
+  tx = optax.adamw(1e-4)
+
+  def loss(p, zb, xb):
+    return jnp.mean((ae.decoder.apply({"params": p}, zb / ae.scale) - xb) ** 2)
+
+  @jax.jit
+  def step(p, s, zb, xb):
+    g = jax.grad(loss)(p, zb, xb)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  p, s = d0, tx.init(d0)
+  rng = np.random.default_rng(0)
+  for i in range(1000):
+    idx = rng.choice(len(z), 16, replace=False)
+    p, s = step(p, s, jnp.asarray(z[idx]), jnp.asarray(x[idx]))
+    if i + 1 in (100, 1000):
+      out[f"decoder fine-tuned on clean reconstruction, {i + 1} steps"] = tpr(p)
+  return out
+
+
+def markdown(r: dict) -> str:
+  lines = ["# Stable Signature on mnist5k", "",
+           f"{r['users']} users, 48 bits, FPR {FPR:g}. Device: {r['device']}. Seconds: "
+           f"{r['seconds']:.0f}.", ""]
+  for sel, e in r["extractors"].items():
+    pre = e["pretraining"]
+    accs = ", ".join(f"{k} {v:.3f}" for k, v in pre["held_out_bit_accuracy"].items())
+    lines += [f"## Extractor pre-trained with the attack chosen by {sel}", "",
+              f"HiDDeN pre-training: {pre['steps']} steps of {pre['batch_size']} "
+              f"({pre['warmup_steps']} without attacks), {pre['seconds']:.0f} s; held-out "
+              f"bit accuracy of encoder -> attack -> extractor: {accs}.", "",
+              f"PSNR {e['psnr']:.2f} dB, SSIM {e['ssim']:.4f} against the original decoder; "
+              f"FD to real digits: signed {e['fd_signed']:.2f}, unsigned {e['fd_unsigned']:.2f}; "
+              f"false positives on {e['unsigned']['images']} unsigned images: "
+              f"{e['unsigned']['false_positives']} (most agreeing bits "
+              f"{e['unsigned']['max_agreeing']}).", "",
+              "| attack | bit accuracy | TPR @ 1e-6 | identified |", "|---|---|---|---|"]
+    for name, row in e["attacks"].items():
+      lines.append(f"| {name} | {row['bit_accuracy']:.3f} | {row['tpr']:.3f} | "
+                   f"{row['identification']:.3f} |")
+    lines += ["", "| model attack | bit accuracy | TPR @ 1e-6 |", "|---|---|---|"]
+    for name, row in e["model_attacks"].items():
+      lines.append(f"| {name} | {row['bit_accuracy']:.3f} | {row['tpr']:.3f} |")
+    lines.append("")
+  return "\n".join(lines) + "\n"
+
+
+def figure(r: dict, path: str) -> None:
+  import matplotlib  # plotting only here
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # after the backend is chosen
+
+  sels = list(r["extractors"])
+  names = list(r["extractors"][sels[0]]["attacks"])
+  fig = plt.figure(figsize=(14, 6))
+  ax = fig.add_axes([0.06, 0.35, 0.6, 0.58])
+  w = 0.8 / (2 * len(sels))
+  for i, sel in enumerate(sels):
+    e = r["extractors"][sel]["attacks"]
+    xs = np.arange(len(names)) + (2 * i - len(sels)) * w
+    ax.bar(xs, [e[n]["bit_accuracy"] for n in names], w, label=f"bit accuracy ({sel})")
+    ax.bar(xs + w, [e[n]["tpr"] for n in names], w, label=f"TPR @ 1e-6 ({sel})")
+  ax.set_xticks(np.arange(len(names)), names, rotation=60, ha="right")
+  ax.set_ylim(0, 1.05)
+  ax.axhline(0.5, color="grey", lw=0.5)
+  ax.legend(fontsize=7)
+  ax.set_title("Signed images of the latent DiT, under attacks")
+  ex = r["extractors"][sels[0]]["examples"]
+  for j, (lab, key) in enumerate((("original decoder", "original"), ("signed", "signed"))):
+    im = np.concatenate([np.asarray(a)[..., 0] for a in ex[key]], axis=1)
+    a2 = fig.add_axes([0.7, 0.6 - 0.3 * j, 0.28, 0.25])
+    a2.imshow((im + 1) / 2, cmap="gray", vmin=0, vmax=1)
+    a2.set_title(lab, fontsize=9)
+    a2.axis("off")
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--runs", default="runs/stable_signature")
+  ap.add_argument("--users", type=int, default=100)
+  ap.add_argument("--eval-users", type=int, default=20)
+  ap.add_argument("--per-user", type=int, default=25)
+  ap.add_argument("--unsigned", type=int, default=1000)
+  ap.add_argument("--pretrain-steps", type=int, default=6000)
+  ap.add_argument("--warmup-steps", type=int, default=3000)
+  ap.add_argument("--ldm-steps", type=int, default=4000)
+  ap.add_argument("--results", default=RESULTS)
+  a = ap.parse_args()
+  t0 = time.time()
+  w = build(a.runs, a.users, a.pretrain_steps, a.warmup_steps, a.ldm_steps)
+  r = {"device": device_info(), "users": a.users, "extractors": {}}
+  # One draw of latents for every decoder: the same images up to the decoder.
+  lat = runs.generate(w["ldm"], a.eval_users * a.per_user, seed=11).latents
+  unsigned_lat = runs.generate(w["ldm"], a.unsigned, seed=12).latents
+  for sel, sig in w["sigs"].items():
+    r["extractors"][sel] = evaluate(sig, w["ldm"], lat, unsigned_lat, a.eval_users,
+                                    jax.random.key(0))
+    meta = Workdir(sig).read_json("hidden.json")
+    r["extractors"][sel]["pretraining"] = {k: v for k, v in meta.items() if k != "history"}
+  r["seconds"] = time.time() - t0
+  os.makedirs(a.results, exist_ok=True)
+  stem = os.path.join(a.results, STEM)
+  write_json_and_markdown(stem, r, markdown(r))
+  figure(r, stem + ".png")
+  print(markdown(r))
+
+
+if __name__ == "__main__":
+  main()
