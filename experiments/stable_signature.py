@@ -34,10 +34,10 @@ from wdm_mnist5k import device_info, write_json_and_markdown
 
 from wdmjax import imaging, runs
 from wdmjax.data import labelled_split
-from wdmjax.metrics.classifier import classifier_features
+from wdmjax.files import read_json
+from wdmjax.metrics.classifier import classifier_features, train_classifier
 from wdmjax.metrics.frechet import frechet_distance_from_features
 from wdmjax.metrics.quality import psnr, ssim
-from wdmjax.models import pretrained_lenet
 from wdmjax.runs.signature import REGISTRY
 from wdmjax.signature.detect import detect, identify_users
 from wdmjax.stats import threshold_for_fpr
@@ -141,14 +141,26 @@ def evaluate(sig: str, ldm: str, lat: np.ndarray, unsigned_lat: np.ndarray, eval
                      "false_positives": int(np.asarray(ident.identified).sum()),
                      "max_agreeing": int(np.asarray(ident.agreeing).max())}
   # Quality: FD of LeNet features to real held-out digits.
-  lenet, lp = pretrained_lenet()
+  clf = feature_classifier()
   _, _, xh, _ = labelled_split("mnist5k")
-  feats = [classifier_features(lenet, lp, (im + 1) / 2) for im in (xh, signed, original)]
+  feats = [classifier_features(clf.model, clf.params, im) for im in (xh, signed, original)]
   out["fd_signed"] = float(frechet_distance_from_features(feats[1], feats[0]))
   out["fd_unsigned"] = float(frechet_distance_from_features(feats[2], feats[0]))
   out["model_attacks"] = model_attacks(ext, ae, msgs, sig, lat[:per_user], key)
   out["examples"] = {"signed": signed[:8].tolist(), "original": original[:8].tolist()}
   return out
+
+
+_CLASSIFIER = []
+
+
+def feature_classifier():
+  """The small digit classifier of wdmjax.metrics, trained once on mnist5k's training split:
+  its features are those of the Frechet distance (as in experiments/wdm_mnist5k.py)."""
+  if not _CLASSIFIER:
+    x, y, _, _ = labelled_split("mnist5k")
+    _CLASSIFIER.append(train_classifier(x, y, jax.random.key(0)))
+  return _CLASSIFIER[0]
 
 
 def model_attacks(ext, ae, msgs, sig, lat, key) -> dict:
@@ -229,16 +241,18 @@ def figure(r: dict, path: str) -> None:
     xs = np.arange(len(names)) + (2 * i - len(sels)) * w
     ax.bar(xs, [e[n]["bit_accuracy"] for n in names], w, label=f"bit accuracy ({sel})")
     ax.bar(xs + w, [e[n]["tpr"] for n in names], w, label=f"TPR @ 1e-6 ({sel})")
-  ax.set_xticks(np.arange(len(names)), names, rotation=60, ha="right")
+  ax.set_xticks(np.arange(len(names)), [n.replace(" + ", " +\n") for n in names], rotation=60,
+                ha="right", fontsize=8)
   ax.set_ylim(0, 1.05)
   ax.axhline(0.5, color="grey", lw=0.5)
   ax.legend(fontsize=7)
   ax.set_title("Signed images of the latent DiT, under attacks")
   ex = r["extractors"][sels[0]]["examples"]
-  for j, (lab, key) in enumerate((("original decoder", "original"), ("signed", "signed"))):
-    im = np.concatenate([np.asarray(a)[..., 0] for a in ex[key]], axis=1)
-    a2 = fig.add_axes([0.7, 0.6 - 0.3 * j, 0.28, 0.25])
-    a2.imshow((im + 1) / 2, cmap="gray", vmin=0, vmax=1)
+  signed, original = (np.asarray(ex[k])[..., 0] for k in ("signed", "original"))
+  for j, (lab, im) in enumerate((("original decoder", original), (f"signed ({sels[0]})", signed),
+                                 ("10 x difference", np.clip(10 * (signed - original), -1, 1)))):
+    a2 = fig.add_axes([0.7, 0.7 - 0.25 * j, 0.28, 0.2])
+    a2.imshow((np.concatenate(list(im), axis=1) + 1) / 2, cmap="gray", vmin=0, vmax=1)
     a2.set_title(lab, fontsize=9)
     a2.axis("off")
   fig.savefig(path, dpi=110)
@@ -256,13 +270,25 @@ def main() -> None:
   ap.add_argument("--warmup-steps", type=int, default=3000)
   ap.add_argument("--ldm-steps", type=int, default=4000)
   ap.add_argument("--results", default=RESULTS)
+  ap.add_argument("--replot", action="store_true", help="redraw the figure and table from "
+                  "the JSON only")
   a = ap.parse_args()
+  stem = os.path.join(a.results, STEM)
+  if a.replot:
+    r = read_json(stem + ".json")
+    write_json_and_markdown(stem, r, markdown(r))
+    figure(r, stem + ".png")
+    return
   t0 = time.time()
   w = build(a.runs, a.users, a.pretrain_steps, a.warmup_steps, a.ldm_steps)
   r = {"device": device_info(), "users": a.users, "extractors": {}}
   # One draw of latents for every decoder: the same images up to the decoder.
-  lat = runs.generate(w["ldm"], a.eval_users * a.per_user, seed=11).latents
-  unsigned_lat = runs.generate(w["ldm"], a.unsigned, seed=12).latents
+  cache = os.path.join(a.runs, f"latents_{a.eval_users}x{a.per_user}_{a.unsigned}.npz")
+  if not os.path.exists(cache):
+    np.savez(cache, lat=runs.generate(w["ldm"], a.eval_users * a.per_user, seed=11).latents,
+             unsigned=runs.generate(w["ldm"], a.unsigned, seed=12).latents)
+  with np.load(cache) as z:
+    lat, unsigned_lat = z["lat"], z["unsigned"]
   for sel, sig in w["sigs"].items():
     r["extractors"][sel] = evaluate(sig, w["ldm"], lat, unsigned_lat, a.eval_users,
                                     jax.random.key(0))
@@ -270,7 +296,6 @@ def main() -> None:
     r["extractors"][sel]["pretraining"] = {k: v for k, v in meta.items() if k != "history"}
   r["seconds"] = time.time() - t0
   os.makedirs(a.results, exist_ok=True)
-  stem = os.path.join(a.results, STEM)
   write_json_and_markdown(stem, r, markdown(r))
   figure(r, stem + ".png")
   print(markdown(r))

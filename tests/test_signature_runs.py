@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from tests.conftest import run_cli
 from wdmjax import runs
 from wdmjax.errors import WdmjaxError
+from wdmjax.files import save_npz
 from wdmjax.runs.signature import EXTRACTOR, REGISTRY, SIGNATURE_JSON, read_images, write_pngs
 
 LDM_OVERRIDES = ["model.width=32", "model.depth=1", "model.num_heads=2",
@@ -126,13 +128,21 @@ def test_bad_inputs_are_refused_in_one_line(signed, tmp_path):
     if flag:
       assert flag in r.stderr, r.stderr
   assert not os.path.exists(tmp_path / "g")
+  with pytest.raises(WdmjaxError, match="out: expected a new or empty directory"):
+    runs.signature_generate(sig, 0, 2, out=wrong)  # holds images already
+  assert sorted(os.listdir(wrong)) == ["000000.png", "000001.png"]
   with pytest.raises(WdmjaxError, match="user"):
     runs.signature_detect(sig, np.zeros((1, 28, 28, 1), np.float32), user=2)
-  # A registry from another signature workdir (another extractor) is refused.
+  # A registry from another signature workdir (another extractor) is refused: `other` holds
+  # the same extractor with its whitening moved, as a retrained one would be.
   other = str(tmp_path / "other")
-  runs.signature_pretrain(other, steps=2, warmup_steps=1, batch_size=8, channels=8,
-                          extractor_depth=2, attacks=("identity", "crop"), seed=1,
-                          progress=False)
+  os.makedirs(other)
+  for name in ("hidden.json", "encoder.npz"):
+    shutil.copy(os.path.join(sig, name), other)
+  with np.load(os.path.join(sig, EXTRACTOR)) as z:
+    arrays = {k: z[k] for k in z.files}
+  arrays["whitening/mean"] = arrays["whitening/mean"] + 0.1
+  save_npz(os.path.join(other, EXTRACTOR), arrays, compressed=True)
   with pytest.raises(WdmjaxError, match="another extractor"):
     runs.signature_detect(other, np.zeros((1, 28, 28, 1), np.float32),
                           registry=os.path.join(sig, REGISTRY))

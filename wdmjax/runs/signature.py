@@ -335,6 +335,8 @@ def generate(workdir: str | Workdir, user: int | None, num: int, *, seed: int = 
   check(meta is not None, f"workdir: no signed decoders in {wd.path!r}")
   if out is not None:
     check_dir_path(out, "out", writable=True)
+    check(not os.path.exists(out) or not os.listdir(out),
+          f"out: expected a new or empty directory, got {out!r}")
   params = None if user is None else load_user_decoder(wd, user)
   r = ldm_generate(meta["ldm"], _positive("num", num), seed=seed, decoder_params=params)
   if out is not None:
