@@ -95,3 +95,17 @@ def test_bad_inputs_name_the_argument(call, start):
   with pytest.raises(WdmjaxError) as e:
     call()
   assert str(e.value).startswith(start) and "\n" not in str(e.value)
+
+
+def test_grid_pooling_reads_k_logits_and_a_bad_pool_is_refused():
+  from wdmjax.signature.pretrain import init_hidden
+
+  h = init_hidden(jax.random.key(0), (16, 16, 1), K, channels=4, encoder_depth=1,
+                  extractor_depth=1, pool=4)
+  x = jax.random.uniform(jax.random.key(1), (3, 16, 16, 1), minval=-1, maxval=1)
+  assert h.extract(x).shape == (3, K)
+  # The linear layer reads every cell: 4 x 4 cells of max(channels, k) features.
+  assert h.extractor_vars["params"]["Dense_0"]["kernel"].shape == (16 * K, K)
+  for bad in (0, 17, 2.0):
+    with pytest.raises(WdmjaxError, match="pool"):
+      init_hidden(jax.random.key(0), (16, 16, 1), K, pool=bad)

@@ -13,7 +13,7 @@ def cmd_pretrain(args) -> int:
   r = runs.signature_pretrain(args.workdir, args.data, steps=args.steps,
                               warmup_steps=args.warmup_steps, batch_size=args.batch_size,
                               lr=args.lr, selection=args.selection, candidates=args.candidates,
-                              seed=args.seed, data_dir=args.data_dir,
+                              pool=args.pool, seed=args.seed, data_dir=args.data_dir,
                               progress=not args.no_progress)
   accs = ", ".join(f"{k} {v:.3f}" for k, v in r.attacked_bit_accuracy.items())
   print(f"extractor: {r.workdir} ({r.steps} steps, {r.selection}, {r.seconds:.0f} s)")
@@ -76,6 +76,8 @@ def add_parsers(sub) -> None:
   p.add_argument("--lr", type=float, default=2e-3)
   p.add_argument("--selection", default="uncertainty", help=" or ".join(SELECTIONS))
   p.add_argument("--candidates", type=int, default=3, help="attacks scored per batch")
+  p.add_argument("--pool", type=int, default=1, help="1: global average pooling (published); "
+                 "G: a G x G grid of cells (learns far faster, tolerates crops less)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--data-dir", default=None)
   p.add_argument("--no-progress", action="store_true")

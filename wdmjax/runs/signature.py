@@ -126,7 +126,7 @@ def pretrain(workdir: str | Workdir, data: str = "mnist5k", *, steps: int = 4000
              selection: str = "uncertainty", candidates: int = 3, channels: int = 16,
              num_bits: int = 48, strength: float = 0.3, image_weight: float = 0.1,
              attacks: Sequence[str] = tuple(NOISE_LAYERS), extractor_depth: int = 8,
-             seed: int = 0, data_dir: str | None = None, progress: bool = True
+             pool: int = 1, seed: int = 0, data_dir: str | None = None, progress: bool = True
              ) -> PretrainReport:
   """Pre-trains a HiDDeN encoder and extractor on `data`'s training images, fits the
   whitening on their clean logits and writes extractor.npz, encoder.npz and hidden.json.
@@ -134,7 +134,8 @@ def pretrain(workdir: str | Workdir, data: str = "mnist5k", *, steps: int = 4000
   The first `warmup_steps` train without attacks (the bits are learned first); the rest apply
   one noise layer per batch, chosen by `selection` ("uncertainty": the highest-loss of
   `candidates` drawn ones; "uniform": one drawn at random) from `attacks` (names of
-  `wdmjax.signature.NOISE_LAYERS`).
+  `wdmjax.signature.NOISE_LAYERS`). `pool` = 1 is the published extractor's global pooling;
+  g > 1 pools over a g x g grid (see `HiddenExtractor`).
   """
   wd = Workdir(workdir)
   check_dir_path(wd.path, "workdir", writable=True)
@@ -151,7 +152,7 @@ def pretrain(workdir: str | Workdir, data: str = "mnist5k", *, steps: int = 4000
   start = time.time()
   attacks = check_noise_layers(tuple(attacks))
   common = dict(num_bits=num_bits, batch_size=batch_size, channels=channels,
-                extractor_depth=extractor_depth, strength=strength,
+                extractor_depth=extractor_depth, pool=pool, strength=strength,
                 image_weight=image_weight, progress=progress)
   history = []
   hidden = None
@@ -178,7 +179,8 @@ def pretrain(workdir: str | Workdir, data: str = "mnist5k", *, steps: int = 4000
     wd.write_json(HIDDEN_JSON, {
       "data": data, "image_shape": list(x.shape[1:]), "num_bits": num_bits,
       "channels": channels, "encoder_depth": hidden.encoder.depth,
-      "extractor_depth": hidden.extractor.depth, "steps": steps,
+      "extractor_depth": hidden.extractor.depth, "pool": hidden.extractor.pool,
+      "steps": steps,
       "warmup_steps": warmup_steps, "batch_size": batch_size, "lr": lr,
       "selection": selection, "candidates": candidates, "strength": strength,
       "image_weight": image_weight, "seed": seed, "seconds": seconds,
@@ -212,7 +214,8 @@ def load_extractor(workdir: str | Workdir) -> Extractor:
         f"workdir: no extractor in {wd.path!r}; pre-train one with `wdmjax signature pretrain`")
   shape = tuple(int(v) for v in meta["image_shape"])
   hidden0 = init_hidden(jax.random.key(0), shape, int(meta["num_bits"]), int(meta["channels"]),
-                        int(meta["encoder_depth"]), int(meta["extractor_depth"]))
+                        int(meta["encoder_depth"]), int(meta["extractor_depth"]),
+                        int(meta.get("pool", 1)))
   with np.load(wd.file(EXTRACTOR)) as z:
     arrays = {k: z[k] for k in z.files}
   ext_vars = _unflat(arrays, "vars")

@@ -40,10 +40,13 @@ class Hidden(NamedTuple):
 
 
 def init_hidden(key: Array, image_shape: tuple[int, int, int], num_bits: int = 48,
-                channels: int = 32, encoder_depth: int = 4, extractor_depth: int = 8) -> Hidden:
-  """A fresh HiDDeN pair for images [H, W, C]."""
+                channels: int = 32, encoder_depth: int = 4, extractor_depth: int = 8,
+                pool: int = 1) -> Hidden:
+  """A fresh HiDDeN pair for images [H, W, C] (`pool`: see `HiddenExtractor`)."""
+  check(isinstance(pool, int) and not isinstance(pool, bool) and 1 <= pool <= min(image_shape[:2]),
+        f"pool: expected an integer in [1, {min(image_shape[:2])}], got {pool!r}")
   enc = HiddenEncoder(num_bits=num_bits, channels=channels, depth=encoder_depth)
-  ext = HiddenExtractor(num_bits=num_bits, channels=channels, depth=extractor_depth)
+  ext = HiddenExtractor(num_bits=num_bits, channels=channels, depth=extractor_depth, pool=pool)
   x = jnp.zeros((2, *image_shape), jnp.float32)
   bits = jnp.zeros((2, num_bits), jnp.int32)
   k1, k2 = jax.random.split(key)
@@ -121,7 +124,7 @@ class PretrainResult(NamedTuple):
 
 def pretrain_hidden(images: np.ndarray, key: Array, *, num_bits: int = 48, steps: int = 2000,
                     batch_size: int = 32, lr: float = 1e-3, channels: int = 32,
-                    encoder_depth: int = 4, extractor_depth: int = 8,
+                    encoder_depth: int = 4, extractor_depth: int = 8, pool: int = 1,
                     attacks: Sequence[str] = tuple(NOISE_LAYERS),
                     selection: str = "uncertainty", candidates: int = 3,
                     strength: float = 0.2, image_weight: float = 1.0, log_every: int = 50,
@@ -148,7 +151,7 @@ def pretrain_hidden(images: np.ndarray, key: Array, *, num_bits: int = 48, steps
   names = check_noise_layers(tuple(attacks))
   if hidden is None:
     hidden = init_hidden(jax.random.fold_in(key, 1), x.shape[1:], num_bits, channels,
-                         encoder_depth, extractor_depth)
+                         encoder_depth, extractor_depth, pool)
   tx = optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.05))
   params = (hidden.encoder_vars["params"], hidden.extractor_vars["params"])
   state = PretrainState(*params, hidden.encoder_vars["batch_stats"],
