@@ -83,6 +83,8 @@ def apply_override(cfg: ml_collections.ConfigDict, item: str) -> None:
   old = cfg[section].get(name)
   if isinstance(old, bool) or isinstance(value, bool):
     check(isinstance(value, bool), f"overrides: {key}: expected True or False, got {text!r}")
+    check(old is None or isinstance(old, bool),
+          f"overrides: {key}: expected a value of type {type(old).__name__}, got {text!r}")
   elif isinstance(old, float) and isinstance(value, int):
     try:
       value = float(value)
