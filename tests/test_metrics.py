@@ -233,3 +233,21 @@ def test_classifier_bad_inputs_name_the_argument(digits, trained):
   for call, name in cases:
     with pytest.raises(WdmjaxError, match=rf"^{name}: expected"):
       call()
+
+
+def test_psnr_and_ssim_match_scikit_image():
+  from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+  from wdmjax.metrics.quality import psnr, ssim
+
+  rng = np.random.default_rng(0)
+  a = rng.uniform(0, 1, (2, 32, 32, 3)).astype(np.float32)
+  a = (a + np.roll(a, 1, 1) + np.roll(a, 1, 2)) / 3  # some structure for SSIM to see
+  b = np.clip(a + rng.normal(0, 0.05, a.shape), 0, 1).astype(np.float32)
+  ours_ssim = np.asarray(ssim(jnp.asarray(a * 2 - 1), jnp.asarray(b * 2 - 1)))
+  ours_psnr = np.asarray(psnr(jnp.asarray(a * 2 - 1), jnp.asarray(b * 2 - 1)))
+  for i in range(2):
+    ref = structural_similarity(a[i], b[i], channel_axis=-1, data_range=1,
+                                gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+    assert abs(ours_ssim[i] - ref) < 1e-4, (ours_ssim[i], ref)
+    assert abs(ours_psnr[i] - peak_signal_noise_ratio(a[i], b[i], data_range=1)) < 1e-3
