@@ -35,6 +35,7 @@ from PIL import Image
 from wdmjax.data import labelled_split
 from wdmjax.errors import WdmjaxError, check, check_number, check_seed
 from wdmjax.files import check_dir_path, check_file_path, save_npz
+from wdmjax.models.layers import check_positive_int
 from wdmjax.runs.autoencoder import generate as ldm_generate
 from wdmjax.runs.autoencoder import ldm_autoencoder
 from wdmjax.signature import Whitening, fit_whitening, whiten
@@ -82,8 +83,7 @@ def _unflat(arrays: dict[str, np.ndarray], prefix: str):
 
 
 def _positive(name: str, v) -> int:
-  check(isinstance(v, int | np.integer) and not isinstance(v, bool) and v >= 1,
-        f"{name}: expected a positive integer, got {v!r}")
+  check_positive_int(name, v)
   return int(v)
 
 
