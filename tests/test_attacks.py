@@ -199,6 +199,9 @@ def test_geometric_and_photometric_attacks_do_what_they_say():
   crop = center_crop(smooth, 0.25)  # the central 8x8, upsampled 2x
   np.testing.assert_allclose(crop.reshape(1, 8, 2, 8, 2, 1).mean((2, 4)),
                              smooth[:, 4:12, 4:12], atol=0.05)
+  small = center_crop(smooth, 0.25, resize_back=False)  # Stable Signature's crop: kept small
+  np.testing.assert_array_equal(small, smooth[:, 4:12, 4:12])
+  assert resize(x, 0.25, resize_back=False).shape == (3, 8, 8, 3)
   r = random_crop(x, jax.random.PRNGKey(0), 0.5)
   assert r.shape == x.shape and float(jnp.abs(r - x).mean()) > 0.05
   flat = jnp.full((1, 16, 16, 1), 0.3)

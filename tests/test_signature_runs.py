@@ -10,12 +10,15 @@ import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.conftest import run_cli
 from wdmjax import runs
 from wdmjax.errors import WdmjaxError
 from wdmjax.files import save_npz
+from wdmjax.imaging import center_crop
 from wdmjax.runs.signature import EXTRACTOR, REGISTRY, SIGNATURE_JSON, read_images, write_pngs
+from wdmjax.train.images import to_uint8
 
 LDM_OVERRIDES = ["model.width=32", "model.depth=1", "model.num_heads=2",
                  "diffusion.num_timesteps=100", "train.steps=2", "train.batch_size=8",
@@ -93,6 +96,7 @@ def test_generate_detect_identify_round_trip(signed, tmp_path):
   rep = runs.signature_detect(sig, out)  # identify among both users
   assert rep["threshold"] == 41  # 48 bits at 1e-6 / 2 users: P(X >= 41) = 3.1e-7 <= 5e-7
   x, _ = read_images(out, (28, 28, 1))
+  x = np.stack(x)
   assert float(np.abs(x - g.images).max()) <= 1 / 127.5 + 1e-6  # uint8 PNGs
   bits = (runs.load_extractor(sig).logits(x) > 0).astype(int)
   reg = json.load(open(os.path.join(sig, REGISTRY)))
@@ -109,12 +113,24 @@ def test_generate_detect_identify_round_trip(signed, tmp_path):
   r = run_cli("signature", "identify", "--workdir", sig, "--images", out, "--json")
   assert r.returncode == 0, r.stderr
   assert json.loads(r.stdout)["images"] == rep["images"]
+  # Crops are read at their own size (as published), mixed with full images in one directory.
+  mixed = str(tmp_path / "mixed")
+  write_pngs(x[:2], mixed)
+  crops = np.asarray(center_crop(x[2:5], 0.5, resize_back=False))  # 20x20
+  for i, c in enumerate(to_uint8(crops)):
+    Image.fromarray(c[..., 0]).save(os.path.join(mixed, f"crop{i}.png"))
+  rep = runs.signature_detect(sig, mixed, user=0)
+  ext = runs.load_extractor(sig)
+  want = np.concatenate([ext.logits(x[:2]), ext.logits(crops)]) > 0
+  assert [r["agreeing"] for r in rep["images"]] == (want == msgs[0]).sum(-1).tolist()
 
 
 def test_bad_inputs_are_refused_in_one_line(signed, tmp_path):
   sig = signed["sig"]
   wrong = str(tmp_path / "wrong")
   write_pngs(np.zeros((2, 32, 32, 3), np.float32), wrong)  # RGB 32x32 for a 28x28 grey model
+  with pytest.raises(WdmjaxError, match=r"images: expected \[N, h, w, 1\] with 8 <= h <= 28"):
+    runs.signature_detect(sig, np.zeros((1, 4, 4, 1), np.float32))  # too small a crop
   for args, flag in (
       (["signature", "detect", "--workdir", sig, "--images", wrong], "--images"),
       (["signature", "detect", "--workdir", sig, "--images", wrong, "--user", "5"], None),

@@ -36,14 +36,16 @@ def _side(n: int, area: float) -> int:
   return max(1, int(round(n * math.sqrt(area))))
 
 
-def center_crop(x: chex.Array, area: float) -> chex.Array:
-  """Keeps the central `area` share of each image, resized back to the full size."""
+def center_crop(x: chex.Array, area: float, resize_back: bool = True) -> chex.Array:
+  """Keeps the central `area` share of each image, resized back to the full size (or, with
+  `resize_back=False`, left smaller: Stable Signature's crop, read by a size-free extractor)."""
   _check_images(x)
   check(0.0 < area <= 1.0, f"crop: expected a kept area in (0, 1], got {area!r}")
   _, h, w, _ = x.shape
   ch, cw = _side(h, area), _side(w, area)
   top, left = (h - ch) // 2, (w - cw) // 2
-  return _resize(x[:, top:top + ch, left:left + cw], h, w)
+  crop = x[:, top:top + ch, left:left + cw]
+  return _resize(crop, h, w) if resize_back else crop
 
 
 def random_crop(x: chex.Array, key: chex.PRNGKey, area: float) -> chex.Array:
@@ -59,12 +61,14 @@ def random_crop(x: chex.Array, key: chex.PRNGKey, area: float) -> chex.Array:
   return _resize(crops, h, w)
 
 
-def resize(x: chex.Array, area: float) -> chex.Array:
-  """Down to `area` share of the pixels and back up: the detail a rescale loses."""
+def resize(x: chex.Array, area: float, resize_back: bool = True) -> chex.Array:
+  """Down to `area` share of the pixels and back up: the detail a rescale loses (with
+  `resize_back=False`, left small: the rescale Stable Signature evaluates)."""
   _check_images(x)
   check(0.0 < area <= 1.0, f"resize: expected an area in (0, 1], got {area!r}")
   _, h, w, _ = x.shape
-  return _resize(_resize(x, _side(h, area), _side(w, area)), h, w)
+  small = _resize(x, _side(h, area), _side(w, area))
+  return _resize(small, h, w) if resize_back else small
 
 
 def brightness(x: chex.Array, delta: float) -> chex.Array:

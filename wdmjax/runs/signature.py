@@ -53,6 +53,7 @@ ENCODER = "encoder.npz"
 SIGNATURE_JSON = "signature.json"
 REGISTRY = "registry.json"
 DECODERS = "decoders"
+MIN_SIDE = 8  # the smallest crop or downscale an extractor is asked to read
 
 
 def _sha256(path: str) -> str:
@@ -197,14 +198,26 @@ class Extractor:
   sha256: str
 
   def logits(self, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    """Whitened logits [N, k] of images [N, H, W, C] in [-1, 1]."""
+    """Whitened logits [N, k] of images [N, h, w, C] in [-1, 1]: the generated size, or a
+    crop or downscale of it (the extractor pools over the image, as published)."""
     x = np.asarray(images, np.float32)
-    check(x.ndim == 4 and tuple(x.shape[1:]) == self.image_shape,
-          f"images: expected [N, {', '.join(map(str, self.image_shape))}] (the extractor's "
-          f"images), got shape {x.shape}")
+    h, w, c = self.image_shape
+    check(x.ndim == 4 and x.shape[-1] == c and MIN_SIDE <= x.shape[1] <= h
+          and MIN_SIDE <= x.shape[2] <= w,
+          f"images: expected [N, h, w, {c}] with {MIN_SIDE} <= h <= {h} and {MIN_SIDE} <= w <= "
+          f"{w} (the generated {w}x{h} images, or a crop or downscale of them), got shape "
+          f"{x.shape}")
     out = [np.asarray(whiten(self.whitening, self.hidden.extract(jnp.asarray(x[i:i + batch_size]))))
            for i in range(0, len(x), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, self.whitening.mean.shape[0]))
+
+  def logits_of(self, images: Sequence[np.ndarray]) -> np.ndarray:
+    """Whitened logits [N, k] of N images [h, w, C] of any allowed sizes (grouped by size)."""
+    out = np.zeros((len(images), self.whitening.mean.shape[0]), np.float32)
+    for shape in dict.fromkeys(np.shape(im) for im in images):
+      idx = [i for i, im in enumerate(images) if np.shape(im) == shape]
+      out[idx] = self.logits(np.stack([images[i] for i in idx]))
+    return out
 
 
 def load_extractor(workdir: str | Workdir) -> Extractor:
@@ -367,9 +380,10 @@ def write_pngs(images: np.ndarray, out: str) -> str:
   return out
 
 
-def read_images(path: str, image_shape: tuple) -> tuple[np.ndarray, list[str]]:
-  """Every .png/.jpg image in the directory `path` (or the one file `path`) as [N, H, W, C]
-  in [-1, 1], with their names; each must have the extractor's size and channels."""
+def read_images(path: str, image_shape: tuple) -> tuple[list[np.ndarray], list[str]]:
+  """Every .png/.jpg image in the directory `path` (or the one file `path`) as a list of
+  [h, w, C] arrays in [-1, 1], with their names. Each must have the extractor's channels and
+  at most its size (a crop or a downscale is read as it is)."""
   if os.path.isdir(path):
     names = sorted(n for n in os.listdir(path)
                    if n.lower().endswith((".png", ".jpg", ".jpeg")))
@@ -388,11 +402,13 @@ def read_images(path: str, image_shape: tuple) -> tuple[np.ndarray, list[str]]:
         mode = im.mode
     except OSError as e:
       raise WdmjaxError(f"images: {f!r} is not a readable image ({e})") from None
-    check(a.shape[:2] == (h, w) and (mode in ("L", "1", "I;16") or c == 3),
-          f"images: expected {w}x{h} images with {c} channel{'s' if c > 1 else ''}, got "
-          f"{f!r} of {a.shape[1]}x{a.shape[0]} ({mode})")
-    out.append(a.reshape(h, w, c))
-  return np.stack(out).astype(np.float32) / 127.5 - 1.0, names
+    check(MIN_SIDE <= a.shape[0] <= h and MIN_SIDE <= a.shape[1] <= w
+          and (mode in ("L", "1", "I;16") or c == 3),
+          f"images: expected {w}x{h} images (or crops or downscales of them, at least "
+          f"{MIN_SIDE}x{MIN_SIDE}) with {c} channel{'s' if c > 1 else ''}, got {f!r} of "
+          f"{a.shape[1]}x{a.shape[0]} ({mode})")
+    out.append(a.reshape(a.shape[0], a.shape[1], c).astype(np.float32) / 127.5 - 1.0)
+  return out, names
 
 
 def detect(workdir: str | Workdir, images: np.ndarray | str, *, user: int | None = None,
@@ -401,7 +417,8 @@ def detect(workdir: str | Workdir, images: np.ndarray | str, *, user: int | None
   the identified user. With `user`, tests that user's message alone (threshold at `fpr`);
   without, identifies among all users (the best match tested at fpr / users).
 
-  images: [N, H, W, C] in [-1, 1], or a directory (or file) of PNG/JPEG images.
+  images: [N, h, w, C] in [-1, 1], or a directory (or file) of PNG/JPEG images: the
+  generated size or a crop or downscale of it.
   """
   wd = Workdir(workdir)
   check_number(fpr, "fpr", 0, 1, low_open=True, high_open=True)
@@ -410,10 +427,10 @@ def detect(workdir: str | Workdir, images: np.ndarray | str, *, user: int | None
   msgs = _messages(reg)
   if isinstance(images, str | os.PathLike):
     x, names = read_images(os.fspath(images), extractor.image_shape)
+    logits = jnp.asarray(extractor.logits_of(x))
   else:
-    x = np.asarray(images, np.float32)
-    names = [str(i) for i in range(len(x))]
-  logits = jnp.asarray(extractor.logits(x))
+    logits = jnp.asarray(extractor.logits(images))
+    names = [str(i) for i in range(len(logits))]
   rows = []
   if user is not None:
     check(isinstance(user, int | np.integer) and 0 <= user < len(msgs),
