@@ -108,7 +108,8 @@ def add_parsers(sub) -> None:
                            ("identify", cmd_identify, "which user signed each image?")):
     d = ssub.add_parser(name, help=text)
     d.add_argument("--workdir", required=True, help="the signature workdir")
-    d.add_argument("--images", required=True, help="a directory of PNG/JPEG images, or one")
+    d.add_argument("--images", required=True, help="a directory of PNG/JPEG images, or one; "
+                   "the generated size or crops and downscales of it")
     if name == "detect":
       d.add_argument("--user", type=int, default=None,
                      help="test this user's message alone (default: identify among all)")
