@@ -1,16 +1,19 @@
-"""Stable Signature on mnist5k: does every image of a signed latent diffusion model carry its
-user's 48 bits, detectably at FPR 1e-6, under image attacks and attacks on the model?
+"""Stable Signature on mnist5k (or the RGB photos32): does every image of a signed latent
+diffusion model carry its user's 48 bits, detectably at FPR 1e-6, under image attacks and
+attacks on the model?
 
   python experiments/stable_signature.py [--runs runs/stable_signature] [--users 100]
+  python experiments/stable_signature.py --data photos32 --users 20 \
+      --variants "uncertainty, 4x4 pooling"       # -> stable_signature_photos32.*
 
 Pipeline (each stage skipped when its workdir exists, so a rerun resumes):
-  1. `wdmjax autoencoder train` on mnist5k (KL autoencoder, 4-channel 7x7 latents);
-  2. a latent DiT (`mnist5k_ldm`) on its latents;
+  1. `wdmjax autoencoder train` on the data (KL autoencoder, 4-channel latents, factor 4);
+  2. a latent DiT (`mnist5k_ldm` or `photos32_ldm`) on its latents;
   3. HiDDeN pre-training with attacks in the loop, once with the attack per batch chosen by
      uncertainty (the highest-loss of 3 drawn) and once drawn uniformly, from the same seed;
      and once more by uncertainty with the extractor pooling over a 4 x 4 grid of cells
      instead of globally (which learns the bits several times faster);
-  4. `signature embed`: one fine-tuned decoder per user (batch 4; --embed-steps 300 at AdamW
+  4. `signature embed`: one fine-tuned decoder per user (batch 4; --embed-steps 500 at AdamW
      --embed-lr 1e-3, --image-weight 1 by default: the published 100 steps at 5e-4 leave the
      bits unreadable with these extractors, see the trade-off of steps against PSNR that the
      experiment also measures for one user). --variants picks the extractors signed with.
@@ -48,7 +51,7 @@ from wdmjax.metrics.classifier import classifier_features, train_classifier
 from wdmjax.metrics.frechet import frechet_distance_from_features
 from wdmjax.metrics.quality import psnr, ssim
 from wdmjax.runs.signature import REGISTRY
-from wdmjax.signature.detect import detect, identify_users
+from wdmjax.signature.detect import detect, identify_users, message_bits
 from wdmjax.signature.finetune import finetune_decoders, user_params
 from wdmjax.stats import threshold_for_fpr
 from wdmjax.workdir import Workdir
@@ -100,12 +103,12 @@ def stage(path: str, make) -> None:
     make()
 
 
-def build(root: str, users: int, pre_steps: int, warmup: int, ldm_steps: int, variants,
-          embed: dict) -> dict:
+def build(root: str, data: str, users: int, pre_steps: int, warmup: int, ldm_steps: int,
+          variants, embed: dict) -> dict:
   ae = os.path.join(root, "ae")
   ldm = os.path.join(root, "ldm")
-  stage(ae, lambda: runs.train_autoencoder(ae, "mnist5k"))
-  stage(ldm, lambda: runs.train("mnist5k_ldm", ldm, [
+  stage(ae, lambda: runs.train_autoencoder(ae, data))
+  stage(ldm, lambda: runs.train(f"{data}_ldm", ldm, [
     f"data.data_dir={os.path.join(ae, 'tfds')}", f"train.steps={ldm_steps}"]))
   pres, sigs = {}, {}
   for name, sel, pool in VARIANTS:
@@ -115,7 +118,7 @@ def build(root: str, users: int, pre_steps: int, warmup: int, ldm_steps: int, va
       continue
     stage(os.path.join(pre, "extractor.npz"),
           lambda pre=pre, sel=sel, pool=pool: runs.signature_pretrain(
-            pre, steps=pre_steps, warmup_steps=warmup, selection=sel, pool=pool))
+            pre, data, steps=pre_steps, warmup_steps=warmup, selection=sel, pool=pool))
     sig = pre
     if embed != PUBLISHED_EMBED:  # another signature workdir around a copy of the extractor
       sig = f"{pre}_e{embed['steps']}_lr{embed['lr']:g}_iw{embed['image_weight']:g}"
@@ -131,13 +134,14 @@ def build(root: str, users: int, pre_steps: int, warmup: int, ldm_steps: int, va
 
 def tradeoff(sig: str, ldm: str, lat: np.ndarray, lr: float,
              steps_list=TRADEOFF_STEPS) -> list[dict]:
-  """One user's decoder fine-tuned for TRADEOFF_STEPS at each of TRADEOFF_WEIGHTS: bit
-  accuracy and TPR on generated latents `lat` against PSNR to the original decoder."""
+  """One decoder fine-tuned (for a message drawn from key 0) for TRADEOFF_STEPS at each of
+  TRADEOFF_WEIGHTS: bit accuracy and TPR on generated latents `lat` against PSNR to the
+  original decoder. `sig` needs only an extractor."""
   ext = runs.load_extractor(sig)
   ae = runs.ldm_autoencoder(ldm)
-  x, _, _, _ = labelled_split("mnist5k")
+  x, _, _, _ = labelled_split(ae.data)
   train_lat = ae.encode(x[:2000])
-  msg = messages(sig)[:1]
+  msg = np.asarray(message_bits(jax.random.key(0), 48, num_users=1))
   original = ae.decode(lat)
 
   def decode(params, z):
@@ -210,12 +214,14 @@ def evaluate(sig: str, ldm: str, lat: np.ndarray, unsigned_lat: np.ndarray, eval
   out["unsigned"] = {"images": num_unsigned,
                      "false_positives": int(np.asarray(ident.identified).sum()),
                      "max_agreeing": int(np.asarray(ident.agreeing).max())}
-  # Quality: FD of LeNet features to real held-out digits.
-  clf = feature_classifier()
-  _, _, xh, _ = labelled_split("mnist5k")
-  feats = [classifier_features(clf.model, clf.params, im) for im in (xh, signed, original)]
-  out["fd_signed"] = float(frechet_distance_from_features(feats[1], feats[0]))
-  out["fd_unsigned"] = float(frechet_distance_from_features(feats[2], feats[0]))
+  # Quality: FD of LeNet features to real held-out digits (mnist5k only: the photos have no
+  # labels to train a feature network on).
+  if ae.data == "mnist5k":
+    clf = feature_classifier()
+    _, _, xh, _ = labelled_split("mnist5k")
+    feats = [classifier_features(clf.model, clf.params, im) for im in (xh, signed, original)]
+    out["fd_signed"] = float(frechet_distance_from_features(feats[1], feats[0]))
+    out["fd_unsigned"] = float(frechet_distance_from_features(feats[2], feats[0]))
   out["model_attacks"] = model_attacks(ext, ae, msgs, sig, lat[:per_user], key)
   out["examples"] = {"signed": signed[:8], "original": original[:8]}
   return out
@@ -246,7 +252,7 @@ def model_attacks(ext, ae, msgs, sig, lat, key) -> dict:
 
   out = {"signed": tpr(d0), "original decoder": tpr(None),
          "average of users 0 and 1": tpr(jax.tree.map(lambda a, b: (a + b) / 2, d0, d1))}
-  x, _, _, _ = labelled_split("mnist5k")
+  x, _, _, _ = labelled_split(ae.data)
   z = ae.encode(x[:2000])
   tx = optax.adamw(1e-4)
 
@@ -271,12 +277,21 @@ def model_attacks(ext, ae, msgs, sig, lat, key) -> dict:
 
 def markdown(r: dict) -> str:
   emb = r.get("embed", PUBLISHED_EMBED)
-  lines = ["# Stable Signature on mnist5k", "",
+  data = r.get("data", "mnist5k")
+  lines = [f"# Stable Signature on {data}", "",
            f"{r['users']} users, 48 bits, FPR {FPR:g}. Each user's decoder fine-tuned for "
            f"{emb['steps']} steps of 4 latents, AdamW {emb['lr']:g}, image weight "
            f"{emb['image_weight']:g} (published: 100 steps, 5e-4, 0.2 with Watson-VGG; here "
            f"the distance is (1 - SSIM) + MSE). Device: {r['device']}. Seconds of evaluation: "
            f"{r['seconds']:.0f}.", "", "Summary:", ""]
+  def fd(e, long=False):
+    if "fd_signed" not in e:
+      return "no FD (no labelled features for these images)" if long else "FD not measured"
+    if long:
+      return (f"FD to real digits: signed {e['fd_signed']:.2f}, unsigned "
+              f"{e['fd_unsigned']:.2f}")
+    return f"FD signed / unsigned {e['fd_signed'] / e['fd_unsigned']:.3f}"
+
   for sel, e in r["extractors"].items():
     a = e["attacks"]
     worst = min(a, key=lambda n: a[n]["bit_accuracy"])
@@ -285,12 +300,12 @@ def markdown(r: dict) -> str:
                  f"{a['none']['tpr']:.3f} (target 0.99), identification among {r['users']} "
                  f"{a['none']['identification']:.3f}; crop 0.5 TPR {a['crop 0.5']['tpr']:.3f}, "
                  f"JPEG 80 TPR {a['jpeg 80']['tpr']:.3f} (targets 0.9); worst attack {worst} "
-                 f"({a[worst]['bit_accuracy']:.3f}); PSNR {e['psnr']:.2f} dB; FD signed / "
-                 f"unsigned {e['fd_signed'] / e['fd_unsigned']:.3f}; false positives "
+                 f"({a[worst]['bit_accuracy']:.3f}); PSNR {e['psnr']:.2f} dB; {fd(e)}; false "
+                 f"positives "
                  f"{e['unsigned']['false_positives']} of {e['unsigned']['images']}.")
   lines += ["", "The bits are only as readable as the extractor makes them. After "
             "pre-training, the HiDDeN encoder -> attack -> extractor pair reads its own bits on "
-            "held-out digits at the accuracies below (uncertainty-based and uniform choice of "
+            "held-out images at the accuracies below (uncertainty-based and uniform choice of "
             "the attack per batch compared from the same seed):", ""]
   pre_all = r.get("pretraining") or {s: e["pretraining"] for s, e in r["extractors"].items()}
   attacks = list(next(iter(pre_all.values()))["held_out_bit_accuracy"])
@@ -304,7 +319,7 @@ def markdown(r: dict) -> str:
   for sel, e in r["extractors"].items():
     lines += [f"## Extractor: {sel}", "",
               f"PSNR {e['psnr']:.2f} dB, SSIM {e['ssim']:.4f} against the original decoder; "
-              f"FD to real digits: signed {e['fd_signed']:.2f}, unsigned {e['fd_unsigned']:.2f}; "
+              f"{fd(e, long=True)}; "
               f"false positives on {e['unsigned']['images']} unsigned images: "
               f"{e['unsigned']['false_positives']} (most agreeing bits "
               f"{e['unsigned']['max_agreeing']}).", "",
@@ -315,15 +330,16 @@ def markdown(r: dict) -> str:
     lines += ["", "| model attack | bit accuracy | TPR @ 1e-6 |", "|---|---|---|"]
     for name, row in e["model_attacks"].items():
       lines.append(f"| {name} | {row['bit_accuracy']:.3f} | {row['tpr']:.3f} |")
-    if e.get("tradeoff"):
-      t = e["tradeoff"]
-      lines += ["", f"Trade-off, one user's decoder fine-tuned at AdamW {t[0]['lr']:g}, read on "
-                f"200 generated images: bits cost PSNR.", "",
-                "| image weight | steps | bit accuracy | TPR @ 1e-6 | PSNR (dB) |",
-                "|---|---|---|---|---|"]
-      for row in t:
-        lines.append(f"| {row['image_weight']:g} | {row['steps']} | {row['bit_accuracy']:.3f} | "
-                     f"{row['tpr']:.3f} | {row['psnr']:.2f} |")
+    lines.append("")
+  for sel, t in (r.get("tradeoff") or {}).items():
+    lines += [f"## Trade-off: extractor {sel}", "",
+              f"One decoder fine-tuned at AdamW {t[0]['lr']:g} for a message of key 0, read on "
+              "200 generated images (clipped to [-1, 1], as delivered): bits cost PSNR.", "",
+              "| image weight | steps | bit accuracy | TPR @ 1e-6 | PSNR (dB) |",
+              "|---|---|---|---|---|"]
+    for row in t:
+      lines.append(f"| {row['image_weight']:g} | {row['steps']} | {row['bit_accuracy']:.3f} | "
+                   f"{row['tpr']:.3f} | {row['psnr']:.2f} |")
     lines.append("")
   return "\n".join(lines) + "\n"
 
@@ -350,8 +366,7 @@ def figure(r: dict, path: str) -> None:
   ax.legend(fontsize=7)
   ax.set_title("Signed images of the latent DiT, under attacks")
   ax3 = fig.add_axes([0.08, 0.06, 0.3, 0.25])
-  for sel in sels:
-    t = r["extractors"][sel].get("tradeoff") or []
+  for sel, t in (r.get("tradeoff") or {}).items():
     for weight in dict.fromkeys(row["image_weight"] for row in t):
       pts = [row for row in t if row["image_weight"] == weight]
       ax3.plot([p["psnr"] for p in pts], [p["bit_accuracy"] for p in pts], "o-",
@@ -367,11 +382,14 @@ def figure(r: dict, path: str) -> None:
   if ex is None:
     with np.load(path.removesuffix(".png") + "_examples.npz") as z:
       ex = {k: z[f"{shown}/{k}"] for k in ("signed", "original")}
-  signed, original = (np.asarray(ex[k])[..., 0] for k in ("signed", "original"))
+  signed, original = (np.asarray(ex[k], np.float32) for k in ("signed", "original"))
+  if signed.shape[-1] == 1:
+    signed, original = signed[..., 0], original[..., 0]
   for j, (lab, im) in enumerate((("original decoder", original), (f"signed ({shown})", signed),
                                  ("10 x difference", np.clip(10 * (signed - original), -1, 1)))):
     a2 = fig.add_axes([0.7, 0.72 - 0.3 * j, 0.28, 0.2])
-    a2.imshow((np.concatenate(list(im), axis=1) + 1) / 2, cmap="gray", vmin=0, vmax=1)
+    a2.imshow((np.concatenate(list(im), axis=1) + 1) / 2, cmap="gray" if im.ndim == 3 else None,
+              vmin=0, vmax=1)
     a2.set_title(lab, fontsize=9)
     a2.axis("off")
   fig.savefig(path, dpi=110)
@@ -380,18 +398,19 @@ def figure(r: dict, path: str) -> None:
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--runs", default="runs/stable_signature")
+  ap.add_argument("--data", default="mnist5k", choices=("mnist5k", "photos32"))
+  ap.add_argument("--runs", default=None, help="default runs/stable_signature[_photos32]")
   ap.add_argument("--users", type=int, default=100)
   ap.add_argument("--eval-users", type=int, default=20)
   ap.add_argument("--per-user", type=int, default=25)
   ap.add_argument("--unsigned", type=int, default=1000)
-  ap.add_argument("--pretrain-steps", type=int, default=6000)
-  ap.add_argument("--warmup-steps", type=int, default=3000)
-  ap.add_argument("--ldm-steps", type=int, default=4000)
+  ap.add_argument("--pretrain-steps", type=int, default=3000)
+  ap.add_argument("--warmup-steps", type=int, default=1500)
+  ap.add_argument("--ldm-steps", type=int, default=1500)
   ap.add_argument("--variants", default=";".join(v[0] for v in VARIANTS),
                   help="the extractors to sign with and evaluate, separated by ';', of: "
                   + "; ".join(v[0] for v in VARIANTS))
-  ap.add_argument("--embed-steps", type=int, default=300)
+  ap.add_argument("--embed-steps", type=int, default=500)
   ap.add_argument("--embed-lr", type=float, default=1e-3)
   ap.add_argument("--image-weight", type=float, default=1.0)
   ap.add_argument("--tradeoff-steps", default=",".join(map(str, TRADEOFF_STEPS)))
@@ -399,7 +418,9 @@ def main() -> None:
   ap.add_argument("--replot", action="store_true", help="redraw the figure and table from "
                   "the JSON only")
   a = ap.parse_args()
-  stem = os.path.join(a.results, STEM)
+  suffix = "" if a.data == "mnist5k" else f"_{a.data}"
+  stem = os.path.join(a.results, STEM + suffix)
+  a.runs = a.runs or f"runs/stable_signature{suffix}"
   if a.replot:
     r = read_json(stem + ".json")
     if "examples" in next(iter(r["extractors"].values())):  # older files held them in the JSON
@@ -413,8 +434,10 @@ def main() -> None:
   if not variants or any(v not in known for v in variants):
     raise SystemExit(f"--variants: expected names among {known}, got {a.variants!r}")
   embed = {"steps": a.embed_steps, "lr": a.embed_lr, "image_weight": a.image_weight}
-  w = build(a.runs, a.users, a.pretrain_steps, a.warmup_steps, a.ldm_steps, variants, embed)
-  r = {"device": device_info(), "users": a.users, "embed": embed, "extractors": {},
+  w = build(a.runs, a.data, a.users, a.pretrain_steps, a.warmup_steps, a.ldm_steps, variants,
+            embed)
+  r = {"device": device_info(), "data": a.data, "users": a.users, "embed": embed,
+       "extractors": {},
        "pretraining": {name: {k: v for k, v in meta.items() if k != "history"}
                        for name, pre in w["pres"].items()
                        if (meta := Workdir(pre).read_json("hidden.json")) is not None}}
@@ -430,9 +453,11 @@ def main() -> None:
                                     jax.random.key(0))
     meta = Workdir(sig).read_json("hidden.json")
     r["extractors"][sel]["pretraining"] = {k: v for k, v in meta.items() if k != "history"}
-    r["extractors"][sel]["tradeoff"] = tradeoff(
-      sig, w["ldm"], lat[:200], PUBLISHED_EMBED["lr"],
-      tuple(int(v) for v in a.tradeoff_steps.split(",")))
+  # The steps / image quality trade-off of every pre-trained extractor, one decoder each.
+  r["tradeoff"] = {name: tradeoff(pre, w["ldm"], lat[:200], PUBLISHED_EMBED["lr"],
+                                  tuple(int(v) for v in a.tradeoff_steps.split(",")))
+                   for name, pre in w["pres"].items()
+                   if os.path.exists(os.path.join(pre, "extractor.npz"))}
   r["seconds"] = time.time() - t0
   os.makedirs(a.results, exist_ok=True)
   save_examples(r, stem)

@@ -18,6 +18,7 @@ from wdmjax.signature import (
   message_bits,
   whiten,
 )
+from wdmjax.signature.finetune import clip_into_range
 
 K = 8
 
@@ -109,3 +110,14 @@ def test_grid_pooling_reads_k_logits_and_a_bad_pool_is_refused():
   for bad in (0, 17, 2.0):
     with pytest.raises(WdmjaxError, match="pool"):
       init_hidden(jax.random.key(0), (16, 16, 1), K, pool=bad)
+
+
+def test_decoder_outputs_are_read_clipped_and_only_pulled_back_into_range():
+  """Fine-tuning reads images as delivered (clipped); the gradient of a clipped pixel passes
+  only when a descent step moves it back towards [-1, 1]."""
+  x = jnp.array([1.5, 1.5, -1.5, -1.5, 0.5])
+  w = jnp.array([-1.0, 1.0, 1.0, -1.0, 2.0])  # d loss / d output
+  np.testing.assert_array_equal(clip_into_range(x), jnp.clip(x, -1.0, 1.0))
+  g = jax.grad(lambda v: jnp.sum(w * clip_into_range(v)))(x)
+  # 1.5 pushed up (descent raises it) and -1.5 pushed down: cut; pulled back: passed.
+  np.testing.assert_array_equal(g, jnp.array([0.0, 1.0, 0.0, -1.0, 2.0]))

@@ -33,6 +33,27 @@ Extract = Callable[[Array], Array]        # images [B, H, W, C] -> logits [B, k]
 LOGIT_SCALE = 10.0  # the published loss reads BCE(10 * whitened logits, m)
 
 
+@jax.custom_vjp
+def clip_into_range(x: Array) -> Array:
+  """x clipped to [-1, 1], as a pipeline delivers its images (then stored as 8-bit). Its
+  gradient passes where a descent step would move a clipped pixel back towards the range and
+  is cut where it would push the pixel further out: a plain clip passes no gradient to clipped
+  pixels (a black background could never carry bits), the identity lets them drift away."""
+  return jnp.clip(x, -1.0, 1.0)
+
+
+def _clip_fwd(x):
+  return jnp.clip(x, -1.0, 1.0), x
+
+
+def _clip_bwd(x, g):
+  outward = ((x > 1.0) & (g < 0)) | ((x < -1.0) & (g > 0))
+  return (jnp.where(outward, 0.0, g),)
+
+
+clip_into_range.defvjp(_clip_fwd, _clip_bwd)
+
+
 def image_distance(x: Array, ref: Array) -> Array:
   """(1 - SSIM) + MSE per image [B]; x, ref [B, H, W, C] in [-1, 1]."""
   return (1.0 - ssim(x, ref)) + jnp.mean((x - ref) ** 2, axis=(1, 2, 3))
@@ -42,12 +63,16 @@ def signature_loss(decode: Decode, extract: Extract, whitening: Whitening, param
                    latents: Array, original: Array, message: Array, image_weight: float
                    ) -> tuple[Array, dict]:
   """The fine-tuning loss of one user's decoder on latents [B, h, w, c]; original [B, H, W, C]
-  the original decoder's images of them; message [k] in {0, 1}."""
-  images = decode(params, latents)
+  the original decoder's outputs for them; message [k] in {0, 1}. The extractor reads the
+  decoded images clipped to [-1, 1] (`clip_into_range`), as a pipeline delivers them; the
+  distance compares the outputs before clipping, which also holds back any drift beyond the
+  range that the clip would hide."""
+  raw = decode(params, latents)
+  images = clip_into_range(raw)
   logits = whiten(whitening, extract(images))
   target = jnp.broadcast_to(message.astype(jnp.float32), logits.shape)
   bce = optax.sigmoid_binary_cross_entropy(LOGIT_SCALE * logits, target).mean()
-  dist = image_distance(images, original).mean()
+  dist = image_distance(raw, original).mean()
   bit_acc = ((logits > 0) == (target > 0)).mean()
   return bce + image_weight * dist, {"bce": bce, "distance": dist, "bit_acc": bit_acc}
 
