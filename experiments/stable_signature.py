@@ -303,11 +303,13 @@ def markdown(r: dict) -> str:
                  f"({a[worst]['bit_accuracy']:.3f}); PSNR {e['psnr']:.2f} dB; {fd(e)}; false "
                  f"positives "
                  f"{e['unsigned']['false_positives']} of {e['unsigned']['images']}.")
+  pre_all = r.get("pretraining") or {s: e["pretraining"] for s, e in r["extractors"].items()}
+  both = {"uncertainty", "uniform"} <= set(pre_all)
   lines += ["", "The bits are only as readable as the extractor makes them. After "
             "pre-training, the HiDDeN encoder -> attack -> extractor pair reads its own bits on "
-            "held-out images at the accuracies below (uncertainty-based and uniform choice of "
-            "the attack per batch compared from the same seed):", ""]
-  pre_all = r.get("pretraining") or {s: e["pretraining"] for s, e in r["extractors"].items()}
+            "held-out images at the accuracies below"
+            + (" (uncertainty-based and uniform choice of the attack per batch compared from "
+               "the same seed):" if both else ":"), ""]
   attacks = list(next(iter(pre_all.values()))["held_out_bit_accuracy"])
   lines += ["| extractor | steps (without attacks) | seconds | " + " | ".join(attacks) + " |",
             "|---|---|---|" + "---|" * len(attacks)]
