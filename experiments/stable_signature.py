@@ -3,8 +3,10 @@ diffusion model carry its user's 48 bits, detectably at FPR 1e-6, under image at
 attacks on the model?
 
   python experiments/stable_signature.py [--runs runs/stable_signature] [--users 100]
-  python experiments/stable_signature.py --data photos32 --users 20 \
-      --variants "uncertainty, 4x4 pooling"       # -> stable_signature_photos32.*
+  python experiments/stable_signature.py --data photos32 --users 20 --per-user 10 \
+      --variants "uncertainty, 4x4 pooling" --ldm-steps 800 --pretrain-steps 1500 \
+      --warmup-steps 1000                          # -> stable_signature_photos32.*
+  (the committed mnist5k results: --variants "uncertainty, 4x4 pooling", the defaults)
 
 Pipeline (each stage skipped when its workdir exists, so a rerun resumes):
   1. `wdmjax autoencoder train` on the data (KL autoencoder, 4-channel latents, factor 4);
