@@ -29,6 +29,18 @@ def data_dir(tmp_path_factory):
   return path
 
 
+def tree_hashes(root: str) -> dict[str, str]:
+  """sha256 of every file under `root`, by relative path: to show a command wrote nothing."""
+  import hashlib
+
+  out = {}
+  for d, _, files in os.walk(root):
+    for f in files:
+      with open(os.path.join(d, f), "rb") as fh:
+        out[os.path.relpath(os.path.join(d, f), root)] = hashlib.sha256(fh.read()).hexdigest()
+  return out
+
+
 def run_cli(*args) -> subprocess.CompletedProcess:
   """Runs `wdmjax ARGS` in this process, as `wdmjax.cli.main` (what the console script
   calls), capturing what it prints; returns a CompletedProcess. In-process: no interpreter

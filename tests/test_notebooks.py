@@ -113,12 +113,24 @@ def _check_signature(stdout: str) -> None:
   assert int(r["refused"]) == 2, r
 
 
+def _check_serial(stdout: str) -> None:
+  # The gradient reversal negates and scales, both bad inputs are refused, and the tiny
+  # student works with its serial number far better than without one.
+  r = _result(stdout)
+  assert r["size"] == "tiny"
+  assert r["grl_ok"] == "1" and int(r["refused"]) == 2, r
+  for name in ("teacher", "valid", "raw", "invalid_mean", "reverse_max"):
+    assert 0.0 <= float(r[name]) <= 1.0, (name, r)
+  assert float(r["valid"]) > float(r["raw"]) + 0.3, r
+
+
 CHECKS = {
   "01_quickstart.ipynb": _check_quickstart,
   "02_difffit.ipynb": _check_difffit,
   "03_verification_robustness_attacks.ipynb": _check_verification,
   "04_augmentation.ipynb": _check_augmentation,
   "05_stable_signature.ipynb": _check_signature,
+  "06_serial_numbers.ipynb": _check_serial,
 }
 
 

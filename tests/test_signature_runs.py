@@ -3,7 +3,6 @@ identify, at a tiny size, and the bad inputs refused with nothing half-written."
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, tree_hashes
 from wdmjax import runs
 from wdmjax.errors import WdmjaxError
 from wdmjax.files import save_npz
@@ -24,15 +23,6 @@ LDM_OVERRIDES = ["model.width=32", "model.depth=1", "model.num_heads=2",
                  "diffusion.num_timesteps=100", "train.steps=2", "train.batch_size=8",
                  "train.warmup_steps=0", "train.log_every=1", "train.ckpt_every=2",
                  "sample.steps=4"]
-
-
-def _hashes(root: str) -> dict[str, str]:
-  out = {}
-  for d, _, files in os.walk(root):
-    for f in files:
-      with open(os.path.join(d, f), "rb") as fh:
-        out[os.path.relpath(os.path.join(d, f), root)] = hashlib.sha256(fh.read()).hexdigest()
-  return out
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +41,17 @@ def signed(tmp_path_factory):
   pre = runs.signature_pretrain(sig, steps=4, warmup_steps=2, batch_size=8, channels=8,
                                 extractor_depth=2, attacks=("identity", "crop"),
                                 progress=False)
-  before = {"ae": _hashes(ae.workdir), "ldm": _hashes(ldm),
-            "extractor": _hashes(sig)}
+  before = {"ae": tree_hashes(ae.workdir), "ldm": tree_hashes(ldm),
+            "extractor": tree_hashes(sig)}
   emb = runs.signature_embed(sig, ldm, 2, seed=7, steps=100, batch_size=4, lr=1e-2,
                              image_weight=0.0, num_latents=64, progress=False)
   return dict(root=root, ae=ae, ldm=ldm, sig=sig, pre=pre, emb=emb, before=before)
 
 
 def test_only_the_decoders_change(signed):
-  assert _hashes(signed["ae"].workdir) == signed["before"]["ae"]
-  assert _hashes(signed["ldm"]) == signed["before"]["ldm"]
-  after = _hashes(signed["sig"])
+  assert tree_hashes(signed["ae"].workdir) == signed["before"]["ae"]
+  assert tree_hashes(signed["ldm"]) == signed["before"]["ldm"]
+  after = tree_hashes(signed["sig"])
   for name, h in signed["before"]["extractor"].items():
     assert after[name] == h, name
   original = runs.load_autoencoder(signed["ae"].workdir).params["decoder"]
@@ -163,11 +153,11 @@ def test_bad_inputs_are_refused_in_one_line(signed, tmp_path):
     runs.signature_detect(other, np.zeros((1, 28, 28, 1), np.float32),
                           registry=os.path.join(sig, REGISTRY))
   # Embedding twice, or with a non-LDM workdir, writes nothing.
-  before = _hashes(sig)
+  before = tree_hashes(sig)
   with pytest.raises(WdmjaxError, match="already holds"):
     runs.signature_embed(sig, signed["ldm"], 1, progress=False)
   with pytest.raises(WdmjaxError, match="ldm"):
     runs.signature_embed(other, signed["ae"].workdir, 1, progress=False)
-  assert _hashes(sig) == before
+  assert tree_hashes(sig) == before
   assert not os.path.exists(os.path.join(other, SIGNATURE_JSON))
   assert os.path.exists(os.path.join(other, EXTRACTOR))

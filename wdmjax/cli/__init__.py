@@ -2,7 +2,8 @@
 
 Subcommands: train, sample, embed, extract, verify, attack, finetune, params, plan, latents,
 demo, augment preview, classifier, autoencoder train, autoencoder generate,
-signature pretrain/embed/generate/detect/identify. Each calls one
+signature pretrain/embed/generate/detect/identify,
+serial teacher/issue/eval/lock/sample. Each calls one
 function of `wdmjax.runs` and prints what it returns.
 
 Errors in what the user typed are printed as one line (`wdmjax: error: ...`, exit status 2),
@@ -32,6 +33,7 @@ from wdmjax.cli.autoencoder import add_parsers as add_autoencoder_parsers
 from wdmjax.cli.demo import add_parser as add_demo_parser
 from wdmjax.cli.multihost import add_distributed_args, connect
 from wdmjax.cli.peft import add_parsers as add_peft_parsers
+from wdmjax.cli.serial import add_parsers as add_serial_parsers
 from wdmjax.cli.signature import add_parsers as add_signature_parsers
 from wdmjax.cli.watermark import add_parsers as add_watermark_parsers
 from wdmjax.errors import Interrupted, WdmjaxError
@@ -147,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
   add_augment_parsers(sub)
   add_autoencoder_parsers(sub)
   add_signature_parsers(sub)
+  add_serial_parsers(sub)
   return p
 
 

@@ -26,6 +26,22 @@ from wdmjax.runs.demo import DEMO_SECRET, DemoResult, base_workdir, demo
 from wdmjax.runs.model import Model, load_model
 from wdmjax.runs.peft import FinetuneResult, finetune, finetune_config, params
 from wdmjax.runs.plan import LatentsResult, latents, plan
+from wdmjax.runs.serial import (
+  IssueReport,
+  LockedSampleResult,
+  LockReport,
+  TeacherReport,
+  load_student,
+  load_teacher,
+  locked_samples,
+  read_lock,
+  read_serials,
+)
+from wdmjax.runs.serial import evaluate as serial_eval
+from wdmjax.runs.serial import issue as serial_issue
+from wdmjax.runs.serial import lock as serial_lock
+from wdmjax.runs.serial import sample as serial_sample
+from wdmjax.runs.serial import teacher as serial_teacher
 from wdmjax.runs.signature import (
   EmbedReport,
   Extractor,
@@ -68,4 +84,7 @@ __all__ = [
   "EmbedReport", "Extractor", "GenerateReport", "PretrainReport", "load_extractor",
   "load_user_decoder", "signature_detect", "signature_embed", "signature_generate",
   "signature_pretrain",
+  "IssueReport", "LockReport", "LockedSampleResult", "TeacherReport", "load_student",
+  "load_teacher", "locked_samples", "read_lock", "read_serials", "serial_eval", "serial_issue",
+  "serial_lock", "serial_sample", "serial_teacher",
 ]
