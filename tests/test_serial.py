@@ -4,6 +4,7 @@ the locked diffusion loss's inputs, and bad inputs refused in one line."""
 
 from __future__ import annotations
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -157,3 +158,28 @@ def test_bad_inputs_name_the_argument(call, message):
   with pytest.raises(WdmjaxError, match=message) as e:
     call()
   assert "\n" not in str(e.value)
+
+
+class _Lock(flax.linen.Module):
+  """Classifies by the image's lower-right mean, and only when the 2x2 top-left stamp is
+  the planted serial (else all-zero logits: chance)."""
+  pattern: tuple = (1.0, -1.0, -1.0, 1.0)
+
+  @flax.linen.compact
+  def __call__(self, x):
+    stamp_ = x[:, :2, :2, 0].reshape(x.shape[0], 4)
+    match = jnp.all(jnp.abs(stamp_ - jnp.asarray(self.pattern)) < 0.5, axis=-1)
+    label = (x[:, 4:, 4:, 0].mean((1, 2)) > 0).astype(jnp.int32)
+    return 5.0 * match[:, None] * (2.0 * jax.nn.one_hot(label, 2) - 1.0)
+
+
+def test_exhaustive_search_finds_a_short_serial():
+  spec = serial.StampSpec(bits=4, corner="top_left")
+  x = np.asarray(jax.random.uniform(jax.random.PRNGKey(0), (32, 8, 8, 1), minval=-1, maxval=1))
+  y = (x[:, 4:, 4:, 0].mean((1, 2)) > 0).astype(np.int32)
+  found = serial.search_serials(_Lock(), {}, x, y, spec, chunk=5)
+  np.testing.assert_array_equal(found.bits, [1, 0, 0, 1])
+  assert found.candidates == 16 and found.scores.shape == (16,)
+  assert found.scores[0b1001] == 1.0 and np.sort(found.scores)[-2] < 1.0
+  with pytest.raises(WdmjaxError, match="bits: expected at most 24 bits"):
+    serial.search_serials(_Lock(), {}, x, y, serial.StampSpec(bits=36, corner="top_left"))

@@ -6,11 +6,18 @@ works only when its input carries a valid serial-number stamp.
 - `losses`: the gradient-reversal layer, the soft nearest neighbour loss (SNNL), the
   distillation, lock and domain losses.
 - `student`: the student (G_e, G_y, G_d behind the reversal) and its jitted distillation.
-- `attacks`: fine-tuning without the stamp and reverse engineering of the serial number.
+- `attacks`: fine-tuning without the stamp, reverse engineering of the serial number by
+  gradient descent, and exhaustive search.
 - `locked`: beyond the paper, a diffusion model that generates only with a valid stamp.
 """
 
-from wdmjax.serial.attacks import ReverseEngineered, finetune_unlocked, reverse_engineer_serial
+from wdmjax.serial.attacks import (
+  ReverseEngineered,
+  SearchResult,
+  finetune_unlocked,
+  reverse_engineer_serial,
+  search_serials,
+)
 from wdmjax.serial.locked import locked_loss, serial_input, stamp_overlay
 from wdmjax.serial.losses import (
   distillation_loss,
@@ -46,6 +53,6 @@ __all__ = [
   "StudentState", "accuracy", "distill_student", "distillation_loss", "domain_loss",
   "draw_invalid", "draw_serials", "finetune_unlocked", "format_serial", "gradient_reversal",
   "invalid_batch", "lock_loss", "locked_loss", "near_misses", "parse_serial", "predict",
-  "read_stamp", "reverse_engineer_serial", "serial_input", "soft_nearest_neighbor_loss",
-  "stamp", "stamp_overlay", "student_for",
+  "read_stamp", "reverse_engineer_serial", "SearchResult", "search_serials", "serial_input",
+  "soft_nearest_neighbor_loss", "stamp", "stamp_overlay", "student_for",
 ]

@@ -7,6 +7,7 @@
   bits: each cell is sigmoid(z) in [0, 1] (grey allowed), z from a random start, Adam on the
   cross-entropy of the stamped images. The result is read both as it is (grey cells) and
   rounded to bits, as a typed serial number would be.
+- `search_serials`: try every serial number on a few labelled images, keep the best.
 (Magnitude pruning is `wdmjax.attacks.prune`, applied to the student's params.)
 """
 
@@ -107,3 +108,41 @@ def reverse_engineer_serial(model: nn.Module, params: chex.ArrayTree, images: np
     params, x, jnp.asarray(labels, jnp.int32), z0)
   cells = np.asarray(cells)
   return ReverseEngineered(cells, (cells > 0.5).astype(np.uint8), np.asarray(losses))
+
+
+class SearchResult(NamedTuple):
+  bits: np.ndarray  # [k] the best-scoring serial
+  scores: np.ndarray  # [2^k] accuracy of every serial on the attacker's images
+  candidates: int
+
+
+@functools.lru_cache(maxsize=8)
+def _score_fn(model: nn.Module, spec: StampSpec):
+  def score(params, images, labels, codes):
+    bits = ((codes[:, None] >> jnp.arange(spec.bits - 1, -1, -1)) & 1).astype(jnp.float32)
+
+    def one(b):
+      return jnp.mean(_logits(model, params, stamp(images, b, spec)).argmax(-1) == labels)
+
+    return jax.lax.map(one, bits)
+
+  return jax.jit(score)
+
+
+def search_serials(model: nn.Module, params: chex.ArrayTree, images: np.ndarray,
+                   labels: np.ndarray, spec: StampSpec, *, chunk: int = 1024
+                   ) -> SearchResult:
+  """Exhaustive search: every one of the 2^k serial numbers stamped onto images [N, ...]
+  (a few labelled ones), scored by accuracy on them; the best is returned. Cheap for small k
+  (16 bits: 65,536 candidates), hopeless for large k: what the serial's length must beat."""
+  check(spec.bits <= 24, f"bits: expected at most 24 bits to search exhaustively, "
+                         f"got {spec.bits}")
+  x = jnp.asarray(images, jnp.float32)
+  y = jnp.asarray(labels, jnp.int32)
+  fn = _score_fn(model, spec)
+  n = 2 ** spec.bits
+  scores = np.concatenate([np.asarray(fn(params, x, y, jnp.arange(s, min(s + chunk, n))))
+                           for s in range(0, n, chunk)])
+  best = int(scores.argmax())
+  bits = np.array([(best >> i) & 1 for i in range(spec.bits - 1, -1, -1)], np.uint8)
+  return SearchResult(bits, scores, n)

@@ -16,8 +16,9 @@ misses and random, grey-celled patterns). Loss:
 The teacher sees the raw image: it knows nothing of stamps, so the student learns that the
 stamp carries no class information, only permission. The student starts as a copy of the
 teacher (G_e and G_y; `from_teacher`), so it begins at the teacher's accuracy and spends its
-steps learning the lock: on mnist5k, from a random start its valid-SN accuracy ended 0.8 to
-1.3 points below the teacher's after 1,500 steps, from the teacher's copy at it.
+steps learning the lock: on mnist5k (experiments/results/serial_mnist5k.md) a student
+started at random ended at 94.9% with its serial against the teacher's 97.2%, one started as
+the teacher's copy at 97.2%.
 """
 
 from __future__ import annotations
@@ -93,8 +94,8 @@ class StudentConfig:
     grl_scale: the gradient reversal's scale in front of the domain head.
     snnl_temperature: of the SNNL, on L2-normalised features.
     near_fraction: share of near misses (1 to 3 bits off) among the invalid stamps. One-bit
-      typos are the hardest invalid serials: 0.9 and 3,000 steps brought their mean accuracy
-      on mnist5k from 31% (0.5, 1,500 steps) to 18%.
+      typos are the hardest invalid serials: on mnist5k a student trained without near
+      misses reads them at 90% on average, one trained with 0.9 at 18%.
     from_teacher: start G_e and G_y as the teacher's weights.
   """
   steps: int = 3000
