@@ -144,6 +144,7 @@ def test_locked_loss_stamps_only_the_valid_half():
   (lambda: serial.parse_serial("xyz", 16), r"serial: expected 4 hex digits \(16 bits\)"),
   (lambda: serial.parse_serial("12345", 16), "serial: expected 4 hex digits"),
   (lambda: serial.parse_serial(1234, 16), "serial: expected 4 hex digits"),
+  (lambda: serial.parse_serial("9f3a", 64), "serial: expected 16 hex digits .* '9f3a0c5e9f3a0c5e'"),
   (lambda: serial.StampSpec(bits=9), "bits: expected a perfect square that is a multiple"),
   (lambda: serial.StampSpec(corner="middle"), "corner: expected one of"),
   (lambda: serial.StampSpec(cell=0), "cell: expected a positive integer"),

@@ -71,6 +71,9 @@ def test_bad_inputs_are_refused_in_one_line_with_nothing_written(issued, tmp_pat
   for args, flag in (
       (["serial", "eval", "--workdir", wd, "--serial", "xyz"], "--serial"),
       (["serial", "eval", "--workdir", wd, "--customer", "5"], "--customer"),
+      (["serial", "eval", "--workdir", wd], "--invalid: expected at most 14 invalid serials"),
+      (["serial", "issue", "--workdir", wd, "--customers", "1", "--key", str(2 ** 70)],
+       "--key: expected an integer in [0, 2**62)"),
       (["serial", "issue", "--workdir", wd, "--customers", "1", "--key", "12"], "--key"),
       (["serial", "issue", "--workdir", wd, "--customers", "1", "--steps", "5"],
        "config: expected the settings of the students issued already (steps 300, not 5"),
@@ -111,11 +114,17 @@ def test_a_locked_diffusion_model_samples_with_and_without_its_serial(tmp_path):
   without = runs.locked_samples(wd, None, 4, model=model)
   assert with_sn.shape == without.shape == (4, 8, 8, 1)
   assert not np.array_equal(with_sn, without)  # the stamp reaches the network
-  with pytest.raises(WdmjaxError, match="serial: expected 1 hex digits"):
+  with pytest.raises(WdmjaxError, match=r"serial: expected 1 hex digit \(4 bits\)"):
     runs.serial_sample(wd, 4, serial="zz", out=str(tmp_path / "bad.png"))
   assert not os.path.exists(tmp_path / "bad.png")
   # Locking again to another key is refused, the workdir untouched.
   before = tree_hashes(wd)
-  with pytest.raises(WdmjaxError, match="key: this workdir is locked to another serial"):
+  with pytest.raises(WdmjaxError, match="key: this workdir is locked with key 3"):
     runs.serial_lock(wd, base, steps=2, stamp=SPEC, key=4, progress=False)
-  assert tree_hashes(wd) == before
+  with pytest.raises(WdmjaxError, match="stamp: this workdir is locked with stamp"):
+    runs.serial_lock(wd, base, steps=2, key=3, progress=False, stamp=serial.StampSpec())
+  # ... and a workdir holding another model is not taken over.
+  base_before = tree_hashes(base)
+  with pytest.raises(WdmjaxError, match="workdir: .* holds a model that is not being locked"):
+    runs.serial_lock(base, wd, steps=2, progress=False)
+  assert tree_hashes(wd) == before and tree_hashes(base) == base_before

@@ -103,8 +103,9 @@ def read_json(path: str) -> Any:
     return json.load(f)
 
 
-def save_npz(path: str, arrays: dict[str, np.ndarray], compressed: bool = False) -> str:
-  """A `.npz` of named arrays, atomically."""
-  with atomic_open(path) as f:
+def save_npz(path: str, arrays: dict[str, np.ndarray], compressed: bool = False,
+             mode: int = 0o644) -> str:
+  """A `.npz` of named arrays, atomically; `mode` as in `atomic_open` (0o600: private)."""
+  with atomic_open(path, mode) as f:
     (np.savez_compressed if compressed else np.savez)(f, **arrays)
   return path

@@ -113,7 +113,8 @@ def add_parsers(sub) -> None:
   lo.add_argument("--workdir", required=True, help="a new workdir for the locked model")
   lo.add_argument("--steps", type=int, default=600)
   lo.add_argument("--lr", type=float, default=3e-4)
-  lo.add_argument("--lock-weight", type=float, default=1.0)
+  lo.add_argument("--lock-weight", type=float, default=None, help="weight of the locked "
+                  "half of the loss (default 1; a resumed workdir keeps its own)")
   lo.add_argument("--key", type=int, default=None)
   lo.add_argument("--no-progress", action="store_true")
   lo.set_defaults(func=cmd_lock)

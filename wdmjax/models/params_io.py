@@ -14,10 +14,13 @@ from wdmjax.errors import check
 from wdmjax.files import save_npz
 
 
-def save_params_npz(params: chex.ArrayTree, path: str, dtype=np.float16) -> str:
-  """Writes params as a flat compressed `.npz` in `dtype`, atomically."""
+def save_params_npz(params: chex.ArrayTree, path: str, dtype=np.float16,
+                    mode: int = 0o644) -> str:
+  """Writes params as a flat compressed `.npz` in `dtype`, atomically (`mode` 0o600: a
+  private file, never readable by others even while it is written)."""
   flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
-  return save_npz(path, {k: np.asarray(v, dtype) for k, v in flat.items()}, compressed=True)
+  return save_npz(path, {k: np.asarray(v, dtype) for k, v in flat.items()}, compressed=True,
+                  mode=mode)
 
 
 def load_params_npz(path: str) -> chex.ArrayTree:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import secrets
 import time
@@ -63,16 +64,41 @@ DEFAULT_STUDENT = StudentConfig()
 EVAL_SALT = 7919  # invalid serials for evaluation come from another stream than training's
 
 
+KEY_BITS = 62
+
+
 def _new_key() -> int:
-  return secrets.randbits(62)
+  return secrets.randbits(KEY_BITS)
 
 
 def _check_key(key: int | None) -> int:
   if key is None:
     return _new_key()
-  check(isinstance(key, int) and not isinstance(key, bool) and key >= 0,
-        f"key: expected a non-negative integer, got {key!r}")
+  check(isinstance(key, int) and not isinstance(key, bool) and 0 <= key < 2 ** KEY_BITS,
+        f"key: expected an integer in [0, 2**{KEY_BITS}), got {key!r}")
   return key
+
+
+def _max_serials(bits: int) -> int:
+  """How many valid serials of `bits` bits the library issues (its own cap: half the
+  patterns, so the draws stay quick; the balanced ones are fewer still for small k)."""
+  return min(2 ** (bits - 1), int(sum(math.comb(bits, j)
+                                      for j in range(bits // 4, 3 * bits // 4 + 1))))
+
+
+def _check_invalid(invalid: int, bits: int, valid: int) -> None:
+  check_positive_int("invalid", invalid)
+  check(invalid <= 2 ** bits - valid,
+        f"invalid: expected at most {2 ** bits - valid} invalid serials of {bits} bits "
+        f"(besides the {valid} valid ones), got {invalid}")
+
+
+def _prng(key: int) -> jax.Array:
+  """The PRNG key of an owner's integer key, all of its bits: `PRNGKey` alone keeps only the
+  low 32 without 64-bit mode, so the high ones are folded in (keys below 2**32 map to
+  `PRNGKey(key)` itself)."""
+  k = jax.random.PRNGKey(key & 0xFFFFFFFF)
+  return k if key >> 32 == 0 else jax.random.fold_in(k, key >> 32)
 
 
 # ----------------------------------------------------------------------------- teacher
@@ -104,8 +130,7 @@ def teacher(workdir: str | Workdir, data: str = "mnist5k", *, steps: int = 1500,
                              num_classes=int(y.max()) + 1)
     acc = classifier_accuracy(*state, xh, yh)
     os.makedirs(wd.path, exist_ok=True)
-    save_params_npz(state.params, wd.file(TEACHER), dtype=np.float32)
-    os.chmod(wd.file(TEACHER), PRIVATE)
+    save_params_npz(state.params, wd.file(TEACHER), dtype=np.float32, mode=PRIVATE)
     write_json(wd.file(DSN_JSON), {
       "method": "deep_serial_number", "data": data, "data_dir": data_dir, "seed": seed,
       "stamp": stamp.to_json(), "image_shape": list(x.shape[1:]),
@@ -152,10 +177,11 @@ def load_student(workdir: str | Workdir, customer: int):
   """(student module, params, its StudentConfig) of one customer."""
   wd = Workdir(workdir)
   dsn = _read_dsn(wd)
-  path = _student_path(wd, customer)
   issued = dsn.get("customers", 0)
-  check(isinstance(customer, int) and 0 <= customer < issued and os.path.isfile(path),
+  ok = isinstance(customer, int) and not isinstance(customer, bool) and 0 <= customer < issued
+  check(ok and os.path.isfile(_student_path(wd, customer)),
         f"customer: expected one of 0..{issued - 1} (the students issued), got {customer!r}")
+  path = _student_path(wd, customer)
   cfg = StudentConfig(**dsn["student"])
   model, _ = load_teacher(wd)
   return student_for(model, cfg), load_params_npz(path), cfg
@@ -221,6 +247,8 @@ def issue(workdir: str | Workdir, customers: int, *, config: StudentConfig = DEF
   check_positive_int("customers", customers)
   check_positive_int("invalid", invalid)
   check(isinstance(config, StudentConfig), f"config: expected a StudentConfig, got {config!r}")
+  if key is not None:
+    _check_key(key)
   old = read_json(wd.file(SERIALS)) if wd.exists(SERIALS) else None
   if old is not None:
     check(key is None or key == old["key"],
@@ -232,30 +260,38 @@ def issue(workdir: str | Workdir, customers: int, *, config: StudentConfig = DEF
     key = old["key"]
   key = _check_key(key)
   spec = StampSpec.from_json(dsn["stamp"])
-  serials = draw_serials(jax.random.PRNGKey(key), max(customers, dsn.get("customers", 0)),
-                         spec.bits)
+  issued = dsn.get("customers", 0)
+  total = max(customers, issued)  # a smaller --customers re-evaluates all, retrains none
+  check(total <= _max_serials(spec.bits),
+        f"customers: expected at most {_max_serials(spec.bits)} for {spec.bits}-bit serials, "
+        f"got {customers}")
+  _check_invalid(invalid, spec.bits, total)
+  serials = draw_serials(_prng(key), total, spec.bits)
   x, y, xh, yh = _split(dsn)
   t_model, t_params = load_teacher(wd)
   t_acc = classifier_accuracy(t_model, t_params, xh, yh)
-  bad = draw_invalid(jax.random.PRNGKey(key + EVAL_SALT), serials, invalid)
+  bad = draw_invalid(_prng(key + EVAL_SALT), serials, invalid)
   rows, saved = [], 0
   with _restore_on_failure(wd, (SERIALS, DSN_JSON), lambda: saved == 0):
     os.makedirs(wd.file(STUDENTS), exist_ok=True)
     write_json(wd.file(SERIALS), {"key": key, "stamp": spec.to_json(), "customers": [
       {"customer": i, "serial": format_serial(s)} for i, s in enumerate(serials)]}, PRIVATE)
-    write_json(wd.file(DSN_JSON), dict(dsn, student=dataclasses.asdict(config),
-                                       customers=len(serials)))
-    for i in range(customers):
+    record = dict(dsn, student=dataclasses.asdict(config), customers=issued)
+    write_json(wd.file(DSN_JSON), record)
+    for i in range(total):
       path = _student_path(wd, i)
       if os.path.isfile(path):
         model, params = student_for(t_model, config), load_params_npz(path)
       else:
         st = distill_student(t_model, t_params, x, y, serials[i], spec,
-                             jax.random.fold_in(jax.random.PRNGKey(key), i), config,
+                             jax.random.fold_in(_prng(key), i), config,
                              progress=progress, desc=f"customer {i}")
         model, params = st.model, st.params
         save_params_npz(params, path, dtype=np.float32)
         saved += 1
+      if i + 1 > record["customers"]:  # counted as issued once on disk
+        record["customers"] = i + 1
+        write_json(wd.file(DSN_JSON), record)
       rows.append({"customer": i, "serial": format_serial(serials[i]),
                    **_eval_student(model, params, xh, yh, serials[i], spec, bad)})
   write_json(wd.file(ISSUE_JSON), {"teacher_accuracy": t_acc, "customers": rows})
@@ -272,15 +308,15 @@ def evaluate(workdir: str | Workdir, *, customer: int | None = None, serial: str
   dsn = _read_dsn(wd)
   spec = StampSpec.from_json(dsn["stamp"])
   typed = None if serial is None else parse_serial(serial, spec.bits)
-  check_positive_int("invalid", invalid)
   reg = read_serials(wd)
   n = dsn.get("customers", 0)
   check(customer is None or (isinstance(customer, int) and 0 <= customer < n),
         f"customer: expected one of 0..{n - 1} (the students issued), got {customer!r}")
+  _check_invalid(invalid, spec.bits, len(reg["customers"]))
   valid = np.stack([parse_serial(c["serial"], spec.bits) for c in reg["customers"]])
   _, _, xh, yh = _split(dsn)
   t_model, t_params = load_teacher(wd)
-  bad = draw_invalid(jax.random.PRNGKey(reg["key"] + EVAL_SALT), valid, invalid)
+  bad = draw_invalid(_prng(reg["key"] + EVAL_SALT), valid, invalid)
   rows = []
   for i in range(n) if customer is None else [customer]:
     model, params, _ = load_student(wd, i)
@@ -312,12 +348,13 @@ def read_lock(workdir: str | Workdir) -> dict:
 
 
 def lock(workdir: str | Workdir, base: str | Workdir, *, steps: int = 600, lr: float = 3e-4,
-         lock_weight: float = 1.0, stamp: StampSpec = DEFAULT_STAMP, key: int | None = None,
-         progress: bool = True, log=None) -> LockReport:
+         lock_weight: float | None = None, stamp: StampSpec | None = None,
+         key: int | None = None, progress: bool = True, log=None) -> LockReport:
   """Fine-tunes the base diffusion workdir's EMA weights with `serial.locked_loss`: the model
   then generates the task's images only with the serial number's stamp in its input, and
   blank images otherwise. The serial is drawn from `key` (default fresh) and kept in
-  lock.json. Resumes an interrupted `workdir`."""
+  lock.json with the stamp and `lock_weight` (defaults: `StampSpec()` and 1). Resumes an
+  interrupted `workdir` with what its lock.json says; other values given are refused."""
   from wdmjax.runs.watermark import embedding_config  # the same fine-tuning config as WDM
 
   t0 = time.time()
@@ -325,16 +362,26 @@ def lock(workdir: str | Workdir, base: str | Workdir, *, steps: int = 600, lr: f
   check(bwd.has_config(), f"base: expected a trained workdir, got {bwd.path!r}")
   check(bwd.abspath != wd.abspath, "workdir: expected a new directory, not the base itself")
   check_number(lr, "lr", 0.0, low_open=True)
+  check(wd.exists(LOCK_JSON) or not wd.has_checkpoint(),
+        f"workdir: {wd.path!r} holds a model that is not being locked; use a new directory")
+  if key is not None:
+    _check_key(key)
   if wd.exists(LOCK_JSON):
     old = read_lock(wd)
-    check(key is None or key == old["key"],
-          "key: this workdir is locked to another serial; use a new workdir")
-    key = old["key"]
+    given = {"key": key, "lock_weight": lock_weight, "base": bwd.abspath,
+             "stamp": None if stamp is None else stamp.to_json()}
+    for name, value in given.items():
+      check(value is None or value == old[name],
+            f"{name}: this workdir is locked with {name} {old[name]!r}; resume it with that "
+            f"or use a new workdir")
+    key, lock_weight, stamp = old["key"], old["lock_weight"], StampSpec.from_json(old["stamp"])
+  stamp = DEFAULT_STAMP if stamp is None else stamp
+  lock_weight = 1.0 if lock_weight is None else lock_weight
   key = _check_key(key)
   cfg = embedding_config(base=base, steps=steps, lr=lr)
   res = int(cfg.data.resolution)
   stamp.origin(res, res)
-  bits = draw_serials(jax.random.PRNGKey(key), 1, stamp.bits)[0]
+  bits = draw_serials(_prng(key), 1, stamp.bits)[0]
   su = setup(cfg)
   loss = locked_loss(su.apply_fn, su.schedule, cfg.diffusion.objective, serial_bits=bits,
                      spec=stamp, class_dropout_prob=su.class_dropout_prob,

@@ -137,6 +137,7 @@ def search_serials(model: nn.Module, params: chex.ArrayTree, images: np.ndarray,
   (16 bits: 65,536 candidates), hopeless for large k: what the serial's length must beat."""
   check(spec.bits <= 24, f"bits: expected at most 24 bits to search exhaustively, "
                          f"got {spec.bits}")
+  check_positive_int("chunk", chunk)
   x = jnp.asarray(images, jnp.float32)
   y = jnp.asarray(labels, jnp.int32)
   fn = _score_fn(model, spec)

@@ -84,8 +84,9 @@ def parse_serial(text: str, bits: int) -> np.ndarray:
   """A serial number as hex (k / 4 digits, most significant bit first) -> bits [k] uint8."""
   n = bits // 4
   ok = isinstance(text, str) and len(text) == n and all(c in string.hexdigits for c in text)
-  check(ok, f"serial: expected {n} hex digits ({bits} bits), e.g. {'9f3a0c5e'[:n]!r}, "
-            f"got {text!r}")
+  example = ("9f3a0c5e" * (n // 8 + 1))[:n]
+  check(ok, f"serial: expected {n} hex digit{'s' if n > 1 else ''} ({bits} bits), e.g. "
+            f"{example!r}, got {text!r}")
   return np.array([int(b) for c in text.lower() for b in f"{int(c, 16):04b}"], np.uint8)
 
 
@@ -167,7 +168,8 @@ def draw_serials(key: chex.PRNGKey, num: int, bits: int,
   check(isinstance(num, int) and num >= 1, f"num: expected a positive integer, got {num!r}")
   seen = {tuple(r) for r in (np.zeros((0, bits), np.uint8) if exclude is None else exclude)}
   check(num + len(seen) <= 2 ** (bits - 1),
-        f"num: expected at most {2 ** (bits - 1) - len(seen)} serials of {bits} bits")
+        f"num: expected at most {2 ** (bits - 1) - len(seen)} serials of {bits} bits (this "
+        f"library's cap: half of all patterns)")
   return _draw_distinct(key, num, bits, seen, balanced=True)
 
 
@@ -194,8 +196,8 @@ def invalid_batch(rng: chex.PRNGKey, valid: chex.Array, num: int,
   """`num` invalid stamps' bits [num, k] float32, drawn inside a jitted step.
 
   A `near_fraction` share are near misses (the valid serial with 1 to 3 bits flipped); the
-  rest are uniform patterns with grey cells allowed (each cell 0, 1 or a value in between),
-  the inputs a reverse-engineering attack tries. A draw that equals `valid` gets one bit
+  rest are uniform patterns, half of them hard bits and half grey (every cell a value in
+  [0, 1], the inputs a reverse-engineering attack tries). A draw that equals `valid` gets one bit
   flipped, so none is valid.
   """
   valid = jnp.asarray(valid, jnp.float32)

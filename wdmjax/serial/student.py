@@ -210,6 +210,8 @@ def distill_student(teacher: DigitClassifier, teacher_params: chex.ArrayTree,
   x = np.asarray(images, np.float32)
   chex.assert_rank(x, 4)
   spec.origin(*x.shape[1:3])
+  check(np.shape(labels) == (x.shape[0],),
+        f"labels: expected [{x.shape[0]}] to match images, got {np.shape(labels)}")
   bits = np.asarray(serial_bits, np.float32)
   check(bits.shape == (spec.bits,), f"serial_bits: expected [{spec.bits}], got {bits.shape}")
   model = student_for(teacher, cfg)
