@@ -124,6 +124,17 @@ def _check_serial(stdout: str) -> None:
   assert float(r["valid"]) > float(r["raw"]) + 0.3, r
 
 
+def _check_ood(stdout: str) -> None:
+  # Reproducible scores, three bad inputs refused, and noise and inverted digits told apart
+  # from the model's digits by the reconstruction score.
+  r = _result(stdout)
+  assert r["size"] == "tiny"
+  assert r["deterministic"] == "1" and int(r["refused"]) == 3, r
+  for name in ("auroc_gaussian", "auroc_inverted"):
+    assert float(r[name]) > 0.9, (name, r)
+  assert 0.0 <= float(r["auroc_photos"]) <= 1.0, r
+
+
 CHECKS = {
   "01_quickstart.ipynb": _check_quickstart,
   "02_difffit.ipynb": _check_difffit,
@@ -131,6 +142,7 @@ CHECKS = {
   "04_augmentation.ipynb": _check_augmentation,
   "05_stable_signature.ipynb": _check_signature,
   "06_serial_numbers.ipynb": _check_serial,
+  "07_ood_detection.ipynb": _check_ood,
 }
 
 

@@ -3,7 +3,7 @@
 Subcommands: train, sample, embed, extract, verify, attack, finetune, params, plan, latents,
 demo, augment preview, classifier, autoencoder train, autoencoder generate,
 signature pretrain/embed/generate/detect/identify,
-serial teacher/issue/eval/lock/sample. Each calls one
+serial teacher/issue/eval/lock/sample, ood score/eval. Each calls one
 function of `wdmjax.runs` and prints what it returns.
 
 Errors in what the user typed are printed as one line (`wdmjax: error: ...`, exit status 2),
@@ -32,6 +32,7 @@ from wdmjax.cli.augment import add_parsers as add_augment_parsers
 from wdmjax.cli.autoencoder import add_parsers as add_autoencoder_parsers
 from wdmjax.cli.demo import add_parser as add_demo_parser
 from wdmjax.cli.multihost import add_distributed_args, connect
+from wdmjax.cli.ood import add_parsers as add_ood_parsers
 from wdmjax.cli.peft import add_parsers as add_peft_parsers
 from wdmjax.cli.serial import add_parsers as add_serial_parsers
 from wdmjax.cli.signature import add_parsers as add_signature_parsers
@@ -150,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
   add_autoencoder_parsers(sub)
   add_signature_parsers(sub)
   add_serial_parsers(sub)
+  add_ood_parsers(sub)
   return p
 
 

@@ -24,6 +24,9 @@ from wdmjax.runs.autoencoder import (
 )
 from wdmjax.runs.demo import DEMO_SECRET, DemoResult, base_workdir, demo
 from wdmjax.runs.model import Model, load_model
+from wdmjax.runs.ood import Scorer, load_scorer
+from wdmjax.runs.ood import evaluate as ood_eval
+from wdmjax.runs.ood import score as ood_score
 from wdmjax.runs.peft import FinetuneResult, finetune, finetune_config, params
 from wdmjax.runs.plan import LatentsResult, latents, plan
 from wdmjax.runs.serial import (
@@ -87,4 +90,5 @@ __all__ = [
   "IssueReport", "LockReport", "LockedSampleResult", "TeacherReport", "load_student",
   "load_teacher", "locked_samples", "read_lock", "read_serials", "serial_eval", "serial_issue",
   "serial_lock", "serial_sample", "serial_teacher",
+  "Scorer", "load_scorer", "ood_eval", "ood_score",
 ]

@@ -33,11 +33,12 @@ from flax import traverse_util
 from PIL import Image
 
 from wdmjax.data import labelled_split
-from wdmjax.errors import WdmjaxError, check, check_number, check_seed
-from wdmjax.files import check_dir_path, check_file_path, save_npz
+from wdmjax.errors import check, check_number, check_seed
+from wdmjax.files import check_dir_path, save_npz
 from wdmjax.models.layers import check_positive_int
 from wdmjax.runs.autoencoder import generate as ldm_generate
 from wdmjax.runs.autoencoder import ldm_autoencoder
+from wdmjax.runs.images import read_images
 from wdmjax.signature import Whitening, fit_whitening, whiten
 from wdmjax.signature.detect import detect as detect_bits
 from wdmjax.signature.detect import identify_users, message_bits
@@ -380,37 +381,6 @@ def write_pngs(images: np.ndarray, out: str) -> str:
   return out
 
 
-def read_images(path: str, image_shape: tuple) -> tuple[list[np.ndarray], list[str]]:
-  """Every .png/.jpg image in the directory `path` (or the one file `path`) as a list of
-  [h, w, C] arrays in [-1, 1], with their names. Each must have the extractor's channels and
-  at most its size (a crop or a downscale is read as it is)."""
-  if os.path.isdir(path):
-    names = sorted(n for n in os.listdir(path)
-                   if n.lower().endswith((".png", ".jpg", ".jpeg")))
-    check(names, f"images: expected .png or .jpg files in {path!r}, found none")
-    files = [os.path.join(path, n) for n in names]
-  else:
-    check_file_path(path, "images")
-    check(os.path.isfile(path), f"images: no such file or directory {path!r}")
-    files, names = [path], [os.path.basename(path)]
-  h, w, c = image_shape
-  out = []
-  for f in files:
-    try:
-      with Image.open(f) as im:
-        a = np.asarray(im.convert("L" if c == 1 else "RGB"))
-        mode = im.mode
-    except OSError as e:
-      raise WdmjaxError(f"images: {f!r} is not a readable image ({e})") from None
-    check(MIN_SIDE <= a.shape[0] <= h and MIN_SIDE <= a.shape[1] <= w
-          and (mode in ("L", "1", "I;16") or c == 3),
-          f"images: expected {w}x{h} images (or crops or downscales of them, at least "
-          f"{MIN_SIDE}x{MIN_SIDE}) with {c} channel{'s' if c > 1 else ''}, got {f!r} of "
-          f"{a.shape[1]}x{a.shape[0]} ({mode})")
-    out.append(a.reshape(a.shape[0], a.shape[1], c).astype(np.float32) / 127.5 - 1.0)
-  return out, names
-
-
 def detect(workdir: str | Workdir, images: np.ndarray | str, *, user: int | None = None,
            fpr: float = 1e-6, registry: str | None = None) -> dict:
   """Per image: the bits agreeing with the tested message, log10 p, detected at `fpr`, and
@@ -426,7 +396,7 @@ def detect(workdir: str | Workdir, images: np.ndarray | str, *, user: int | None
   reg = _registry(wd, extractor, registry)
   msgs = _messages(reg)
   if isinstance(images, str | os.PathLike):
-    x, names = read_images(os.fspath(images), extractor.image_shape)
+    x, names = read_images(os.fspath(images), extractor.image_shape, min_side=MIN_SIDE)
     logits = jnp.asarray(extractor.logits_of(x))
   else:
     logits = jnp.asarray(extractor.logits(images))
