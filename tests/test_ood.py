@@ -40,6 +40,17 @@ def test_metrics_equal_scikit_learn(pair):
     assert abs(ood.tpr_at_fpr(a, b, level) - tpr[fpr <= level].max()) < 1e-6
 
 
+def test_metrics_keep_float64_ties_and_large_sets():
+  # Scores a float32 copy would merge stay distinct; n0 * n1 beyond 2**31 does not overflow.
+  a, b = np.array([1.0, 1.0 + 1e-12]), np.array([1.0 + 2e-12, 1.0 + 5e-13])
+  y, s = np.r_[0, 0, 1, 1], np.r_[a, b]
+  assert abs(ood.auroc(a, b) - roc_auc_score(y, s)) < 1e-6
+  rng = np.random.default_rng(0)
+  big_id, big_ood = rng.normal(size=50_000), rng.normal(0.5, size=50_000)
+  y = np.r_[np.zeros(50_000), np.ones(50_000)]
+  assert abs(ood.auroc(big_id, big_ood) - roc_auc_score(y, np.r_[big_id, big_ood])) < 1e-5
+
+
 def test_threshold_flags_at_most_the_chosen_share():
   s = np.random.default_rng(1).normal(size=997)
   for fpr in (0.01, 0.05, 0.2):
@@ -109,6 +120,14 @@ def test_ddim_reconstruction_and_the_elbo_baseline(tiny):
   assert np.all(np.isfinite(chain)) and not np.allclose(np.asarray(chain), np.asarray(one))
   elbo = ood.elbo_score(fn, params, schedule, x, jax.random.PRNGKey(0), num_t=5, objective=obj)
   assert elbo.shape == (8,) and np.all(np.asarray(elbo) > 0)
+  # The eps and vlb metrics read the network's own prediction: clipping x0 changes nothing.
+  kw = dict(t=(5, 60), objective=obj, metric="eps")
+  np.testing.assert_array_equal(
+      np.asarray(reconstruction_losses(fn, params, schedule, x, jax.random.PRNGKey(0), **kw)),
+      np.asarray(reconstruction_losses(fn, params, schedule, x, jax.random.PRNGKey(0),
+                                       clip=False, **kw)))
+  xt, xhat = sc.reconstruct(x, jax.random.PRNGKey(0), t=40, ddim_steps=2)
+  assert xt.shape == xhat.shape == x.shape
   with pytest.raises(WdmjaxError, match="ddim_steps: expected 1 with metric 'vlb'"):
     reconstruction_losses(fn, params, schedule, x, jax.random.PRNGKey(0), t=40,
                           metric="vlb", ddim_steps=2)
@@ -138,6 +157,11 @@ def test_gaussian_combiner_proxy_and_calibration():
   proxy = np.exp(rng.normal(size=(200, 3)) * 0.1 + 0.5)
   det, rows = ood.select(ts, fit, cal, proxy)
   assert [r["detector"] for r in rows] == ["t=100", "t=300", "t=500", "mean", "gaussian"]
+  single, _ = ood.select(ts, fit, cal, proxy, aggregation="single")
+  best = max(rows[:3], key=lambda r: r["proxy_auroc"])["detector"]
+  assert single.aggregation == "single" and single.name == best
+  with pytest.raises(WdmjaxError, match="aggregation: expected at least 2 steps t for 'mean'"):
+    ood.select((100,), fit[:, :1], cal[:, :1], proxy[:, :1], aggregation="mean")
   assert det.aggregation in ("mean", "gaussian")  # a shift of every step: pooled wins
   det = ood.calibrate(det, cal, 0.1)
   assert np.mean(det.flags(cal)) <= 0.1 and np.mean(det.flags(proxy)) > 0.9
@@ -181,6 +205,9 @@ def test_sets_are_offline_and_fitted():
     ood.load_images("no_such_set", (8, 8, 1))
   with pytest.raises(WdmjaxError, match="data: no images of classes @12"):
     ood.load_images("digits@12", (8, 8, 1))
+  with pytest.raises(WdmjaxError, match="data: expected classes like"):
+    ood.load_images("digits@3-", (8, 8, 1))
+  assert ood.load_images("gray_crops", (256, 256, 1), n=2).shape == (2, 256, 256, 1)
 
 
 def test_runs_score_and_eval(tiny, tmp_path):
@@ -194,6 +221,12 @@ def test_runs_score_and_eval(tiny, tmp_path):
   assert [r["data"] for r in ev["rows"]] == ["uniform", "gaussian"]
   assert all(r["auroc"] > 0.9 for r in ev["rows"])
   assert ev["id"]["flagged"] < 0.4
+  with pytest.raises(WdmjaxError, match=r"images: expected an array \[N, H, W, C\] of finite"):
+    runs.ood_score(wd, images=np.full((2, 8, 8, 1), 255.0), **common)
+  with pytest.raises(WdmjaxError, match="n: expected only with data"):
+    runs.ood_score(wd, images=np.zeros((2, 8, 8, 1)), n=1, **common)
+  with pytest.raises(WdmjaxError, match="aggregation: expected at least 2 steps t for 'mean'"):
+    runs.ood_score(wd, data="uniform", **{**common, "t": 20}, aggregation="mean")
 
 
 def test_cli_score_images_and_bad_input(tiny, tmp_path):

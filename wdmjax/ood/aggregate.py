@@ -105,11 +105,19 @@ def fit_gaussian(losses_id: chex.Array) -> tuple[np.ndarray, np.ndarray]:
 
 def aggregate(losses: chex.Array, detector: Detector) -> np.ndarray:
   """[N, K] (or [N, K, D]) losses -> [N] scores, as `detector` says (higher: more OOD)."""
+  check(detector.aggregation in AGGREGATIONS,
+        f"detector: expected an aggregation in {list(AGGREGATIONS)}, got "
+        f"{detector.aggregation!r}")
   a = _as_losses(losses, len(detector.ts))
   if detector.aggregation == "single":
+    check(isinstance(detector.index, int) and 0 <= detector.index < len(detector.ts),
+          f"detector: expected a step index in [0, {len(detector.ts)}), got "
+          f"{detector.index!r}")
     return a[:, detector.index]
   if detector.aggregation == "mean":
     return a.mean(axis=1)
+  check(detector.mean is not None and detector.precision is not None,
+        "detector: expected the fitted mean and precision of a 'gaussian' detector")
   d = np.log(a + _EPS) - np.asarray(detector.mean)
   return np.einsum("nk,kl,nl->n", d, np.asarray(detector.precision), d)
 
@@ -142,16 +150,23 @@ def proxy_outliers(images: chex.Array, key: chex.PRNGKey) -> jax.Array:
 
 
 def select(ts: tuple[int, ...], losses_fit: chex.Array, losses_id: chex.Array,
-           losses_proxy: chex.Array) -> tuple[Detector, list[dict]]:
-  """The aggregation with the best AUROC of ID validation losses `losses_id` against proxy
-  losses `losses_proxy` (combiner fitted on `losses_fit`, other ID images); also returns
-  every candidate's {'detector', 'proxy_auroc'}."""
+           losses_proxy: chex.Array, aggregation: str | None = None
+           ) -> tuple[Detector, list[dict]]:
+  """The candidate with the best AUROC of ID validation losses `losses_id` against proxy
+  losses `losses_proxy` (combiner fitted on `losses_fit`, other ID images), among those of
+  `aggregation` when given (e.g. 'single': the best one step); also returns every
+  candidate's {'detector', 'proxy_auroc'}."""
+  check(aggregation is None or aggregation in AGGREGATIONS,
+        f"aggregation: expected one of {list(AGGREGATIONS)}, got {aggregation!r}")
+  check(aggregation in (None, "single") or len(ts) >= 2,
+        f"aggregation: expected at least 2 steps t for {aggregation!r}, got {list(ts)}")
   rows = []
   for det in candidates(ts, losses_fit):
     rows.append({"detector": det.name,
                  "proxy_auroc": auroc(det.score(losses_id), det.score(losses_proxy)),
                  "_det": det})
-  best = max(rows, key=lambda r: r["proxy_auroc"])["_det"]
+  allowed = [r for r in rows if aggregation in (None, r["_det"].aggregation)]
+  best = max(allowed, key=lambda r: r["proxy_auroc"])["_det"]
   return best, [{k: v for k, v in r.items() if k != "_det"} for r in rows]
 
 

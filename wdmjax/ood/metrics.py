@@ -2,6 +2,9 @@
 
 Convention: a higher score means "more out-of-distribution"; OOD inputs are the positives
 (the detections), in-distribution inputs the negatives (a flagged one is a false alarm).
+Scores are first replaced by their dense ranks among both sets, computed in float64 on the
+host, so the JAX computations see exact ties (no float32 rounding merges two scores); the
+final sums are float32 (agreement with scikit-learn ~1e-7 for 20,000 scores a side).
 FAR95 is the false alarm rate at the threshold that detects 95% of the OOD inputs, as the
 diffusion-and-OOD study reports it. Ties are handled as scikit-learn does: a threshold
 never separates equal scores (ROC points only at distinct score values; AUROC counts a
@@ -18,13 +21,21 @@ import numpy as np
 from wdmjax.errors import check, check_number
 
 
-def _check_scores(scores, name: str) -> jax.Array:
-  s = jnp.asarray(scores, jnp.float32)
+def _check_scores(scores, name: str) -> np.ndarray:
+  s = np.asarray(scores, np.float64)
   check(s.ndim == 1 and s.shape[0] >= 1,
         f"{name}: expected a non-empty vector of scores [N], got shape {tuple(s.shape)}")
-  if not isinstance(s, jax.core.Tracer):
-    check(bool(jnp.all(jnp.isfinite(s))), f"{name}: expected finite scores, got NaN or inf")
+  check(bool(np.all(np.isfinite(s))), f"{name}: expected finite scores, got NaN or inf")
   return s
+
+
+def _ranks(scores_id, scores_ood) -> tuple[jax.Array, jax.Array]:
+  """Both score vectors as dense int32 ranks among all their values (order and ties kept)."""
+  a = _check_scores(scores_id, "scores_id")
+  b = _check_scores(scores_ood, "scores_ood")
+  _, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
+  inv = inv.astype(np.int32)
+  return jnp.asarray(inv[: len(a)]), jnp.asarray(inv[len(a):])
 
 
 def _roc(scores_id: jax.Array, scores_ood: jax.Array
@@ -51,7 +62,7 @@ def _auroc(scores_id: jax.Array, scores_ood: jax.Array) -> jax.Array:
   lo = jnp.searchsorted(srt, scores_ood, side="left")
   hi = jnp.searchsorted(srt, scores_ood, side="right")
   ranks = (lo + hi + 1) / 2.0  # 1-based mid-rank of each OOD score among all scores
-  n1, n0 = scores_ood.shape[0], scores_id.shape[0]
+  n1, n0 = float(scores_ood.shape[0]), float(scores_id.shape[0])  # n1 * n0 may pass 2**31
   return (jnp.sum(ranks) - n1 * (n1 + 1) / 2.0) / (n1 * n0)
 
 
@@ -64,8 +75,7 @@ def auroc(scores_id: chex.Array, scores_ood: chex.Array) -> float:
   Returns:
     AUROC in [0, 1]: the probability that an OOD input scores above an ID one (ties 1/2).
   """
-  return float(_auroc(_check_scores(scores_id, "scores_id"),
-                      _check_scores(scores_ood, "scores_ood")))
+  return float(_auroc(*_ranks(scores_id, scores_ood)))
 
 
 @jax.jit
@@ -83,8 +93,7 @@ def _aupr(scores_id: jax.Array, scores_ood: jax.Array) -> jax.Array:
 def aupr(scores_id: chex.Array, scores_ood: chex.Array) -> float:
   """Area under the precision-recall curve with OOD as the positive class, as average
   precision (scikit-learn's `average_precision_score`); arguments as in `auroc`."""
-  return float(_aupr(_check_scores(scores_id, "scores_id"),
-                     _check_scores(scores_ood, "scores_ood")))
+  return float(_aupr(*_ranks(scores_id, scores_ood)))
 
 
 @jax.jit
@@ -97,8 +106,7 @@ def far_at_tpr(scores_id: chex.Array, scores_ood: chex.Array, tpr: float = 0.95)
   """The false alarm rate (share of ID inputs flagged) at the strictest threshold that
   still detects at least `tpr` of the OOD inputs; `far_at_tpr(.., 0.95)` is FAR95."""
   check_number(tpr, "tpr", 0, 1, low_open=True)
-  return float(_far_at_tpr(_check_scores(scores_id, "scores_id"),
-                           _check_scores(scores_ood, "scores_ood"), jnp.float32(tpr)))
+  return float(_far_at_tpr(*_ranks(scores_id, scores_ood), jnp.float32(tpr)))
 
 
 def far95(scores_id: chex.Array, scores_ood: chex.Array) -> float:
@@ -116,8 +124,7 @@ def tpr_at_fpr(scores_id: chex.Array, scores_ood: chex.Array, fpr: float) -> flo
   """The share of OOD inputs detected at the loosest threshold whose false alarm rate on
   the ID inputs is at most `fpr` (0 when no threshold is that strict)."""
   check_number(fpr, "fpr", 0, 1)
-  return float(_tpr_at_fpr(_check_scores(scores_id, "scores_id"),
-                           _check_scores(scores_ood, "scores_ood"), jnp.float32(fpr)))
+  return float(_tpr_at_fpr(*_ranks(scores_id, scores_ood), jnp.float32(fpr)))
 
 
 def threshold_at_fpr(scores_id: chex.Array, fpr: float) -> float:
@@ -125,8 +132,7 @@ def threshold_at_fpr(scores_id: chex.Array, fpr: float) -> float:
   scores `scores_id` [N]: their ceil((1 - fpr) N)-th smallest value. On new ID data from the
   same distribution the expected false alarm rate is then at most fpr + 1 / (N + 1)."""
   check_number(fpr, "fpr", 0, 1, high_open=True)
-  _check_scores(scores_id, "scores_id")
-  s = np.sort(np.asarray(scores_id, np.float64))  # as given: a float32 copy could round
+  s = np.sort(_check_scores(scores_id, "scores_id"))
   k = int(np.ceil((1.0 - fpr) * len(s) - 1e-9))
   return float(s[max(k, 1) - 1])
 

@@ -152,8 +152,9 @@ def reconstruction_losses(model_fn: ScoreModelFn, params: chex.ArrayTree, schedu
     params: its parameters.
     schedule: the noise schedule it was trained with.
     x: images [N, H, W, C] in [-1, 1].
-    key: PRNG key; image i's noise is drawn from fold_in(key, i), so a score is a pure
-      function of (key, i, image) whatever the batching.
+    key: PRNG key; image i's noise, one [K, D, H, W, C] block, is drawn from
+      fold_in(key, i), so its losses are a pure function of (key, i, image, t, draws)
+      whatever the batching.
     t: one step or K steps in [1, T].
     draws: noise draws D per image and step.
     objective: what the network predicts ('eps', 'x0' or 'v').
@@ -161,7 +162,9 @@ def reconstruction_losses(model_fn: ScoreModelFn, params: chex.ArrayTree, schedu
       weighted by the variational bound).
     ddim_steps: 1: one x0 prediction; S > 1: a deterministic DDIM chain of S steps from t
       back to 0 (metric 'x0' only).
-    clip: clip the predicted x0 to [-1, 1] (as the samplers do).
+    clip: clip the predicted x0 to [-1, 1] (as the samplers do); metric 'x0' only: the
+      'eps' and 'vlb' metrics read the network's own prediction (the training loss, the
+      bound).
     batch_size: images per network call (each call evaluates batch_size x K x D inputs).
     image_shape: the model's (H, W, C), to refuse images of another shape in one line.
 
@@ -187,7 +190,8 @@ def reconstruction_losses(model_fn: ScoreModelFn, params: chex.ArrayTree, schedu
     x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
   out = _losses(model_fn, params, schedule, x, key, jnp.asarray(ts, jnp.int32) - 1,
                 objective=objective, metric=metric, draws=int(draws),
-                ddim_steps=int(ddim_steps), clip=bool(clip), batch_size=bs)
+                ddim_steps=int(ddim_steps), clip=bool(clip) and metric == "x0",
+                batch_size=bs)
   return out[:n]
 
 
@@ -208,8 +212,9 @@ def reconstruct(model_fn: ScoreModelFn, params: chex.ArrayTree, schedule: Schedu
   (one prediction, or a DDIM chain of `ddim_steps` steps)."""
   check_objective(objective)
   (t,) = check_steps_t(t, schedule.num_timesteps)
-  check(isinstance(ddim_steps, int) and 1 <= ddim_steps <= t,
-        f"ddim_steps: expected an integer in [1, {t}], got {ddim_steps!r}")
+  check(isinstance(ddim_steps, int | np.integer) and not isinstance(ddim_steps, bool)
+        and 1 <= ddim_steps <= t, f"ddim_steps: expected an integer in [1, {t}], got "
+                                  f"{ddim_steps!r}")
   x = _check_images(x, None)
   return _reconstruct_jit(model_fn, params, schedule, x, key, t - 1, objective=objective,
                           ddim_steps=ddim_steps, clip=bool(clip))

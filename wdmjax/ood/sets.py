@@ -28,13 +28,13 @@ _GRAY = ("camera", "coins", "moon", "page", "text", "brick", "grass", "gravel", 
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
-def fit_images(images: np.ndarray, shape: ImageShape) -> np.ndarray:
+def fit_images(images: np.ndarray, shape: ImageShape, name: str = "images") -> np.ndarray:
   """uint8 [N, h, w, c] (0..255) or float [N, h, w, c] (in [-1, 1]) images -> float32
   [N, H, W, C] in [-1, 1]: channels converted (luma for RGB -> gray, repeated for gray ->
   RGB) and resized (antialiased bilinear) to `shape`."""
   x = np.asarray(images)
   check(x.ndim == 4 and x.shape[0] >= 1 and x.shape[3] in (1, 3),
-        f"images: expected [N, H, W, 1 or 3] images, got shape {x.shape}")
+        f"{name}: expected [N, H, W, 1 or 3] images, got shape {x.shape}")
   x = x.astype(np.float32) / 127.5 - 1.0 if x.dtype == np.uint8 else x.astype(np.float32)
   h, w, c = shape
   if x.shape[3] == 3 and c == 1:
@@ -107,7 +107,10 @@ def _gray_crops(shape, n, seed, data_dir):
   crops = []
   for i in range(n):
     p = photos[i % len(photos)]
-    side = int(rng.integers(shape[0], min(p.shape[:2]) // 2 + 1))  # a crop, then resized
+    # A crop of at least the model's side (or the whole short side of a smaller photo) and
+    # up to half the photo's short side, then resized to the model's size.
+    low = min(shape[0], shape[1], min(p.shape[:2]))
+    side = int(rng.integers(low, max(low, min(p.shape[:2]) // 2) + 1))
     y = int(rng.integers(0, p.shape[0] - side + 1))
     x = int(rng.integers(0, p.shape[1] - side + 1))
     crops.append(fit_images(p[None, y:y + side, x:x + side, None], shape)[0])
@@ -134,8 +137,8 @@ _SPEC = re.compile(r"^(?P<name>[A-Za-z0-9_./-]+)(?::(?P<split>[^@]+))?(?:@(?P<cl
 def _classes(text: str) -> list[int]:
   out = []
   for part in text.split(","):
-    lo, _, hi = part.partition("-")
-    check(lo.isdigit() and (not hi or hi.isdigit()),
+    lo, dash, hi = part.partition("-")
+    check(lo.isdigit() and (not dash or hi.isdigit()),
           f"data: expected classes like @9, @0-4 or @1,3, got @{text}")
     out.extend(range(int(lo), int(hi or lo) + 1))
   return out
@@ -163,4 +166,4 @@ def load_images(spec: str, shape: ImageShape, *, n: int | None = None, seed: int
     keep = np.isin(labels, classes)
     check(keep.any(), f"{name}: no images of classes @{m['classes']} in {spec!r}")
     images = images[keep]
-  return fit_images(_pick(images, n, seed), shape)
+  return fit_images(_pick(images, n, seed), shape, name)

@@ -136,32 +136,40 @@ def _check_common(t, draws, fpr, val_n, ddim_steps, aggregation, batch_size, see
   check(aggregation is None or aggregation in AGGREGATIONS,
         f"aggregation: expected one of {list(AGGREGATIONS)} (or none: chosen on validation "
         f"data), got {aggregation!r}")
-  check(aggregation != "gaussian" or len(ts) >= 2,
-        f"aggregation: expected at least 2 steps t for 'gaussian', got {list(ts)}")
+  check(aggregation in (None, "single") or len(ts) >= 2,
+        f"aggregation: expected at least 2 steps t for {aggregation!r}, got {list(ts)}")
   check_seed(seed)
   return ts
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorBuild:
+  """What `build_detector` made: the calibrated detector, each candidate's proxy AUROC,
+  and every candidate (fitted on the same validation images)."""
+  detector: Detector
+  selection: list[dict]
+  candidates: list[Detector]
 
 
 def build_detector(scorer: Scorer, val_images: np.ndarray, key: chex.PRNGKey, *,
                    t: Sequence[int], draws: int, ddim_steps: int, fpr: float,
                    aggregation: str | None = None, batch_size: int = DEFAULT_BATCH
-                   ) -> tuple[Detector, list[dict]]:
-  """The detector and its selection table from ID validation images [N, H, W, C]: the
-  first half fits the combiner, the second half (and its patch-shuffled proxy) chooses the
-  aggregation and sets the threshold at `fpr`."""
+                   ) -> DetectorBuild:
+  """The detector from ID validation images [N, H, W, C], shuffled with `key` (a data set
+  stored class by class must not give its halves different classes): the first half fits
+  the combiner, the second half (and its patch-shuffled proxy) chooses the aggregation (the
+  best of `aggregation` when given) and sets the threshold at `fpr`."""
   n = len(val_images)
   half = n // 2
-  k_loss, k_proxy, k_ploss = jax.random.split(key, 3)
+  k_perm, k_loss, k_proxy, k_ploss = jax.random.split(key, 4)
+  val_images = np.asarray(val_images)[np.asarray(jax.random.permutation(k_perm, n))]
   kw = dict(t=t, draws=draws, ddim_steps=ddim_steps, batch_size=batch_size)
   val_losses = scorer.losses(val_images, k_loss, **kw)
   fit, cal = val_losses[:half], val_losses[half:]
   proxy = proxy_outliers(val_images[half:], k_proxy)
   proxy_losses = scorer.losses(proxy, k_ploss, **kw)
-  best, rows = select(tuple(t), fit, cal, proxy_losses)
-  if aggregation is not None:
-    best = next(d for d in candidates(tuple(t), fit)
-                if d.aggregation == aggregation and (aggregation != "single" or d.index == 0))
-  return calibrate(best, cal, fpr), rows
+  best, rows = select(tuple(t), fit, cal, proxy_losses, aggregation)
+  return DetectorBuild(calibrate(best, cal, fpr), rows, candidates(tuple(t), fit))
 
 
 def _val_images(scorer: Scorer, val: str | None, val_n: int, seed: int,
@@ -197,6 +205,8 @@ def score(workdir: str | Workdir, images: str | np.ndarray | None = None,
         "name), not both and not neither")
   check(n is None or (isinstance(n, int) and not isinstance(n, bool) and n >= 1),
         f"n: expected a positive integer, got {n!r}")
+  check(n is None or data is not None,
+        f"n: expected only with data (every given image is scored), got {n!r}")
   check(out is None or str(out).lower().endswith(".json"),
         f"out: expected a .json path, got {out!r}")
   if out is not None:
@@ -212,12 +222,16 @@ def score(workdir: str | Workdir, images: str | np.ndarray | None = None,
     x = np.stack(arrays)
   else:
     x = np.asarray(images, np.float32)
+    check(x.ndim == 4 and x.size and np.all(np.isfinite(x)) and np.abs(x).max() <= 1.05,
+          f"images: expected an array [N, H, W, C] of finite values in [-1, 1], got shape "
+          f"{x.shape}" + (f", range [{x.min():.4g}, {x.max():.4g}]" if x.size else ""))
     names = [str(i) for i in range(len(x))]
   spec, default_val, vx = _val_images(scorer, val, val_n, seed, data_dir)
   key = jax.random.PRNGKey(seed)
-  det, rows = build_detector(scorer, vx, jax.random.fold_in(key, 1), t=ts, draws=draws,
-                             ddim_steps=ddim_steps, fpr=fpr, aggregation=aggregation,
-                             batch_size=batch_size)
+  built = build_detector(scorer, vx, jax.random.fold_in(key, 1), t=ts, draws=draws,
+                         ddim_steps=ddim_steps, fpr=fpr, aggregation=aggregation,
+                         batch_size=batch_size)
+  det, rows = built.detector, built.selection
   t1 = time.time()
   losses = scorer.losses(x, jax.random.fold_in(key, 2), t=ts, draws=draws,
                          ddim_steps=ddim_steps, batch_size=batch_size)
@@ -267,9 +281,10 @@ def evaluate(workdir: str | Workdir, id_data: str, ood_data: Sequence[str], *,
           for i, spec in enumerate([id_data, *ood_data])}
   spec, default_val, vx = _val_images(scorer, val, val_n, seed, data_dir)
   key = jax.random.PRNGKey(seed)
-  det, rows = build_detector(scorer, vx, jax.random.fold_in(key, 1), t=ts, draws=draws,
-                             ddim_steps=ddim_steps, fpr=fpr, aggregation=aggregation,
-                             batch_size=batch_size)
+  built = build_detector(scorer, vx, jax.random.fold_in(key, 1), t=ts, draws=draws,
+                         ddim_steps=ddim_steps, fpr=fpr, aggregation=aggregation,
+                         batch_size=batch_size)
+  det, rows = built.detector, built.selection
   scores = {}
   for i, (name, x) in enumerate(sets.items()):
     losses = scorer.losses(x, jax.random.fold_in(key, 10 + i), t=ts, draws=draws,
@@ -287,5 +302,5 @@ def evaluate(workdir: str | Workdir, id_data: str, ood_data: Sequence[str], *,
           "rows": table, "seconds": time.time() - t0}
 
 
-__all__ = ["DEFAULT_T", "Scorer", "build_detector", "default_steps", "evaluate", "load_scorer",
-           "score", "training_spec"]
+__all__ = ["DEFAULT_T", "DetectorBuild", "Scorer", "build_detector", "default_steps",
+           "evaluate", "load_scorer", "score", "training_spec"]
