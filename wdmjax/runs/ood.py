@@ -172,14 +172,16 @@ def build_detector(scorer: Scorer, val_images: np.ndarray, key: chex.PRNGKey, *,
   return DetectorBuild(calibrate(best, cal, fpr), rows, candidates(tuple(t), fit))
 
 
-def _val_images(scorer: Scorer, val: str | None, val_n: int, seed: int,
-                data_dir: str | None) -> tuple[str, bool, np.ndarray]:
+def _val_detector(scorer: Scorer, val: str | None, val_n: int, key: chex.PRNGKey,
+                  seed: int, data_dir: str | None, **kw) -> tuple[str, bool, int, DetectorBuild]:
+  """(val spec, whether it is the training data, images, the detector) from `val_n` images
+  of `val` (default: the model's training data); `kw` as `build_detector` takes them."""
   spec = val or training_spec(scorer.setup.cfg)
   images = load_images(spec, scorer.image_shape, n=val_n, seed=seed, data_dir=data_dir,
                        name="val")
   check(len(images) >= 4, f"val: expected at least 4 validation images, got {len(images)} "
                           f"from {spec!r}")
-  return spec, val is None, images
+  return spec, val is None, len(images), build_detector(scorer, images, key, **kw)
 
 
 def score(workdir: str | Workdir, images: str | np.ndarray | None = None,
@@ -226,11 +228,10 @@ def score(workdir: str | Workdir, images: str | np.ndarray | None = None,
           f"images: expected an array [N, H, W, C] of finite values in [-1, 1], got shape "
           f"{x.shape}" + (f", range [{x.min():.4g}, {x.max():.4g}]" if x.size else ""))
     names = [str(i) for i in range(len(x))]
-  spec, default_val, vx = _val_images(scorer, val, val_n, seed, data_dir)
   key = jax.random.PRNGKey(seed)
-  built = build_detector(scorer, vx, jax.random.fold_in(key, 1), t=ts, draws=draws,
-                         ddim_steps=ddim_steps, fpr=fpr, aggregation=aggregation,
-                         batch_size=batch_size)
+  spec, default_val, nval, built = _val_detector(
+      scorer, val, val_n, jax.random.fold_in(key, 1), seed, data_dir, t=ts, draws=draws,
+      ddim_steps=ddim_steps, fpr=fpr, aggregation=aggregation, batch_size=batch_size)
   det, rows = built.detector, built.selection
   t1 = time.time()
   losses = scorer.losses(x, jax.random.fold_in(key, 2), t=ts, draws=draws,
@@ -241,7 +242,7 @@ def score(workdir: str | Workdir, images: str | np.ndarray | None = None,
   report = {
       "workdir": scorer.workdir, "detector": det.name, "t": list(ts), "draws": draws,
       "ddim_steps": ddim_steps, "threshold": det.threshold, "fpr": fpr, "val": spec,
-      "val_images": len(vx), "val_is_training_data": default_val, "selection": rows,
+      "val_images": nval, "val_is_training_data": default_val, "selection": rows,
       "flagged": int(flags.sum()), "num_images": len(s),
       "images": [{"image": nm, "score": float(v), "flagged": bool(f)}
                  for nm, v, f in zip(names, s, flags, strict=True)],
@@ -279,11 +280,10 @@ def evaluate(workdir: str | Workdir, id_data: str, ood_data: Sequence[str], *,
   sets = {spec: load_images(spec, scorer.image_shape, n=n, seed=seed, data_dir=data_dir,
                             name="id_data" if i == 0 else "ood_data")
           for i, spec in enumerate([id_data, *ood_data])}
-  spec, default_val, vx = _val_images(scorer, val, val_n, seed, data_dir)
   key = jax.random.PRNGKey(seed)
-  built = build_detector(scorer, vx, jax.random.fold_in(key, 1), t=ts, draws=draws,
-                         ddim_steps=ddim_steps, fpr=fpr, aggregation=aggregation,
-                         batch_size=batch_size)
+  spec, default_val, nval, built = _val_detector(
+      scorer, val, val_n, jax.random.fold_in(key, 1), seed, data_dir, t=ts, draws=draws,
+      ddim_steps=ddim_steps, fpr=fpr, aggregation=aggregation, batch_size=batch_size)
   det, rows = built.detector, built.selection
   scores = {}
   for i, (name, x) in enumerate(sets.items()):
@@ -295,7 +295,7 @@ def evaluate(workdir: str | Workdir, id_data: str, ood_data: Sequence[str], *,
             **detection_report(sid, scores[name]),
             "flagged": float(np.mean(scores[name] > det.threshold))} for name in ood_data]
   return {"workdir": scorer.workdir, "detector": det.name, "t": list(ts), "draws": draws,
-          "threshold": det.threshold, "fpr": fpr, "val": spec, "val_images": len(vx),
+          "threshold": det.threshold, "fpr": fpr, "val": spec, "val_images": nval,
           "val_is_training_data": default_val, "selection": rows,
           "id": {"data": id_data, "images": len(sid),
                  "flagged": float(np.mean(sid > det.threshold))},
