@@ -198,7 +198,8 @@ def score(workdir: str | Workdir, images: str | np.ndarray | None = None,
   `fpr` of the ID validation images `val` (default: the model's training data).
 
   Returns {'detector', 'threshold', 'fpr', 'val', 'val_is_training_data', 'selection',
-  'flagged', 'images': [{'image', 'score', 'flagged'}], 'seconds', 'images_per_second'};
+  'flagged', 'images': [{'image', 'score', 'flagged'}], 'seconds', 'images_per_second'
+  (of the scoring call, its compilation included)};
   also written to `out` (.json) when given.
   """
   t0 = time.time()
