@@ -223,6 +223,8 @@ def test_runs_score_and_eval(tiny, tmp_path):
   assert ev["id"]["flagged"] < 0.4
   with pytest.raises(WdmjaxError, match=r"images: expected an array \[N, H, W, C\] of finite"):
     runs.ood_score(wd, images=np.full((2, 8, 8, 1), 255.0), **common)
+  with pytest.raises(WdmjaxError, match=r"images: expected \[N, 8, 8, 1\] \(the model's"):
+    runs.ood_score(wd, images=np.zeros((2, 28, 28, 1)), **common)
   with pytest.raises(WdmjaxError, match="n: expected only with data"):
     runs.ood_score(wd, images=np.zeros((2, 8, 8, 1)), n=1, **common)
   with pytest.raises(WdmjaxError, match="aggregation: expected at least 2 steps t for 'mean'"):

@@ -228,6 +228,9 @@ def score(workdir: str | Workdir, images: str | np.ndarray | None = None,
     check(x.ndim == 4 and x.size and np.all(np.isfinite(x)) and np.abs(x).max() <= 1.05,
           f"images: expected an array [N, H, W, C] of finite values in [-1, 1], got shape "
           f"{x.shape}" + (f", range [{x.min():.4g}, {x.max():.4g}]" if x.size else ""))
+    check(tuple(x.shape[1:]) == tuple(scorer.image_shape),
+          f"images: expected [N, {', '.join(map(str, scorer.image_shape))}] (the model's "
+          f"shape), got {x.shape}")
     names = [str(i) for i in range(len(x))]
   key = jax.random.PRNGKey(seed)
   spec, default_val, nval, built = _val_detector(
