@@ -7,9 +7,11 @@ import os
 import stat
 import tempfile
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from PIL import Image
 
@@ -20,7 +22,12 @@ from wdmjax.data.pipeline import preprocess
 from wdmjax.diffusion import diffusion_loss, make_schedule, sample
 from wdmjax.errors import WdmjaxError
 from wdmjax.models import build_model, init_params
-from wdmjax.stats import permutation_log10_p, rank_sum_log10_p
+from wdmjax.stats import (
+  exact_binomial_log10_sf,
+  permutation_log10_p,
+  rank_sum_log10_p,
+  two_point_log10_sf,
+)
 from wdmjax.train import create_train_state, make_optimizer, make_train_step
 from wdmjax.train.sharding import make_mesh
 from wdmjax.watermark import (
@@ -37,6 +44,7 @@ from wdmjax.watermark import (
   make_trigger,
   make_watermark,
   reach_warning,
+  soft_keyed_test,
   vote_bits,
   wdp_loss,
   wdp_moments,
@@ -421,6 +429,14 @@ def test_verify_json_and_explicit_secret(embedded, tmp_path):
               "--trigger", "random:1", "--watermark", "keyed:2", "--key", "77", "--block", "2")
   assert r.returncode == 0, r.stderr
   assert json.loads(r.stdout)["bit_agreement"] == out["bit_agreement"]
+  r = run_cli("verify", "--workdir", str(suspect), "--num", "3", "--steps", "5", "--trigger",
+              "random:1", "--watermark", "keyed:2", "--key", "77", "--block", "2", "--test",
+              "soft", "--json")
+  soft = json.loads(r.stdout)
+  assert soft["test"] == "exact-key-flip" and soft["bits"] == 3 * 16 and soft["blocks"] == 16
+  r = run_cli("verify", "--workdir", str(suspect), "--num", "3", "--steps", "5", "--trigger",
+              "random:1", "--watermark", "keyed:2", "--block", "2", "--test", "soft")
+  assert r.returncode == 2 and "--test: 'soft' is a test of a keyed watermark" in r.stderr
   png = str(tmp_path / "wm.png")
   r = run_cli("extract", "--workdir", embedded, "--num", "3", "--steps", "5", "--out", png)
   assert r.returncode == 0 and os.path.isfile(png), r.stderr
@@ -606,3 +622,148 @@ def test_workdir_without_checkpoint_gives_one_line_error(tmp_path):
                 "keyed:2")
     assert r.returncode == 2 and "no trained run" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def test_soft_keyed_test_null_is_exact_over_keys(tiny_models):
+  """The soft test on a model that never saw the keys (the clean tiny model; the same 32
+  extracted samples, 400 random keys): the randomized p-values are uniform within the
+  0.1% Kolmogorov-Smirnov bound, the conservative ones never below it; on the watermarked
+  model, the secret key verifies."""
+  model, sched, secret, trigger, watermark, params = tiny_models
+  s = np.asarray(extract(model_fn_for(model), params["clean"], jax.random.PRNGKey(6), sched,
+                         trigger=trigger, gamma1=secret.gamma1, num=32,
+                         y=jnp.full((32,), -1), steps=10))
+  rng = np.random.default_rng(0)
+  keys = rng.integers(0, 2**31, 400)
+  rand = np.sort([10 ** soft_keyed_test(s, watermark, int(k), 2, u=float(rng.uniform())
+                                        )["log10_p_value"] for k in keys])
+  cons = np.sort([10 ** soft_keyed_test(s, watermark, int(k), 2)["log10_p_value"]
+                  for k in keys])
+  n, bound = len(keys), 1.95 / math.sqrt(len(keys))
+  ecdf_hi, ecdf_lo = np.arange(1, n + 1) / n, np.arange(n) / n
+  assert max(np.max(ecdf_hi - rand), np.max(rand - ecdf_lo)) < bound  # two-sided KS
+  assert np.max(ecdf_hi - cons) < bound  # conservative: P(p <= q) never far above q
+  assert len(np.unique(cons)) > 20  # many distinct values: the samples differ per block
+  w = np.asarray(extract(model_fn_for(model), params["watermarked"], jax.random.PRNGKey(6),
+                         sched, trigger=trigger, gamma1=secret.gamma1, num=32,
+                         y=jnp.full((32,), -1), steps=10))
+  r = soft_keyed_test(w, watermark, secret.key, secret.block, alpha=1e-3)
+  assert r["verified"] and r["test"] == "exact-key-flip" and r["bits"] == 32 * 16, r
+
+
+def test_two_point_tail_matches_enumeration():
+  """The exact convolution against all 2^10 sign patterns, and the binomial special case."""
+  rng = np.random.default_rng(1)
+  a, b = rng.integers(0, 6, 10), rng.integers(0, 6, 10)
+  sums = np.array([sum(a[i] if (m >> i) & 1 else b[i] for i in range(10))
+                   for m in range(1024)])
+  for obs in (0, int(np.median(sums)), int(sums.max()), int(sums.max()) + 1):
+    want = np.mean(sums >= obs)
+    got = two_point_log10_sf(a, b, obs)
+    assert (want == 0 and got == -math.inf) or math.isclose(10 ** got, want, rel_tol=1e-12)
+  assert math.isclose(two_point_log10_sf(np.ones(49, int), np.zeros(49, int), 40),
+                      exact_binomial_log10_sf(40, 49), rel_tol=1e-9)
+  with pytest.raises(WdmjaxError, match="non-negative integers"):
+    two_point_log10_sf(np.array([1.5]), np.array([0]), 1)
+
+
+def test_inner_finetune_matches_a_plain_loop_of_the_same_updates(tiny_models):
+  """The lax.scan of fine-tuning updates is the thief's loop: the same optimizer, batch and
+  keys, step by step; the first-order loss's gradient is grad L(theta) + grad L_wm(theta_k)
+  and the full one differs from it."""
+  from wdmjax.watermark.robust import finetune_aware_loss, inner_finetune
+
+  model, sched, secret, trigger, _, params = tiny_models
+  p0 = params["watermarked"]
+  imgs, labels = load_arrays("digits", "train")
+  batch = {"image": jnp.asarray(preprocess(np.asarray(imgs[:16]), 8, 1)),
+           "label": jnp.asarray(np.asarray(labels[:16]))}
+  task = diffusion_loss(apply_fn_for(model), sched, "eps", 0.1, -1)
+  rng = jax.random.PRNGKey(9)
+
+  def plain_loop(tx, p):
+    state = tx.init(p)
+    for key in jax.random.split(rng, 3):
+      g = jax.grad(lambda q, key=key: task(q, batch, key)[0])(p)
+      updates, state = tx.update(g, state, p)
+      p = jax.tree.map(lambda a, u: a + u, p, updates)
+    return p
+
+  sgd = optax.sgd(0.05)
+  got = jax.jit(lambda p: inner_finetune(task, sgd, p, batch, rng, 3))(p0)
+  chex.assert_trees_all_close(got, plain_loop(sgd, p0), atol=1e-6)
+  # The thief's AdamW: its first updates are lr * g / (|g| + eps), so a gradient entry at
+  # float-rounding level (~1e-9) may take either sign in two compilations; all others match.
+  tx = make_optimizer(1e-3, 0, 0.0, 1.0)
+  got = jax.jit(lambda p: inner_finetune(task, tx, p, batch, rng, 3))(p0)
+  diff = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel() for a, b in zip(
+    jax.tree.leaves(got), jax.tree.leaves(plain_loop(tx, p0)), strict=True)])
+  assert np.mean(diff > 1e-6) < 0.01 and diff.max() <= 6e-3, (np.mean(diff > 1e-6), diff.max())
+  moved = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel() for a, b in zip(
+    jax.tree.leaves(got), jax.tree.leaves(p0), strict=True)])
+  assert np.median(moved) > 5e-4  # three Adam updates of 1e-3: it moved
+
+  kw = dict(trigger=trigger, watermark=keyed_targets(make_watermark("keyed:2", SHAPE, 2), 3, 2),
+            gamma1=secret.gamma1, gamma2=secret.gamma2, class_dropout_prob=0.1,
+            null_label=-1, num_classes=10)
+  joint = wdp_loss(apply_fn_for(model), sched, "eps", **kw)
+  wm_only = wdp_loss(apply_fn_for(model), sched, "eps", task=False, **kw)
+  grads = {o: jax.jit(jax.grad(lambda q, o=o: finetune_aware_loss(
+    joint, wm_only, task, tx, steps=2, order=o)(q, batch, rng)[0]))(p0)
+    for o in ("first", "full")}
+  r_now, r_inner, r_after = jax.random.split(rng, 3)
+  moved = inner_finetune(task, tx, p0, batch, r_inner, 2)
+  want = jax.tree.map(jnp.add, jax.grad(lambda q: joint(q, batch, r_now)[0])(p0),
+                      jax.grad(lambda q: wm_only(q, batch, r_after)[0])(moved))
+  chex.assert_trees_all_close(grads["first"], want, atol=1e-5)
+  diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+    jax.tree.leaves(grads["first"]), jax.tree.leaves(grads["full"]), strict=True))
+  assert diff > 1e-6  # second order: the path through the updates counts
+
+
+@pytest.mark.parametrize("args, match", [
+  (["--robust", "finetune", "--robust-steps", "0"], "--robust-steps: expected an integer in"),
+  (["--robust", "finetune", "--robust-lr", "-1"], "--robust-lr: expected"),
+  (["--robust", "finetune", "--robust-lr", "nan"], "--robust-lr: expected"),
+  (["--robust", "finetune", "--robust-weight", "0"], "--robust-weight: expected"),
+  (["--robust-steps", "3"], "--robust-steps: expected --robust with it"),
+  (["--robust", "fisher"], "--robust: 'fisher' anchors the weights to a base"),
+  (["--robust", "finetune", "--peft", "difffit"], "--robust: expected a full embedding"),
+])
+def test_embed_bad_robust_options_give_one_line_error(args, match, tmp_path):
+  r = run_cli("embed", "--config", TINY_DIT, "--workdir", str(tmp_path / "w"), "--trigger",
+              "random:1", "--watermark", "keyed:2", "--key", "1", "--block", "2", "--steps",
+              "2", *args)
+  assert r.returncode == 2 and match in r.stderr, r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+  assert not os.path.exists(tmp_path / "w")
+  r = run_cli("embed", "--config", TINY_DIT, "--workdir", str(tmp_path / "w"), "--trigger",
+              "random:1", "--watermark", "keyed:2", "--robust-order", "third")
+  assert r.returncode == 2 and "--robust-order: invalid choice" in r.stderr
+
+
+def test_robust_embeddings_record_their_guard(embedded, tmp_path):
+  """Plumbing of `embed --robust` (a few steps): the fine-tuning-aware loss from scratch and
+  the Fisher anchor on a base; embedding.json says which, the metrics carry the guard."""
+  wd = str(tmp_path / "ft")
+  r = run_cli("embed", "--config", TINY_DIT, "--workdir", wd, "--trigger", "random:1",
+              "--watermark", "keyed:2", "--key", "77", "--block", "2", "--steps", "3",
+              "--robust", "finetune", "--robust-steps", "2", "--set", "train.log_every=1",
+              "--no-progress")
+  assert r.returncode == 0, r.stderr
+  assert json.load(open(os.path.join(wd, "embedding.json")))["robust"] == {
+    "kind": "finetune", "steps": 2, "lr": 1e-3, "weight": 1.0, "order": "first"}
+  rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+  assert all(row["inner_moved"] > 0 and "watermark_loss_after" in row for row in rows)
+  wd = str(tmp_path / "fisher")
+  r = run_cli("embed", "--base", embedded, "--workdir", wd, "--trigger", "random:1",
+              "--watermark", "keyed:2", "--key", "77", "--block", "2", "--steps", "2",
+              "--robust", "fisher", "--robust-weight", "0.01", "--set", "train.log_every=1",
+              "--no-progress")
+  assert r.returncode == 0, r.stderr
+  assert json.load(open(os.path.join(wd, "embedding.json")))["robust"]["kind"] == "fisher"
+  rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+  assert rows[0]["anchor_penalty"] == 0.0 < rows[-1]["anchor_penalty"]  # starts at the base

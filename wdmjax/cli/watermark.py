@@ -10,8 +10,17 @@ import jax
 from wdmjax import runs
 from wdmjax.cli.multihost import add_distributed_args
 from wdmjax.cli.peft import peft_args, spec_from_args
-from wdmjax.runs.watermark import DECOY_FRACTION, DECOY_T_MIN, EMBED_STEPS, FINETUNE_LR, NUM_DECOYS
-from wdmjax.watermark import ALPHA, GAMMA1, GAMMA2, Secret
+from wdmjax.errors import check
+from wdmjax.runs.watermark import (
+  DECOY_FRACTION,
+  DECOY_T_MIN,
+  EMBED_STEPS,
+  FINETUNE_LR,
+  NUM_DECOYS,
+  TESTS,
+)
+from wdmjax.watermark import ALPHA, GAMMA1, GAMMA2, SOFT_TEST, Secret
+from wdmjax.watermark.robust import KINDS, ORDERS, RobustSpec
 from wdmjax.workdir import Workdir
 
 
@@ -22,11 +31,26 @@ def cmd_embed(args) -> int:
   r = runs.embed(args.workdir, secret, base=args.base, config=args.config, steps=args.steps,
                  lr=args.lr, overrides=args.set, decoy_fraction=args.decoy_fraction,
                  decoy_t_min=args.decoy_t_min, progress=not args.no_progress,
-                 peft=None if args.peft is None else spec_from_args(args), log=print)
+                 peft=None if args.peft is None else spec_from_args(args),
+                 robust=robust_from_args(args), log=print)
   if jax.process_index() == 0:
     print(f"watermarked workdir: {r.workdir} (step {r.step}, {r.seconds:.0f} s); secret in "
           f"{Workdir.SECRET}")
   return 0
+
+
+def robust_from_args(args) -> RobustSpec | None:
+  if args.robust is None:
+    given = [n for n in ("robust_steps", "robust_lr", "robust_weight")
+             if getattr(args, n) is not None]
+    check(not given, f"{given[0] if given else ''}: expected --robust with it")
+    return None
+  defaults = RobustSpec()
+  return RobustSpec(
+    kind=args.robust, order=args.robust_order,
+    steps=defaults.steps if args.robust_steps is None else args.robust_steps,
+    lr=defaults.lr if args.robust_lr is None else args.robust_lr,
+    weight=defaults.weight if args.robust_weight is None else args.robust_weight)
 
 
 def _secret_parts(args) -> dict:
@@ -50,7 +74,7 @@ def cmd_extract(args) -> int:
 def cmd_verify(args) -> int:
   report = runs.verify(args.workdir, args.secret, num=args.num, sampler=args.sampler,
                        steps=args.steps, seed=args.seed, alpha=args.alpha, decoys=args.decoys,
-                       **_secret_parts(args))
+                       test=args.test, **_secret_parts(args))
   if report.get("warning"):
     print(f"wdmjax: warning: {report['warning']}", file=sys.stderr)
   print(json.dumps(report) if args.json else format_report(report))
@@ -59,7 +83,8 @@ def cmd_verify(args) -> int:
 
 def format_report(r: dict) -> str:
   verdict = "VERIFIED" if r["verified"] else "not verified"
-  return (f"{verdict}: {r['agreeing_bits']}/{r['bits']} bits agree "
+  what = "sample-block votes" if r["test"] == SOFT_TEST else "bits"
+  return (f"{verdict}: {r['agreeing_bits']}/{r['bits']} {what} agree "
           f"({100 * r['bit_agreement']:.1f}%, null {100 * r['null_agreement']:.1f}%), "
           f"log10 p = {r['log10_p_value']:.2f} (alpha {r['alpha']:g}, {r['test']} test, "
           f"{r['num_samples']} samples, {r['sampler']}-{r['steps']}); secret: "
@@ -117,6 +142,19 @@ def add_parsers(sub) -> None:
   e.add_argument("--decoy-t-min", type=float, default=DECOY_T_MIN,
                  help="decoys only at timesteps t >= this fraction of the chain (low-noise "
                       "decoys leak speckle into ordinary samples)")
+  e.add_argument("--robust", choices=list(KINDS), default=None,
+                 help="guard the watermark against a thief's clean fine-tuning: 'finetune' "
+                      "simulates the thief's first updates inside the loss (about "
+                      "1 + (robust-steps + 1) / 2 times the embedding time), 'fisher' anchors "
+                      "the weights the clean task moves most")
+  e.add_argument("--robust-steps", type=int, default=None,
+                 help=f"simulated fine-tuning updates per step (default {RobustSpec().steps})")
+  e.add_argument("--robust-lr", type=float, default=None,
+                 help=f"the simulated thief's learning rate (default {RobustSpec().lr:g})")
+  e.add_argument("--robust-weight", type=float, default=None,
+                 help=f"weight of the guard's loss term (default {RobustSpec().weight:g})")
+  e.add_argument("--robust-order", choices=list(ORDERS), default=RobustSpec().order,
+                 help="differentiate through the simulated updates to first order or fully")
   e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config value (repeatable)")
   e.add_argument("--no-progress", action="store_true")
@@ -141,5 +179,9 @@ def add_parsers(sub) -> None:
                       "watermark: a permutation test over triggers, whose p-value is at "
                       "least 1/(decoys + 1), so it cannot reach a small --alpha; embed with "
                       "--key for an exact test")
+  v.add_argument("--test", choices=list(TESTS), default="vote",
+                 help="keyed watermark: 'vote' tests the block majority votes of the samples, "
+                      "'soft' every sample's block votes (exact too; stronger on a watermark "
+                      "weakened by fine-tuning, best with --num 64 or more)")
   v.add_argument("--json", action="store_true", help="print one JSON object")
   v.set_defaults(func=cmd_verify)

@@ -152,10 +152,11 @@ def finetune(cfg: ml_collections.ConfigDict, workdir: str | Workdir, base: str,
   return state
 
 
-def load_finetuned(workdir: str | Workdir, base_params: chex.ArrayTree, ema: bool = True
-                   ) -> tuple[ml_collections.ConfigDict, chex.ArrayTree]:
-  """(config, params) of a fine-tune: its newest checkpoint applied onto `base_params` (its
-  base's EMA weights, refused unless they hash to peft.json's base_hash)."""
+def load_finetuned(workdir: str | Workdir, base_params: chex.ArrayTree, ema: bool = True,
+                   step: int | None = None) -> tuple[ml_collections.ConfigDict, chex.ArrayTree]:
+  """(config, params) of a fine-tune: its newest checkpoint (or that of `step`, when kept)
+  applied onto `base_params` (its base's EMA weights, refused unless they hash to
+  peft.json's base_hash)."""
   wd = Workdir(workdir)
   ref = read_reference(wd)
   check(ref is not None, f"workdir: {wd.path!r} is not a fine-tune (no {Workdir.PEFT})")
@@ -164,7 +165,7 @@ def load_finetuned(workdir: str | Workdir, base_params: chex.ArrayTree, ema: boo
   trainable, frozen, _, combine = prepare(spec_of(ref), base_params,
                                           jax.random.PRNGKey(cfg.train.seed))
   part = load_params(wd, cfg, "ema_params" if ema else "params",
-                     like=jax.eval_shape(lambda t: t, trainable))
+                     like=jax.eval_shape(lambda t: t, trainable), step=step)
   return cfg, combine(part, frozen)
 
 

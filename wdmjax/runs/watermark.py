@@ -21,12 +21,13 @@ import ml_collections
 import numpy as np
 
 from wdmjax.configs import BASE_SECTIONS, apply_override, apply_overrides, load_config, validate
+from wdmjax.data import InputPipeline
 from wdmjax.diffusion import check_steps
 from wdmjax.errors import WdmjaxError, check, check_number, check_seed
 from wdmjax.peft import LR_MULT, PeftSpec
 from wdmjax.peft import finetune as _finetune
 from wdmjax.runs.model import load_model
-from wdmjax.train import TrainState, sample_images, save_grid, setup
+from wdmjax.train import TrainState, make_optimizer, sample_images, save_grid, setup
 from wdmjax.train import train as _train
 from wdmjax.watermark import (
   ALPHA,
@@ -40,11 +41,13 @@ from wdmjax.watermark import (
   keyed_test,
   make_trigger,
   reach_warning,
+  soft_keyed_test,
   vote_bits,
   watermark_labels,
   wdp_input,
   wdp_loss,
 )
+from wdmjax.watermark.robust import RobustSpec, anchored_loss, finetune_aware_loss, fisher_diagonal
 from wdmjax.watermark.triggers import expand_blocks
 from wdmjax.workdir import Workdir
 
@@ -53,6 +56,7 @@ FINETUNE_LR = 1e-4
 NUM_DECOYS = 4
 DECOY_FRACTION = 0.5
 DECOY_T_MIN = 0.2
+TESTS = ("vote", "soft")  # the keyed tests of `verify`
 
 
 # ----------------------------------------------------------------------------- the secret
@@ -214,17 +218,25 @@ def embed(workdir: str | Workdir, secret: Secret, *, base: str | Workdir | None 
           config: str | None = None, steps: int = EMBED_STEPS, lr: float | None = None,
           overrides: Sequence[str] = (), decoy_fraction: float = DECOY_FRACTION,
           decoy_t_min: float = DECOY_T_MIN, peft: PeftSpec | None = None,
-          progress: bool = True, log=None) -> EmbedResult:
+          robust: RobustSpec | None = None, progress: bool = True, log=None) -> EmbedResult:
   """Trains the watermark into a model with the joint WDP loss: fine-tunes the base
   workdir's EMA weights, or trains from scratch from `config`. Resumes an interrupted
   `workdir`. `peft` (with `base`): a parameter-efficient fine-tune, e.g. DiffFit; the
-  watermarked model is then a delta on the base.
+  watermarked model is then a delta on the base. `robust`: guard the watermark against a
+  thief's clean fine-tuning (see `wdmjax.watermark.robust`; 'finetune' costs about
+  1 + (steps + 1) / 2 times the plain embedding's time per step).
 
   In a multi-host run every process calls it; process 0 writes the secret and the record.
   """
   t0 = time.time()
   wd = Workdir(workdir)
+  check(robust is None or isinstance(robust, RobustSpec),
+        f"robust: expected a RobustSpec or None, got {robust!r}")
+  check(robust is None or peft is None,
+        "robust: expected a full embedding (the fine-tuning guards do not take peft)")
   check(peft is None or base is not None, "peft: expected a base workdir to fine-tune")
+  check(robust is None or robust.kind != "fisher" or base is not None,
+        "robust: 'fisher' anchors the weights to a base; give a base workdir")
   check(base is None or Workdir(base).abspath != wd.abspath,
         "workdir: expected a new directory, not the base workdir itself")
   old = read_secret(wd)
@@ -244,8 +256,12 @@ def embed(workdir: str | Workdir, secret: Secret, *, base: str | Workdir | None 
                   num_classes=su.num_classes, decoy_fraction=decoy_fraction,
                   decoy_kind=decoy_kind_for(secret.trigger), decoy_t_min=decoy_t_min)
   base_params = None
-  if base is not None and (not wd.has_checkpoint() or peft is not None):
+  if base is not None and (not wd.has_checkpoint() or peft is not None
+                           or (robust is not None and robust.kind == "fisher")):
     base_params = load_model(base, ema=True).params
+  if robust is not None:
+    loss = robust_loss(cfg, robust, loss, secret, trigger, targets, base_params,
+                       decoy_fraction, decoy_t_min)
   main = jax.process_index() == 0
   with wd.undo_on_failure(main):  # rejected before its first checkpoint: leave nothing
     if main:
@@ -254,7 +270,8 @@ def embed(workdir: str | Workdir, secret: Secret, *, base: str | Workdir | None 
         "method": "wdm", "base": Workdir(base).abspath if base is not None else None,
         "config": config, "steps": steps, "lr": float(cfg.train.lr),
         "decoy_fraction": decoy_fraction, "decoy_t_min": decoy_t_min,
-        "peft": None if peft is None else peft.strategy})
+        "peft": None if peft is None else peft.strategy,
+        "robust": None if robust is None else dataclasses.asdict(robust)})
     if peft is not None:
       state = _finetune(cfg, wd, Workdir(base).path, base_params, peft, loss_fn=loss,
                         progress=progress, log=log)
@@ -263,6 +280,31 @@ def embed(workdir: str | Workdir, secret: Secret, *, base: str | Workdir | None 
                      log=log)
   return EmbedResult(wd.abspath, int(state.step), time.time() - t0, wd.file(Workdir.SECRET),
                      state)
+
+
+def robust_loss(cfg: ml_collections.ConfigDict, robust: RobustSpec, loss, secret: Secret,
+                trigger: np.ndarray, targets: np.ndarray, base_params: chex.ArrayTree | None,
+                decoy_fraction: float, decoy_t_min: float, fisher_batches: int = 8):
+  """The embedding loss `loss` (the joint WDP loss) guarded as `robust` says."""
+  su = setup(cfg)
+  if robust.kind == "fisher":
+    data = InputPipeline(cfg.data.name, batch_size=cfg.train.batch_size,
+                         resolution=cfg.data.resolution, channels=cfg.data.channels,
+                         seed=cfg.train.seed, labels=cfg.data.labels, split=cfg.data.split,
+                         data_dir=cfg.data.data_dir, in_memory=cfg.data.in_memory)
+    batches = [jax.tree.map(jnp.asarray, data.batch(i)) for i in range(fisher_batches)]
+    fisher = fisher_diagonal(su.loss(), base_params, batches, jax.random.PRNGKey(0))
+    return anchored_loss(loss, base_params, fisher, robust.weight)
+  watermark_only = wdp_loss(su.apply_fn, su.schedule, cfg.diffusion.objective,
+                            trigger=trigger, watermark=targets, gamma1=secret.gamma1,
+                            gamma2=secret.gamma2, class_dropout_prob=su.class_dropout_prob,
+                            null_label=su.null_label, num_classes=su.num_classes, task=False,
+                            decoy_fraction=decoy_fraction,
+                            decoy_kind=decoy_kind_for(secret.trigger), decoy_t_min=decoy_t_min)
+  # the thief's optimizer: a fresh AdamW with the config's clipping, no warm-up
+  tx = make_optimizer(robust.lr, 0, 0.0, cfg.train.grad_clip)
+  return finetune_aware_loss(loss, watermark_only, su.loss(), tx, steps=robust.steps,
+                             weight=robust.weight, order=robust.order)
 
 
 # ----------------------------------------------------------------------------- extract
@@ -329,17 +371,23 @@ def extract(workdir: str | Workdir, secret: Secret | str | os.PathLike | None = 
 
 def verify_model(cfg: ml_collections.ConfigDict, params: chex.ArrayTree, secret: Secret, *,
                  num: int = 16, sampler: str = "ddim", steps: int = 50, seed: int = 0,
-                 alpha: float = ALPHA, decoys: int = NUM_DECOYS) -> dict:
-  """Extracts `num` samples with the secret's trigger and tests them: the exact keyed test
-  with a key; without, the decoy permutation test over the secret trigger and `decoys`
+                 alpha: float = ALPHA, decoys: int = NUM_DECOYS, test: str = "vote") -> dict:
+  """Extracts `num` samples with the secret's trigger and tests them: with a key, the exact
+  keyed test of the block majority votes (`test='vote'`) or of every sample's votes
+  (`test='soft'`: `soft_keyed_test`, stronger on a weakened watermark, best with 64 or
+  more samples); without, the decoy permutation test over the secret trigger and `decoys`
   decoy triggers of its kind (see `wdmjax.watermark.verify`). Returns the report, with a
   `warning` when the test can never reach `alpha` or is not exact."""
+  check(test in TESTS, f"test: expected one of {list(TESTS)}, got {test!r}")
+  check(test == "vote" or secret.key is not None,
+        "test: 'soft' is a test of a keyed watermark; this secret has no key")
   shape = image_shape(cfg)
   trigger, watermark, _ = secret.images(shape, None)  # the owner's data dir (see extract)
   samples = extract_samples(cfg, params, trigger, secret.gamma1, num, sampler=sampler,
                             steps=steps, seed=seed)
   if secret.key is not None:
-    out = keyed_test(samples, watermark, secret.key, secret.block, alpha)
+    keyed = soft_keyed_test if test == "soft" else keyed_test
+    out = keyed(samples, watermark, secret.key, secret.block, alpha)
   else:
     check(isinstance(decoys, int) and decoys >= 1,
           f"decoys: expected at least 1 for an unkeyed watermark, got {decoys!r}")
@@ -360,7 +408,7 @@ def verify_model(cfg: ml_collections.ConfigDict, params: chex.ArrayTree, secret:
 def verify(workdir: str | Workdir, secret: Secret | str | os.PathLike | None = None, *,
            num: int = 16, sampler: str = "ddim", steps: int = 50, seed: int = 0,
            alpha: float = ALPHA, decoys: int = NUM_DECOYS, raw: bool = False,
-           **secret_parts) -> dict:
+           test: str = "vote", **secret_parts) -> dict:
   """Tests whether the workdir's model carries the owner's watermark. The secret comes from
   the owner only (see `resolve_secret`): `secret` (a `Secret`, or the path of the owner's
   secret.json or workdir, e.g. the original of an attacked copy) with any of `trigger`,
@@ -371,6 +419,6 @@ def verify(workdir: str | Workdir, secret: Secret | str | os.PathLike | None = N
   secret, source = resolve_secret(workdir, secret, **secret_parts)
   cfg, params = load_model(workdir, ema=not raw)
   out = verify_model(cfg, params, secret, num=num, sampler=sampler, steps=steps, seed=seed,
-                     alpha=alpha, decoys=decoys)
+                     alpha=alpha, decoys=decoys, test=test)
   out["secret_source"] = source
   return out

@@ -337,10 +337,12 @@ def _warn(message: str) -> None:
 
 
 def load_params(workdir: str | Workdir, cfg: ml_collections.ConfigDict, part: str,
-                like: chex.ArrayTree | None = None, log: Log | None = None) -> chex.ArrayTree:
-  """The `part` of the newest intact checkpoint (`params` or `ema_params`), shaped like
-  `like` (default: the config's model parameters), on this process's first device. A
-  damaged newer checkpoint is skipped, and said so through `log` (default: stderr)."""
+                like: chex.ArrayTree | None = None, log: Log | None = None,
+                step: int | None = None) -> chex.ArrayTree:
+  """The `part` of the newest intact checkpoint (or of `step`) (`params` or `ema_params`),
+  shaped like `like` (default: the config's model parameters), on this process's first
+  device. A damaged newer checkpoint is skipped, and said so through `log` (default:
+  stderr)."""
   shapes = setup(cfg).abstract_params() if like is None else like
   device = jax.sharding.SingleDeviceSharding(local_mesh().devices.flat[0])
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
@@ -350,6 +352,6 @@ def load_params(workdir: str | Workdir, cfg: ml_collections.ConfigDict, part: st
   ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints, writable=False,
                       log=log or _warn)
   try:
-    return ckpt.restore_part({part: target})[part]
+    return ckpt.restore_part({part: target}, step)[part]
   finally:
     ckpt.close()

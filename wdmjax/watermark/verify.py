@@ -23,6 +23,11 @@ sample seeds, the p-values of an innocent model are not uniform, since that trig
 effect on the model repeats in every run. Its smallest p-value is 1 / (D + 1): with
 a practical number of decoys an unkeyed watermark cannot reach a court-grade alpha such as
 1e-6 (the report warns), and an exact, strong test needs a key.
+Soft keyed test (exact, `soft_keyed_test`): instead of one majority vote per block, every
+sample's every block votes, and the statistic is the number S of (sample, block) votes that
+agree with w XOR r, i.e. the mean agreement over samples times m n. Its null law is exact
+conditionally on the samples (proof in `soft_keyed_test`), so weak but consistent evidence
+spread over many samples counts where the majority vote of each block would lose it.
 The report names the test it used.
 """
 
@@ -33,7 +38,7 @@ import math
 import numpy as np
 
 from wdmjax.errors import check, check_number
-from wdmjax.stats import exact_binomial_log10_sf, permutation_log10_p
+from wdmjax.stats import exact_binomial_log10_sf, permutation_log10_p, two_point_log10_sf
 from wdmjax.watermark.secret import Secret
 from wdmjax.watermark.triggers import (
   ImageShape,
@@ -45,6 +50,7 @@ from wdmjax.watermark.triggers import (
 
 ALPHA = 1e-6
 EXACT_TEST = "exact-binomial"
+SOFT_TEST = "exact-key-flip"
 DECOY_TEST = "decoy-permutation"
 
 
@@ -83,6 +89,42 @@ def keyed_test(samples: np.ndarray, watermark: np.ndarray, key: int, block: int,
   k, n = agreement(vote_bits(samples, block), expected_bits(watermark, key, block))
   return report(EXACT_TEST, k, n, 0.5, alpha, num_samples=len(samples), block=block,
                 warning=_keyed_warning(n, alpha))
+
+
+def soft_keyed_test(samples: np.ndarray, watermark: np.ndarray, key: int, block: int,
+                    alpha: float = ALPHA, u: float | None = None) -> dict:
+  """The exact soft test of a keyed watermark: S = the number of (sample, block) sign votes
+  that agree with the expected bits w XOR r, over m samples [m, H, W, C] and n blocks.
+
+  Null law (exact). Let P_b and N_b count the samples whose block b has a positive or a
+  negative mean (a zero mean votes for neither and never agrees). Block b's contribution
+  to S is P_b when its expected bit e_b = w_b r_b is +1 and N_b when it is -1. Under the
+  null hypothesis the model never learned the key's mask r, so the samples, and with them
+  every (P_b, N_b), are independent of r; r is uniform on {-1, +1}^n (drawn from the
+  owner's key), hence so is e = w r for any fixed w, independently of the samples. Given
+  the samples, S is therefore a sum of n independent variables each equal to P_b or N_b
+  with probability 1/2: `wdmjax.stats.two_point_log10_sf` computes its tail exactly, and
+  p = P(S' >= S | samples) obeys P(p <= alpha | samples) <= alpha for every sample set, so
+  also unconditionally. With `u` (uniform in [0, 1], drawn independently) the randomized
+  p = P(S' > S) + u P(S' = S) is exactly uniform. The smallest p is 2^-n, as for the
+  majority vote: the evidence can never exceed the key's n bits.
+
+  Returns the report (see `report`): bit_agreement is S / (m n), the mean agreement over
+  samples; agreeing_bits and bits are S and m n; `blocks` is n.
+  """
+  samples = np.asarray(samples, np.float32)
+  check(samples.ndim == 4, f"samples: expected [m, H, W, C], got shape {samples.shape}")
+  want = expected_bits(watermark, key, block)
+  signs = block_signs(samples, block)  # [m, n, n]
+  check(signs.shape[1:] == want.shape,
+        f"samples: expected images of the watermark's shape {watermark.shape[1:]}, got "
+        f"{samples.shape[1:]}")
+  pos = (signs > 0).sum(0).ravel()
+  neg = (signs < 0).sum(0).ravel()
+  s = int(np.where(want.ravel() > 0, pos, neg).sum())
+  m, n = len(samples), want.size
+  return report(SOFT_TEST, s, m * n, 0.5, alpha, log10_p=two_point_log10_sf(pos, neg, s, u),
+                num_samples=m, block=block, blocks=n, warning=_keyed_warning(n, alpha))
 
 
 # ----------------------------------------------------------------------------- reach

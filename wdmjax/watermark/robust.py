@@ -1,0 +1,155 @@
+"""Embedding a WDM watermark that survives a thief's clean fine-tuning.
+
+Fine-tuning-aware embedding (`finetune_aware_loss`): each embedding step also simulates the
+thief. From the current weights theta it runs k updates of clean fine-tuning (the task loss
+alone, a fresh optimizer: what `wdmjax attack finetune:N` does), theta -> theta_k, inside a
+`lax.scan`, and adds the watermark loss at theta_k:
+
+  L(theta) = L_task(theta) + gamma2 L_wm(theta) + weight * gamma2 L_wm(theta_k(theta)).
+
+`order='first'` treats the displacement theta_k - theta as a constant (the gradient of the
+last term is grad L_wm at theta_k, as in first-order MAML: k + 1 extra gradient
+evaluations per step); `order='full'` differentiates through the k updates (second order,
+as in MAML; a few times dearer). Either way the watermark is trained to hold at the point the
+thief's first updates lead to, not only where the owner stops.
+
+Task-Fisher anchoring (`fisher_diagonal`, `anchor_penalty`): a penalty
+lambda sum_i F_i (theta_i - theta0_i)^2 with F the clean task's diagonal Fisher at the base
+(normalised to mean 1), so the watermark's weight change stays out of the directions the
+clean task, and hence a clean fine-tune, pushes hardest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from wdmjax.errors import check, check_number
+
+LossFn = Callable[[chex.ArrayTree, dict, chex.PRNGKey], tuple[chex.Array, dict]]
+ORDERS = ("first", "full")
+KINDS = ("finetune", "fisher")
+
+
+@dataclasses.dataclass(frozen=True)
+class RobustSpec:
+  """How an embedding guards against clean fine-tuning: `kind` 'finetune' (the
+  fine-tuning-aware loss: `steps` simulated updates at `lr`, their loss weighted by
+  `weight`, differentiated to `order`) or 'fisher' (the task-Fisher anchor, strength
+  `weight`)."""
+  kind: str = "finetune"
+  steps: int = 1
+  lr: float = 1e-3
+  weight: float = 1.0
+  order: str = "first"
+
+  def __post_init__(self):
+    check(self.kind in KINDS, f"robust: expected one of {list(KINDS)}, got {self.kind!r}")
+    check_robust_args(self.steps, self.lr, self.weight, self.order)
+
+
+def inner_finetune(task_loss: LossFn, tx: optax.GradientTransformation,
+                   params: chex.ArrayTree, batch: dict, rng: chex.PRNGKey, steps: int
+                   ) -> chex.ArrayTree:
+  """`steps` updates of clean fine-tuning from `params` with a fresh state of `tx`, in one
+  `lax.scan`: update i uses `batch` with the key `jax.random.split(rng, steps)[i]`.
+
+  Differentiable in `params` (through the optimizer's updates). Returns the weights after
+  the last update, shaped like `params`.
+  """
+  check(isinstance(steps, int) and steps >= 1, f"steps: expected a positive integer, "
+                                               f"got {steps!r}")
+
+  def body(carry, key):
+    p, state = carry
+    grads = jax.grad(lambda q: task_loss(q, batch, key)[0])(p)
+    updates, state = tx.update(grads, state, p)
+    return (optax.apply_updates(p, updates), state), None
+
+  (out, _), _ = jax.lax.scan(body, (params, tx.init(params)), jax.random.split(rng, steps))
+  return out
+
+
+def check_robust_args(steps: int, lr: float, weight: float, order: str) -> None:
+  check(isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps <= 64,
+        f"robust_steps: expected an integer in [1, 64], got {steps!r}")
+  check_number(lr, "robust_lr", 0.0, 1.0, low_open=True)
+  check_number(weight, "robust_weight", 0.0, low_open=True)
+  check(order in ORDERS, f"robust_order: expected one of {list(ORDERS)}, got {order!r}")
+
+
+def finetune_aware_loss(wdm_loss: LossFn, watermark_loss: LossFn, task_loss: LossFn,
+                        tx: optax.GradientTransformation, *, steps: int = 1,
+                        weight: float = 1.0, order: str = "first") -> LossFn:
+  """The fine-tuning-aware WDM loss (see the module docstring).
+
+  Args:
+    wdm_loss: the joint WDP loss (`wdp_loss`), the owner's objective at theta.
+    watermark_loss: its watermark half alone (`wdp_loss(..., task=False)`: gamma2 L_wm).
+    task_loss: the clean loss the thief fine-tunes with (`diffusion_loss`).
+    tx: the thief's optimizer (its learning rate is the simulated one).
+    steps, weight, order: k inner updates, the weight of the loss after them, and
+      'first' or 'full' differentiation through them.
+
+  Returns:
+    `loss_fn(params, batch, rng) -> (loss, metrics)`, metrics with `watermark_loss_after`
+    (L_wm at theta_k, without gamma2) and `inner_moved` (the L2 norm of theta_k - theta).
+  """
+  check_robust_args(steps, 1e-3, weight, order)  # the rate lives in tx
+
+  def loss_fn(params, batch, rng):
+    r_now, r_inner, r_after = jax.random.split(rng, 3)
+    loss, metrics = wdm_loss(params, batch, r_now)
+    moved = inner_finetune(task_loss, tx, params, batch, r_inner, steps)
+    delta = jax.tree.map(jnp.subtract, moved, params)
+    if order == "first":
+      moved = jax.tree.map(lambda p, d: p + jax.lax.stop_gradient(d), params, delta)
+    after, after_metrics = watermark_loss(moved, batch, r_after)
+    norm = jnp.sqrt(sum(jnp.sum(d ** 2) for d in jax.tree.leaves(delta)))
+    loss = loss + weight * after
+    return loss, {**metrics, "loss": loss,
+                  "watermark_loss_after": after_metrics.get("watermark_loss", after),
+                  "inner_moved": jax.lax.stop_gradient(norm)}
+
+  return loss_fn
+
+
+def fisher_diagonal(task_loss: LossFn, params: chex.ArrayTree, batches: list[dict],
+                    rng: chex.PRNGKey) -> chex.ArrayTree:
+  """The clean task's empirical diagonal Fisher E[g^2] over `batches` (one gradient each),
+  normalised to mean 1 over all parameters; shaped like `params`."""
+  check(len(batches) >= 1, "batches: expected at least one batch")
+  grad = jax.jit(jax.grad(lambda p, b, r: task_loss(p, b, r)[0]))
+  total = jax.tree.map(jnp.zeros_like, params)
+  for i, b in enumerate(batches):
+    g = grad(params, b, jax.random.fold_in(rng, i))
+    total = jax.tree.map(lambda t, x: t + x ** 2, total, g)
+  count = sum(x.size for x in jax.tree.leaves(total))
+  mean = sum(jnp.sum(x) for x in jax.tree.leaves(total)) / count
+  return jax.tree.map(lambda t: t / jnp.maximum(mean, 1e-30), total)
+
+
+def anchor_penalty(params: chex.ArrayTree, anchor: chex.ArrayTree, weights: chex.ArrayTree
+                   ) -> chex.Array:
+  """sum_i w_i (theta_i - anchor_i)^2 over every parameter (a scalar)."""
+  return sum(jnp.sum(w * (p - a) ** 2) for p, a, w in zip(
+    jax.tree.leaves(params), jax.tree.leaves(anchor), jax.tree.leaves(weights), strict=True))
+
+
+def anchored_loss(loss: LossFn, anchor: chex.ArrayTree, weights: chex.ArrayTree,
+                  strength: float) -> LossFn:
+  """`loss` plus strength * `anchor_penalty` (e.g. with the task Fisher as weights)."""
+  check_number(strength, "robust_weight", 0.0, low_open=True)
+
+  def loss_fn(params, batch, rng):
+    value, metrics = loss(params, batch, rng)
+    pen = anchor_penalty(params, anchor, weights)
+    value = value + strength * pen
+    return value, {**metrics, "loss": value, "anchor_penalty": pen}
+
+  return loss_fn
