@@ -91,6 +91,8 @@ VARIANTS = {
   "finetune_aware": Variant("(d) fine-tuning-aware: one simulated fresh-AdamW update at lr "
                             "1e-3 inside the loss, first order",
                             robust=RobustSpec("finetune", steps=1, lr=1e-3)),
+  "surgery": Variant("(f) gradient surgery: the watermark's gradient projected off the "
+                     "task's where they conflict", robust=RobustSpec("surgery")),
   "fisher": Variant("(e) task-Fisher anchor to the base, strength 1e-3",
                     robust=RobustSpec("fisher", weight=1e-3)),
 }

@@ -767,3 +767,34 @@ def test_robust_embeddings_record_their_guard(embedded, tmp_path):
   assert json.load(open(os.path.join(wd, "embedding.json")))["robust"]["kind"] == "fisher"
   rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
   assert rows[0]["anchor_penalty"] == 0.0 < rows[-1]["anchor_penalty"]  # starts at the base
+
+
+def test_gradient_surgery_removes_only_the_conflicting_component(tiny_models):
+  """surgery_loss: the joint value, and the gradient g + g_w - min(0, g_w.g)/|g|^2 g through
+  its linear surrogate; after the projection nothing of g_w points against g."""
+  from wdmjax.watermark.robust import surgery_loss
+
+  model, sched, secret, trigger, _, params = tiny_models
+  p0 = params["watermarked"]
+  imgs, labels = load_arrays("digits", "train")
+  batch = {"image": jnp.asarray(preprocess(np.asarray(imgs[:16]), 8, 1)),
+           "label": jnp.asarray(np.asarray(labels[:16]))}
+  task = diffusion_loss(apply_fn_for(model), sched, "eps", 0.1, -1)
+  wm_only = wdp_loss(apply_fn_for(model), sched, "eps", task=False, trigger=trigger,
+                     watermark=keyed_targets(make_watermark("keyed:2", SHAPE, 2), 3, 2),
+                     gamma1=secret.gamma1, gamma2=secret.gamma2, class_dropout_prob=0.1,
+                     null_label=-1, num_classes=10)
+  rng = jax.random.PRNGKey(4)
+  loss = surgery_loss(task, wm_only)
+  (value, metrics), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(p0, batch, rng)
+  r_task, r_wm = jax.random.split(rng)
+  g_t = jax.grad(lambda q: task(q, batch, r_task)[0])(p0)
+  g_w = jax.grad(lambda q: wm_only(q, batch, r_wm)[0])(p0)
+  flat = lambda t: np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(t)])  # noqa: E731
+  gt, gw = flat(g_t), flat(g_w)
+  want = gt + gw - min(0.0, gw @ gt) / (gt @ gt) * gt
+  np.testing.assert_allclose(flat(grad), want, atol=1e-5 * np.abs(want).max())
+  assert (flat(grad) - gt) @ gt >= -1e-6 * np.linalg.norm(gt) ** 2  # no conflict is left
+  assert math.isclose(float(value), float(task(p0, batch, r_task)[0])
+                      + float(wm_only(p0, batch, r_wm)[0]), rel_tol=1e-5)
+  assert -1.0 <= float(metrics["conflict"]) <= 0.0

@@ -145,8 +145,10 @@ def add_parsers(sub) -> None:
   e.add_argument("--robust", choices=list(KINDS), default=None,
                  help="guard the watermark against a thief's clean fine-tuning: 'finetune' "
                       "simulates the thief's first updates inside the loss (about "
-                      "1 + (robust-steps + 1) / 2 times the embedding time), 'fisher' anchors "
-                      "the weights the clean task moves most")
+                      "1 + (robust-steps + 1) / 2 times the embedding time), 'surgery' "
+                      "projects the watermark's gradient off the task's where they conflict "
+                      "(no extra time), 'fisher' anchors the weights the clean task moves "
+                      "most")
   e.add_argument("--robust-steps", type=int, default=None,
                  help=f"simulated fine-tuning updates per step (default {RobustSpec().steps})")
   e.add_argument("--robust-lr", type=float, default=None,

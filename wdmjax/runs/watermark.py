@@ -47,7 +47,13 @@ from wdmjax.watermark import (
   wdp_input,
   wdp_loss,
 )
-from wdmjax.watermark.robust import RobustSpec, anchored_loss, finetune_aware_loss, fisher_diagonal
+from wdmjax.watermark.robust import (
+  RobustSpec,
+  anchored_loss,
+  finetune_aware_loss,
+  fisher_diagonal,
+  surgery_loss,
+)
 from wdmjax.watermark.triggers import expand_blocks
 from wdmjax.workdir import Workdir
 
@@ -301,6 +307,8 @@ def robust_loss(cfg: ml_collections.ConfigDict, robust: RobustSpec, loss, secret
                             null_label=su.null_label, num_classes=su.num_classes, task=False,
                             decoy_fraction=decoy_fraction,
                             decoy_kind=decoy_kind_for(secret.trigger), decoy_t_min=decoy_t_min)
+  if robust.kind == "surgery":
+    return surgery_loss(su.loss(), watermark_only)
   # the thief's optimizer: a fresh AdamW with the config's clipping, no warm-up
   tx = make_optimizer(robust.lr, 0, 0.0, cfg.train.grad_clip)
   return finetune_aware_loss(loss, watermark_only, su.loss(), tx, steps=robust.steps,

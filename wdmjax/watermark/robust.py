@@ -13,6 +13,15 @@ evaluations per step); `order='full'` differentiates through the k updates (seco
 as in MAML; a few times dearer). Either way the watermark is trained to hold at the point the
 thief's first updates lead to, not only where the owner stops.
 
+Gradient surgery (`surgery_loss`; PCGrad, Yu et al. 2020, "Gradient Surgery for Multi-Task
+Learning"): the watermark's gradient loses its component along the task's gradient whenever
+the two conflict. The plain joint loss stops where grad L_task = -gamma2 grad L_wm, a
+compromise at which the clean task's gradient points against the watermark: a thief's fresh
+optimizer follows it from the first step (experiments/results/wdm_finetune_robustness.md).
+With the conflicting component removed, a stationary point has grad L_task = 0 (if
+g + gamma2 g_w' = 0 with g_w' orthogonal to g, then |g|^2 = 0), so clean fine-tuning finds
+no task gradient to follow. It costs what the plain loss does (two half-batch gradients).
+
 Task-Fisher anchoring (`fisher_diagonal`, `anchor_penalty`): a penalty
 lambda sum_i F_i (theta_i - theta0_i)^2 with F the clean task's diagonal Fisher at the base
 (normalised to mean 1), so the watermark's weight change stays out of the directions the
@@ -33,15 +42,16 @@ from wdmjax.errors import check, check_number
 
 LossFn = Callable[[chex.ArrayTree, dict, chex.PRNGKey], tuple[chex.Array, dict]]
 ORDERS = ("first", "full")
-KINDS = ("finetune", "fisher")
+KINDS = ("finetune", "surgery", "fisher")
 
 
 @dataclasses.dataclass(frozen=True)
 class RobustSpec:
   """How an embedding guards against clean fine-tuning: `kind` 'finetune' (the
   fine-tuning-aware loss: `steps` simulated updates at `lr`, their loss weighted by
-  `weight`, differentiated to `order`) or 'fisher' (the task-Fisher anchor, strength
-  `weight`)."""
+  `weight`, differentiated to `order`), 'surgery' (the watermark's gradient projected off
+  the task's where they conflict; no other field applies) or 'fisher' (the task-Fisher
+  anchor, strength `weight`)."""
   kind: str = "finetune"
   steps: int = 1
   lr: float = 1e-3
@@ -115,6 +125,40 @@ def finetune_aware_loss(wdm_loss: LossFn, watermark_loss: LossFn, task_loss: Los
     return loss, {**metrics, "loss": loss,
                   "watermark_loss_after": after_metrics.get("watermark_loss", after),
                   "inner_moved": jax.lax.stop_gradient(norm)}
+
+  return loss_fn
+
+
+def _vdot(a: chex.ArrayTree, b: chex.ArrayTree) -> chex.Array:
+  return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b),
+                                             strict=True))
+
+
+def surgery_loss(task_loss: LossFn, watermark_loss: LossFn) -> LossFn:
+  """The joint loss L_task + L_wm (`watermark_loss`: gamma2 times the watermark half, as
+  `wdp_loss(..., task=False)`) whose gradient is g + g_w', with g_w' = g_w - min(0, g_w.g)
+  / |g|^2 g (see the module docstring). The value is the joint loss's; the gradient is
+  delivered through a linear surrogate, so any optimizer or train step takes it as is.
+
+  Returns `loss_fn(params, batch, rng) -> (loss, metrics)`, metrics with `task_loss`,
+  `watermark_loss` (without gamma2) and `conflict` (the cosine of g_w and g when negative,
+  else 0).
+  """
+
+  def loss_fn(params, batch, rng):
+    r_task, r_wm = jax.random.split(rng)
+    (l_t, m_t), g_t = jax.value_and_grad(task_loss, has_aux=True)(params, batch, r_task)
+    (l_w, m_w), g_w = jax.value_and_grad(watermark_loss, has_aux=True)(params, batch, r_wm)
+    dot, nt = _vdot(g_w, g_t), _vdot(g_t, g_t)
+    coef = jnp.minimum(dot, 0.0) / jnp.maximum(nt, 1e-30)
+    g = jax.tree.map(lambda t, w: t + w - coef * t, g_t, g_w)
+    g = jax.lax.stop_gradient(g)
+    surrogate = _vdot(g, params)
+    value = l_t + l_w
+    loss = surrogate + jax.lax.stop_gradient(value - surrogate)
+    cos = jnp.minimum(dot, 0.0) / jnp.maximum(jnp.sqrt(nt * _vdot(g_w, g_w)), 1e-30)
+    return loss, {"loss": value, "task_loss": l_t,
+                  "watermark_loss": m_w.get("watermark_loss", l_w), "conflict": cos}
 
   return loss_fn
 
