@@ -43,7 +43,7 @@ from wdmjax.peft import PeftSpec, finetune, load_finetuned
 from wdmjax.runs import attack_model, base_workdir, embed, load_model
 from wdmjax.runs.watermark import extract_samples, image_shape
 from wdmjax.train import setup
-from wdmjax.watermark import Secret, keyed_test, soft_keyed_test, wdp_loss
+from wdmjax.watermark import Secret, best_sample_test, keyed_test, soft_keyed_test, wdp_loss
 from wdmjax.watermark.robust import RobustSpec
 from wdmjax.workdir import Workdir
 
@@ -53,7 +53,7 @@ SECRET = Secret(trigger="random:1", watermark="keyed:7", key=42, gamma1=0.8, gam
                 block=4)
 EMBED_STEPS = 600
 NUM_VOTE = 16  # the samples of the majority test (as `wdmjax verify`)
-NUM_SOFT = 64  # the samples of the soft test
+NUM_MANY = 128  # the samples of the soft and best-sample tests
 EVERY = 50  # fine-tuning checkpoints kept and verified
 EVAL_STEPS = (50, 100, 250, 500, 1000)
 ATTACK_LR = {"full": 1e-4, "difffit": 1e-3, "lora": 1e-3}
@@ -88,6 +88,8 @@ VARIANTS = {
   "gamma2_1_no_decoys": Variant("(a) gamma2 1, no decoys", gamma2=1.0, decoy_fraction=0.0),
   "gamma1_0.5": Variant("(b) a 2.5x stronger trigger shift, gamma1 0.5", gamma1=0.5),
   "stripes": Variant("(b) a column trigger (low vertical frequency)", trigger="stripes:1"),
+  "finetune_aware_3e-3": Variant("(d) fine-tuning-aware, a 3x larger simulated update "
+                                 "(lr 3e-3)", robust=RobustSpec("finetune", steps=1, lr=3e-3)),
   "finetune_aware": Variant("(d) fine-tuning-aware: one simulated fresh-AdamW update at lr "
                             "1e-3 inside the loss, first order",
                             robust=RobustSpec("finetune", steps=1, lr=1e-3)),
@@ -102,17 +104,20 @@ VARIANTS = {
 
 
 def evaluate(cfg, params, secret: Secret, seed: int = 0) -> tuple[dict, np.ndarray]:
-  """The majority test on NUM_VOTE samples and the soft test on NUM_SOFT (the first
-  NUM_VOTE of them included), and the samples."""
+  """The majority test on NUM_VOTE samples (as `wdmjax verify`), and the majority, soft and
+  best-sample tests on NUM_MANY (the first NUM_VOTE of them included); and the samples."""
   trigger, watermark, _ = secret.images(image_shape(cfg), None)
-  samples = extract_samples(cfg, params, trigger, secret.gamma1, NUM_SOFT, seed=seed)
+  samples = extract_samples(cfg, params, trigger, secret.gamma1, NUM_MANY, seed=seed)
   vote = keyed_test(samples[:NUM_VOTE], watermark, secret.key, secret.block)
+  many = keyed_test(samples, watermark, secret.key, secret.block)
   soft = soft_keyed_test(samples, watermark, secret.key, secret.block)
-  vote64 = keyed_test(samples, watermark, secret.key, secret.block)
+  best = best_sample_test(samples, watermark, secret.key, secret.block)
+  whole = np.asarray(best["sample_agreements"]) >= 45
   return {"bits": vote["agreeing_bits"], "n": vote["bits"], "log10_p": vote["log10_p_value"],
-          "bits64": vote64["agreeing_bits"], "log10_p64": vote64["log10_p_value"],
-          "soft_agreement": soft["bit_agreement"], "soft_log10_p": soft["log10_p_value"]
-          }, samples
+          "bits_many": many["agreeing_bits"], "log10_p_many": many["log10_p_value"],
+          "soft_agreement": soft["bit_agreement"], "soft_log10_p": soft["log10_p_value"],
+          "best_bits": best["agreeing_bits"], "best_log10_p": best["log10_p_value"],
+          "whole_share": float(whole.mean())}, samples
 
 
 def distance(a, b) -> float:
@@ -143,11 +148,12 @@ def mix(target, source, pick) -> dict:
   return traverse_util.unflatten_dict({k: s[k] if pick(k) else v for k, v in t.items()})
 
 
-def attack_workdir(runs: str, wm: str, strategy: str, lr: float, steps: int, seed: int = 0
+def attack_workdir(wm: str, strategy: str, lr: float, steps: int, seed: int = 0
                    ) -> tuple[str, float]:
   """Fine-tunes the model of `wm` on clean data (as `wdmjax attack finetune:N`, keeping a
-  checkpoint every EVERY steps); returns its workdir and the seconds it took (nan: kept)."""
-  out = os.path.join(runs, f"ft_{strategy}_{lr:g}_{steps}_s{seed}")
+  checkpoint every EVERY steps) into `WM_ft/`; returns its workdir and the seconds it took
+  (nan: kept)."""
+  out = os.path.join(f"{wm.rstrip(os.sep)}_ft", f"{strategy}_{lr:g}_{steps}_s{seed}")
   if Workdir(out).exists(Workdir.SUMMARY):
     return out, float("nan")
   cfg = Workdir(wm).read_config()
@@ -167,13 +173,13 @@ def cosine(a, b) -> float:
   return dot / max(norm(a) * norm(b), 1e-30)
 
 
-def survival_curve(runs: str, wm: str, secret: Secret, strategy: str, lr: float, steps: int,
+def survival_curve(wm: str, secret: Secret, strategy: str, lr: float, steps: int,
                    keep: dict | None = None, base_params=None) -> dict:
   """The watermark's survival along one fine-tune: per evaluated step, the tests and the
   weights' distance from the watermarked model (and, given `base_params`, the cosine
   between the fine-tune's move and the way back to the base). `keep[step] = params` gets
   the params."""
-  out, seconds = attack_workdir(runs, wm, strategy, lr, steps)
+  out, seconds = attack_workdir(wm, strategy, lr, steps)
   cfg, wm_params = load_model(wm)
   rows = []
   for step in [s for s in (*EVAL_STEPS, 2000) if s <= steps]:
@@ -185,7 +191,8 @@ def survival_curve(runs: str, wm: str, secret: Secret, strategy: str, lr: float,
       row["cos_to_base"] = cosine(sub(params, wm_params), sub(base_params, wm_params))
     rows.append(row)
     print(f"  {strategy} lr {lr:g} step {step}: {row['bits']}/{row['n']} bits, "
-          f"log10 p {row['log10_p']:.2f}, soft {row['soft_log10_p']:.2f}", flush=True)
+          f"log10 p {row['log10_p']:.2f}, soft {row['soft_log10_p']:.2f}, best "
+          f"{row['best_log10_p']:.2f} ({100 * row['whole_share']:.0f}% whole)", flush=True)
     if keep is not None:
       keep[step] = params
   return {"strategy": strategy, "lr": lr, "steps": steps, "seconds": seconds, "rows": rows}
@@ -217,7 +224,7 @@ def diagnose(runs: str, base: str, res: dict, deadline: float) -> None:
       d["curves"].append(old[strategy, lr, steps])
       continue
     kept: dict[int, dict] = {}
-    d["curves"].append(survival_curve(runs, wm, SECRET, strategy, lr, steps, kept,
+    d["curves"].append(survival_curve(wm, SECRET, strategy, lr, steps, kept,
                                       base_params))
     if i == 0:
       d["resets"] = resets(cfg, wm_params, base_params, kept.get(250))
@@ -308,7 +315,7 @@ def variants(runs: str, base: str, res: dict, only: list[str] | None) -> None:
     entry = {**dataclasses.asdict(v), "embed_seconds": seconds if not math.isnan(seconds)
              else old.get("embed_seconds", seconds),
              "unattacked": evaluate(cfg, params, v.secret)[0],
-             "curve": survival_curve(runs, wm, v.secret, "full", ATTACK_LR["full"], 1000)}
+             "curve": survival_curve(wm, v.secret, "full", ATTACK_LR["full"], 1000)}
     res["variants"][name] = entry
     write(res)
 
@@ -333,7 +340,7 @@ def final(runs: str, base: str, res: dict, names: list[str], num_fd: int) -> Non
   wdm_mnist5k.clean_finetune(base, clean, EMBED_STEPS)
   f["fd_base"] = quality.fd(cfg, base_params)[0]
   f["fd_clean_finetune"] = quality.fd(*load_model(clean))[0]
-  out, _ = attack_workdir(runs, base, "full", ATTACK_LR["full"], 1000)
+  out, _ = attack_workdir(base, "full", ATTACK_LR["full"], 1000)
   base_attacked = load_finetuned(out, base_params)[1]
   f["fd_clean_base_finetune_1000"] = quality.fd(cfg, base_attacked)[0]
   f["clean_base"] = {"unattacked": evaluate(cfg, base_params, SECRET)[0],
@@ -349,8 +356,8 @@ def final(runs: str, base: str, res: dict, names: list[str], num_fd: int) -> Non
     e = {"fd": quality.fd(cfg, params)[0], "unattacked": evaluate(cfg, params, v.secret)[0],
          "wrong_trigger": evaluate(cfg, params, wrong)[0], "finetunes": {}, "attacks": {}}
     for strategy in ("full", "difffit", "lora"):
-      curve = survival_curve(runs, wm, v.secret, strategy, ATTACK_LR[strategy], 1000)
-      out, _ = attack_workdir(runs, wm, strategy, ATTACK_LR[strategy], 1000)
+      curve = survival_curve(wm, v.secret, strategy, ATTACK_LR[strategy], 1000)
+      out, _ = attack_workdir(wm, strategy, ATTACK_LR[strategy], 1000)
       attacked = load_finetuned(out, params)[1]
       curve["fd"] = quality.fd(cfg, attacked)[0]
       curve["wrong_trigger"] = evaluate(cfg, attacked, wrong)[0]
@@ -385,13 +392,21 @@ def markdown(res: dict) -> str:
               f"Unattacked: {u['bits']}/{u['n']} bits (log10 p {u['log10_p']:.2f}), soft "
               f"log10 p {u['soft_log10_p']:.2f}. Embedding moved the weights by "
               f"{d['embedding_distance']:.3f} (L2).", "",
-              "| fine-tune | lr | step | bits (16 samples) | log10 p | bits (64) | soft log10 p "
-              "(64) | L2 from watermarked | cos to the base |", "|---" * 9 + "|"]
+              f"Columns: the majority vote of {NUM_VOTE} samples (as `wdmjax verify`); on "
+              f"{NUM_MANY} samples the vote, the soft test and the best-sample test, and the "
+              "share of samples that still show the watermark whole (>= 45 of 49 bits); the "
+              "distance the weights moved and the cosine of that move with the way back to "
+              "the base.", "",
+              f"| fine-tune | lr | step | vote {NUM_VOTE}: bits, log10 p | vote {NUM_MANY} | "
+              f"soft {NUM_MANY} | best {NUM_MANY} | whole | L2 from watermarked | cos to the "
+              "base |", "|---" * 10 + "|"]
     for c in d["curves"]:
       for r in c["rows"]:
-        lines.append(f"| {c['strategy']} | {c['lr']:g} | {r['step']} | {r['bits']}/{r['n']} | "
-                     f"{r['log10_p']:.2f} | {r['bits64']}/{r['n']} | {r['soft_log10_p']:.2f} | "
-                     f"{r['moved']:.3f} | {r.get('cos_to_base', float('nan')):.3f} |")
+        lines.append(f"| {c['strategy']} | {c['lr']:g} | {r['step']} | {r['bits']}/{r['n']}, "
+                     f"{r['log10_p']:.2f} | {r['bits_many']}/{r['n']}, {r['log10_p_many']:.2f} | "
+                     f"{r['soft_log10_p']:.2f} | {r['best_log10_p']:.2f} | "
+                     f"{100 * r['whole_share']:.0f}% | {r['moved']:.3f} | "
+                     f"{r.get('cos_to_base', float('nan')):.3f} |")
     if d.get("resets"):
       lines += ["", "Which parameters carry the watermark: bits agreeing (16 samples) after "
                 "resetting a group of the watermarked model to the base, and after restoring "
@@ -406,15 +421,19 @@ def markdown(res: dict) -> str:
                      f" | {rest['bits'] if rest else '-'}/49 |")
   if res.get("variants"):
     lines += ["", "## Embedding variants under full fine-tuning at lr 1e-4", "",
+              f"Cells: log10 p of the vote ({NUM_VOTE} samples) / the soft test / the "
+              f"best-sample test ({NUM_MANY} samples), and the share of samples that show the "
+              "watermark whole.", "",
               "| variant | what | embed s | unattacked | " + " | ".join(
                 f"step {s}" for s in EVAL_STEPS) + " |", "|---" * (4 + len(EVAL_STEPS)) + "|"]
     for name, e in res["variants"].items():
-      cells = {r["step"]: f"{r['bits']}/49, {r['log10_p']:.1f} (soft {r['soft_log10_p']:.1f})"
+      cells = {r["step"]: f"{r['log10_p']:.1f} / {r['soft_log10_p']:.1f} / "
+                          f"{r['best_log10_p']:.1f} ({100 * r['whole_share']:.0f}%)"
                for r in e["curve"]["rows"]}
       u = e["unattacked"]
       lines.append(f"| {name} | {e['note']} | {e['embed_seconds']:.0f} | {u['bits']}/49, "
-                   f"{u['log10_p']:.1f} | " + " | ".join(cells.get(s, "-") for s in EVAL_STEPS)
-                   + " |")
+                   f"{u['log10_p']:.1f} ({100 * u['whole_share']:.0f}%) | "
+                   + " | ".join(cells.get(s, "-") for s in EVAL_STEPS) + " |")
   if d and d.get("gradients"):
     lines += ["", "The clean task's mean gradient (16 batches) and the watermark loss's "
               "(gamma2 = 1), and the cosine between them:", "",
@@ -452,9 +471,10 @@ def markdown(res: dict) -> str:
       for spec, r in e["attacks"].items():
         lines.append(head + f"| {spec} | {r['bits']}/49 | {r['log10_p']:.2f} | "
                      f"{r['soft_log10_p']:.2f} | - | {r['fd'] / e['fd']:.2f} (of unattacked) |")
-  lines += ["", "Figure `wdm_finetune_robustness.png`: log10 p of the majority test against "
-            "fine-tuning steps, per fine-tune (left) and per embedding variant (right); the "
-            "dashed line is the 1e-6 threshold.", ""]
+  lines += ["", f"Figure `wdm_finetune_robustness.png`: log10 p of the vote of {NUM_VOTE} "
+            f"samples (top) and of the best-sample test on {NUM_MANY} (bottom) against "
+            "fine-tuning steps, per fine-tune of the current embedding (left) and per "
+            "embedding variant (right); the dashed line is the 1e-6 threshold.", ""]
   return "\n".join(lines)
 
 
@@ -464,25 +484,30 @@ def plot(path: str, res: dict) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
   d = res.get("diagnose") or {}
-  for c in d.get("curves", []):
-    steps = [0] + [r["step"] for r in c["rows"]]
-    p = [d["unattacked"]["log10_p"]] + [r["log10_p"] for r in c["rows"]]
-    axes[0].plot(steps, p, "o-", label=f"{c['strategy']} lr {c['lr']:g}")
-  for name, e in (res.get("variants") or {}).items():
-    steps = [0] + [r["step"] for r in e["curve"]["rows"]]
-    p = [e["unattacked"]["log10_p"]] + [r["log10_p"] for r in e["curve"]["rows"]]
-    axes[1].plot(steps, p, "o-", label=name)
-  for ax, title in zip(axes, ("current embedding, by fine-tune", "variants, full lr 1e-4"),
-                       strict=True):
-    ax.axhline(-6, ls="--", c="gray")
-    ax.set_xscale("symlog", linthresh=50)
-    ax.set_xlabel("fine-tuning steps")
-    ax.set_ylabel("log10 p (16 samples)")
-    ax.set_title(title)
-    if ax.lines:
-      ax.legend(fontsize=7)
+  series = [(0, f"{c['strategy']} lr {c['lr']:g}", d.get("unattacked"), c["rows"])
+            for c in d.get("curves", [])]
+  series += [(1, name, e["unattacked"], e["curve"]["rows"])
+             for name, e in (res.get("variants") or {}).items()]
+  for col, label, start, rows in series:
+    steps = [0] + [r["step"] for r in rows]
+    for row, key in enumerate(("log10_p", "best_log10_p")):
+      axes[row, col].plot(steps, [start[key]] + [r[key] for r in rows], "o-", ms=3,
+                          label=label)
+  titles = ("current embedding, by fine-tune", "embedding variants, full fine-tune lr 1e-4")
+  for row, test in enumerate((f"vote, {NUM_VOTE} samples", f"best sample of {NUM_MANY}")):
+    for col in range(2):
+      ax = axes[row, col]
+      ax.axhline(-6, ls="--", c="gray")
+      ax.set_xscale("symlog", linthresh=50)
+      ax.set_ylabel(f"log10 p ({test})")
+      if row == 0:
+        ax.set_title(titles[col])
+      else:
+        ax.set_xlabel("fine-tuning steps")
+      if ax.lines[1:]:
+        ax.legend(fontsize=7)
   fig.tight_layout()
   with atomic_open(path) as f:
     fig.savefig(f, format="png", dpi=90)

@@ -34,6 +34,7 @@ from wdmjax.watermark import (
   ImageShape,
   Secret,
   best_log10_p,
+  best_sample_test,
   decoy_test,
   decoy_trigger_specs,
   expected_bits,
@@ -631,7 +632,7 @@ def test_soft_keyed_test_null_is_exact_over_keys(tiny_models):
   """The soft test on a model that never saw the keys (the clean tiny model; the same 32
   extracted samples, 400 random keys): the randomized p-values are uniform within the
   0.1% Kolmogorov-Smirnov bound, the conservative ones never below it; on the watermarked
-  model, the secret key verifies."""
+  model, the secret key verifies. The best-sample test likewise (valid, not exact)."""
   model, sched, secret, trigger, watermark, params = tiny_models
   s = np.asarray(extract(model_fn_for(model), params["clean"], jax.random.PRNGKey(6), sched,
                          trigger=trigger, gamma1=secret.gamma1, num=32,
@@ -652,6 +653,16 @@ def test_soft_keyed_test_null_is_exact_over_keys(tiny_models):
                          y=jnp.full((32,), -1), steps=10))
   r = soft_keyed_test(w, watermark, secret.key, secret.block, alpha=1e-3)
   assert r["verified"] and r["test"] == "exact-key-flip" and r["bits"] == 32 * 16, r
+  # The best-sample test is valid (conservative) over the same keys, and finds a watermark
+  # left whole in one sample of 32 where the vote and the soft test cannot.
+  best = np.array([10 ** best_sample_test(s, watermark, int(k), 2)["log10_p_value"]
+                   for k in keys])
+  for q in (0.05, 0.2, 0.5):
+    assert np.mean(best <= q) <= q + 3 * math.sqrt(q * (1 - q) / n), (q, np.mean(best <= q))
+  mixed = np.concatenate([w[:1], s[1:]])
+  r = best_sample_test(mixed, watermark, secret.key, secret.block, alpha=1e-3)
+  assert r["verified"] and r["agreeing_bits"] == 16, r
+  assert not keyed_test(mixed, watermark, secret.key, secret.block, alpha=1e-3)["verified"]
 
 
 def test_two_point_tail_matches_enumeration():

@@ -19,7 +19,7 @@ from wdmjax.runs.watermark import (
   NUM_DECOYS,
   TESTS,
 )
-from wdmjax.watermark import ALPHA, GAMMA1, GAMMA2, SOFT_TEST, Secret
+from wdmjax.watermark import ALPHA, BEST_TEST, GAMMA1, GAMMA2, SOFT_TEST, Secret
 from wdmjax.watermark.robust import KINDS, ORDERS, RobustSpec
 from wdmjax.workdir import Workdir
 
@@ -83,7 +83,8 @@ def cmd_verify(args) -> int:
 
 def format_report(r: dict) -> str:
   verdict = "VERIFIED" if r["verified"] else "not verified"
-  what = "sample-block votes" if r["test"] == SOFT_TEST else "bits"
+  what = {SOFT_TEST: "sample-block votes", BEST_TEST: "bits of the best sample"}.get(
+    r["test"], "bits")
   return (f"{verdict}: {r['agreeing_bits']}/{r['bits']} {what} agree "
           f"({100 * r['bit_agreement']:.1f}%, null {100 * r['null_agreement']:.1f}%), "
           f"log10 p = {r['log10_p_value']:.2f} (alpha {r['alpha']:g}, {r['test']} test, "
@@ -183,7 +184,8 @@ def add_parsers(sub) -> None:
                       "--key for an exact test")
   v.add_argument("--test", choices=list(TESTS), default="vote",
                  help="keyed watermark: 'vote' tests the block majority votes of the samples, "
-                      "'soft' every sample's block votes (exact too; stronger on a watermark "
-                      "weakened by fine-tuning, best with --num 64 or more)")
+                      "'soft' every sample's block votes (exact too), 'best' the best-agreeing "
+                      "sample (Bonferroni over the samples; for a watermark that fine-tuning "
+                      "left whole in a few samples). Use --num 64 or more with soft and best")
   v.add_argument("--json", action="store_true", help="print one JSON object")
   v.set_defaults(func=cmd_verify)

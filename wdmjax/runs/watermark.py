@@ -34,6 +34,7 @@ from wdmjax.watermark import (
   ImageShape,
   Secret,
   add_warning,
+  best_sample_test,
   decoy_test,
   decoy_trigger_specs,
   expected_bits,
@@ -62,7 +63,7 @@ FINETUNE_LR = 1e-4
 NUM_DECOYS = 4
 DECOY_FRACTION = 0.5
 DECOY_T_MIN = 0.2
-TESTS = ("vote", "soft")  # the keyed tests of `verify`
+TESTS = ("vote", "soft", "best")  # the keyed tests of `verify`
 
 
 # ----------------------------------------------------------------------------- the secret
@@ -381,20 +382,22 @@ def verify_model(cfg: ml_collections.ConfigDict, params: chex.ArrayTree, secret:
                  num: int = 16, sampler: str = "ddim", steps: int = 50, seed: int = 0,
                  alpha: float = ALPHA, decoys: int = NUM_DECOYS, test: str = "vote") -> dict:
   """Extracts `num` samples with the secret's trigger and tests them: with a key, the exact
-  keyed test of the block majority votes (`test='vote'`) or of every sample's votes
-  (`test='soft'`: `soft_keyed_test`, stronger on a weakened watermark, best with 64 or
-  more samples); without, the decoy permutation test over the secret trigger and `decoys`
-  decoy triggers of its kind (see `wdmjax.watermark.verify`). Returns the report, with a
-  `warning` when the test can never reach `alpha` or is not exact."""
+  keyed test of the block majority votes (`test='vote'`), of every sample's votes
+  (`test='soft'`: `soft_keyed_test`, exact) or of the best-agreeing sample (`test='best'`:
+  `best_sample_test`, valid, for a watermark that fine-tuning left whole in a few samples
+  only; both best with 64 or more samples); without, the decoy permutation test over the
+  secret trigger and `decoys` decoy triggers of its kind (see `wdmjax.watermark.verify`).
+  Returns the report, with a `warning` when the test can never reach `alpha` or is not
+  exact."""
   check(test in TESTS, f"test: expected one of {list(TESTS)}, got {test!r}")
   check(test == "vote" or secret.key is not None,
-        "test: 'soft' is a test of a keyed watermark; this secret has no key")
+        f"test: {test!r} is a test of a keyed watermark; this secret has no key")
   shape = image_shape(cfg)
   trigger, watermark, _ = secret.images(shape, None)  # the owner's data dir (see extract)
   samples = extract_samples(cfg, params, trigger, secret.gamma1, num, sampler=sampler,
                             steps=steps, seed=seed)
   if secret.key is not None:
-    keyed = soft_keyed_test if test == "soft" else keyed_test
+    keyed = {"vote": keyed_test, "soft": soft_keyed_test, "best": best_sample_test}[test]
     out = keyed(samples, watermark, secret.key, secret.block, alpha)
   else:
     check(isinstance(decoys, int) and decoys >= 1,

@@ -11,11 +11,13 @@ from wdmjax.watermark.triggers import (
 )
 from wdmjax.watermark.verify import (
   ALPHA,
+  BEST_TEST,
   DECOY_TEST,
   EXACT_TEST,
   SOFT_TEST,
   add_warning,
   best_log10_p,
+  best_sample_test,
   decoy_test,
   expected_bits,
   keyed_test,
@@ -36,6 +38,7 @@ from wdmjax.watermark.wdp import (
 
 __all__ = [
   "ALPHA",
+  "BEST_TEST",
   "DECOY_TEST",
   "EXACT_TEST",
   "GAMMA1",
@@ -45,6 +48,7 @@ __all__ = [
   "Secret",
   "add_warning",
   "best_log10_p",
+  "best_sample_test",
   "decoy_test",
   "decoy_trigger_specs",
   "expected_bits",

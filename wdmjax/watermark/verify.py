@@ -28,6 +28,10 @@ sample's every block votes, and the statistic is the number S of (sample, block)
 agree with w XOR r, i.e. the mean agreement over samples times m n. Its null law is exact
 conditionally on the samples (proof in `soft_keyed_test`), so weak but consistent evidence
 spread over many samples counts where the majority vote of each block would lose it.
+Best-sample test (valid, conservative, `best_sample_test`): after fine-tuning, a watermark
+often survives whole in a fraction of the samples while the others turn into ordinary
+images; the largest per-sample agreement, Bonferroni-corrected over the m samples, keeps
+that evidence where any average dilutes it.
 The report names the test it used.
 """
 
@@ -51,6 +55,7 @@ from wdmjax.watermark.triggers import (
 ALPHA = 1e-6
 EXACT_TEST = "exact-binomial"
 SOFT_TEST = "exact-key-flip"
+BEST_TEST = "best-sample-bonferroni"
 DECOY_TEST = "decoy-permutation"
 
 
@@ -125,6 +130,47 @@ def soft_keyed_test(samples: np.ndarray, watermark: np.ndarray, key: int, block:
   m, n = len(samples), want.size
   return report(SOFT_TEST, s, m * n, 0.5, alpha, log10_p=two_point_log10_sf(pos, neg, s, u),
                 num_samples=m, block=block, blocks=n, warning=_keyed_warning(n, alpha))
+
+
+def best_sample_test(samples: np.ndarray, watermark: np.ndarray, key: int, block: int,
+                     alpha: float = ALPHA) -> dict:
+  """The best-sample test of a keyed watermark: a_j = the blocks of sample j whose sign
+  agrees with w XOR r, T = max_j a_j over m samples [m, H, W, C] and n blocks, and
+  p = min(1, m P(Binomial(n, 1/2) >= T)).
+
+  Validity. Under the null hypothesis the samples are independent of the key's mask r, so
+  for each fixed sample j every block agrees with e_b = w_b r_b with probability exactly
+  1/2, independently over blocks (a block with a zero mean never agrees): a_j is at most
+  Binomial(n, 1/2) in distribution, and P(T >= t) <= sum_j P(a_j >= t)
+  <= m P(Binomial(n, 1/2) >= t) (the union bound). Hence P(p <= alpha) <= alpha: the test
+  is valid at every alpha, conservative by at most the factor m (log10 m). It is the test
+  for a watermark that survives whole in some samples only; its smallest p is m 2^-n.
+
+  Returns the report (see `report`): agreeing_bits and bits are T and n, bit_agreement is
+  T / n; `sample_agreements` lists every a_j.
+  """
+  samples = np.asarray(samples, np.float32)
+  check(samples.ndim == 4, f"samples: expected [m, H, W, C], got shape {samples.shape}")
+  want = expected_bits(watermark, key, block)
+  signs = block_signs(samples, block)  # [m, n, n]
+  check(signs.shape[1:] == want.shape,
+        f"samples: expected images of the watermark's shape {watermark.shape[1:]}, got "
+        f"{samples.shape[1:]}")
+  per = (signs == want[None]).sum((1, 2)).astype(int)
+  m, n = len(samples), want.size
+  t = int(per.max())
+  log10_p = min(0.0, math.log10(m) + exact_binomial_log10_sf(t, n))
+  return report(BEST_TEST, t, n, 0.5, alpha, log10_p=log10_p, num_samples=m, block=block,
+                sample_agreements=per.tolist(), warning=_best_warning(n, m, alpha))
+
+
+def _best_warning(n: int, m: int, alpha: float) -> str | None:
+  _check_alpha(alpha)
+  best = math.log10(m) + n * math.log10(0.5)
+  if best <= math.log10(alpha):
+    return None
+  return (f"the best-sample test over {m} samples of {n} bits can never reach alpha {alpha:g} "
+          f"(its smallest p is 10^{best:.2f}); use fewer samples or more bits")
 
 
 # ----------------------------------------------------------------------------- reach
