@@ -15,12 +15,13 @@ thief's first updates lead to, not only where the owner stops.
 
 Gradient surgery (`surgery_loss`; PCGrad, Yu et al. 2020, "Gradient Surgery for Multi-Task
 Learning"): the watermark's gradient loses its component along the task's gradient whenever
-the two conflict. The plain joint loss stops where grad L_task = -gamma2 grad L_wm, a
-compromise at which the clean task's gradient points against the watermark: a thief's fresh
-optimizer follows it from the first step (experiments/results/wdm_finetune_robustness.md).
-With the conflicting component removed, a stationary point has grad L_task = 0 (if
-g + gamma2 g_w' = 0 with g_w' orthogonal to g, then |g|^2 = 0), so clean fine-tuning finds
-no task gradient to follow. It costs what the plain loss does (two half-batch gradients).
+the two conflict. The joint loss can stop where grad L_task = -gamma2 grad L_wm, a compromise
+at which the clean task's gradient points against the watermark and a thief's fresh
+optimizer would follow it; with the conflicting component removed, a stationary point has
+grad L_task = 0 (if g + gamma2 g_w' = 0 with g_w' orthogonal to g, then |g|^2 = 0). It costs
+what the plain loss does (two half-batch gradients). On mnist5k the premise does not hold
+(the watermarked model's mean task gradient is the base's, at cosine +0.07 with the
+watermark's) and surgery does not help: experiments/results/wdm_finetune_robustness.md.
 
 Task-Fisher anchoring (`fisher_diagonal`, `anchor_penalty`): a penalty
 lambda sum_i F_i (theta_i - theta0_i)^2 with F the clean task's diagonal Fisher at the base
