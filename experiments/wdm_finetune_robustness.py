@@ -202,12 +202,22 @@ def survival_curve(wm: str, secret: Secret, strategy: str, lr: float, steps: int
 
 
 def embed_variant(runs: str, base: str, name: str, v: Variant) -> tuple[str, float]:
+  """The variant's watermarked workdir (embedded unless kept) and its embedding time: the
+  median seconds per step of its metrics log times its steps (an interrupted and resumed
+  run's pause does not count)."""
   wm = os.path.join(runs, f"wm_{name}")
-  t0 = time.time()
-  done = Workdir(wm).exists(Workdir.SUMMARY)
   embed(wm, v.secret, base=base, steps=v.steps, lr=LR, decoy_fraction=v.decoy_fraction,
         robust=v.robust, overrides=["train.sample_every=0"], log=print)
-  return wm, float("nan") if done else time.time() - t0
+  return wm, embed_seconds(wm, v.steps)
+
+
+def embed_seconds(wm: str, steps: int) -> float:
+  """The median seconds per step of `wm`'s metrics log, times `steps`."""
+  with open(Workdir(wm).file(Workdir.METRICS)) as f:
+    rows = [json.loads(line) for line in f]
+  rates = [(b["time"] - a["time"]) / (b["step"] - a["step"])
+           for a, b in zip(rows, rows[1:], strict=False)]
+  return float(np.median(rates)) * steps if rates else float("nan")
 
 
 def diagnose(runs: str, base: str, res: dict, deadline: float) -> None:
@@ -216,8 +226,8 @@ def diagnose(runs: str, base: str, res: dict, deadline: float) -> None:
   base_params = load_model(base).params
   unattacked, _ = evaluate(cfg, wm_params, SECRET)
   d = res.get("diagnose") or {}
-  d.update(embed_seconds=d.get("embed_seconds") if math.isnan(seconds) else seconds,
-           unattacked=unattacked, embedding_distance=distance(wm_params, base_params))
+  d.update(embed_seconds=seconds, unattacked=unattacked,
+           embedding_distance=distance(wm_params, base_params))
   d["curves"], old = [], {(c["strategy"], c["lr"], c["steps"]): c for c in d.get("curves", [])}
   for i, (strategy, lr, steps) in enumerate(DIAGNOSE):
     if (strategy, lr, steps) in old and i > 0:
@@ -311,9 +321,7 @@ def variants(runs: str, base: str, res: dict, only: list[str] | None) -> None:
       continue
     wm, seconds = embed_variant(runs, base, name, v)
     cfg, params = load_model(wm)
-    old = res["variants"].get(name, {})
-    entry = {**dataclasses.asdict(v), "embed_seconds": seconds if not math.isnan(seconds)
-             else old.get("embed_seconds", seconds),
+    entry = {**dataclasses.asdict(v), "embed_seconds": seconds,
              "unattacked": evaluate(cfg, params, v.secret)[0],
              "curve": survival_curve(wm, v.secret, "full", ATTACK_LR["full"], 1000)}
     res["variants"][name] = entry
@@ -419,11 +427,22 @@ def markdown(res: dict) -> str:
         lines.append(f"| {r['group']} | {r['size']:,} | {r['embedding_moved']:.3f} | "
                      f"{r['reset_to_base']['bits']}/49 | {r.get('moved_250', float('nan')):.3f}"
                      f" | {rest['bits'] if rest else '-'}/49 |")
+  if d and d.get("gradients"):
+    lines += ["", "The clean task's mean gradient (16 batches) and the watermark loss's "
+              "(gamma2 = 1), and the cosine between them:", "",
+              "| weights | task loss | task grad norm | watermark loss | watermark grad norm | "
+              "cos(task, watermark) |", "|---" * 6 + "|"]
+    for name, g in d["gradients"].items():
+      lines.append(f"| {name} | {g['task_loss']:.4f} | {g['task_grad_norm']:.4f} | "
+                   f"{g['watermark_loss']:.4f} | {g['watermark_grad_norm']:.4f} | "
+                   f"{g['cos_task_watermark']:.3f} |")
   if res.get("variants"):
     lines += ["", "## Embedding variants under full fine-tuning at lr 1e-4", "",
               f"Cells: log10 p of the vote ({NUM_VOTE} samples) / the soft test / the "
               f"best-sample test ({NUM_MANY} samples), and the share of samples that show the "
-              "watermark whole.", "",
+              "watermark whole. Embed s: the median seconds per step of the embedding's log "
+              "times its steps (the runs shared the 2 cores with other jobs: a rough cost; "
+              "the ratio to `current` is the guard's).", "",
               "| variant | what | embed s | unattacked | " + " | ".join(
                 f"step {s}" for s in EVAL_STEPS) + " |", "|---" * (4 + len(EVAL_STEPS)) + "|"]
     for name, e in res["variants"].items():
@@ -434,15 +453,6 @@ def markdown(res: dict) -> str:
       lines.append(f"| {name} | {e['note']} | {e['embed_seconds']:.0f} | {u['bits']}/49, "
                    f"{u['log10_p']:.1f} ({100 * u['whole_share']:.0f}%) | "
                    + " | ".join(cells.get(s, "-") for s in EVAL_STEPS) + " |")
-  if d and d.get("gradients"):
-    lines += ["", "The clean task's mean gradient (16 batches) and the watermark loss's "
-              "(gamma2 = 1), and the cosine between them:", "",
-              "| weights | task loss | task grad norm | watermark loss | watermark grad norm | "
-              "cos(task, watermark) |", "|---" * 6 + "|"]
-    for name, g in d["gradients"].items():
-      lines.append(f"| {name} | {g['task_loss']:.4f} | {g['task_grad_norm']:.4f} | "
-                   f"{g['watermark_loss']:.4f} | {g['watermark_grad_norm']:.4f} | "
-                   f"{g['cos_task_watermark']:.3f} |")
   f = res.get("final")
   if f and any(isinstance(e, dict) and "finetunes" in e for e in f.values()):
     lines += ["", "## The current embedding against the winner", "",
@@ -528,7 +538,11 @@ def main() -> None:
   if os.path.exists(STEM + ".json"):
     with open(STEM + ".json") as f:
       res = json.load(f)
-  if args.replot:
+  if args.replot:  # the embedding times come from the kept workdirs' metrics logs
+    for name, e in (res.get("variants") or {}).items():
+      wm = os.path.join(args.runs, f"wm_{name}")
+      if os.path.exists(Workdir(wm).file(Workdir.METRICS)):
+        e["embed_seconds"] = embed_seconds(wm, e["steps"])
     write(res)
     return
   res.update(device_info())
