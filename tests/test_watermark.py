@@ -681,6 +681,14 @@ def test_two_point_tail_matches_enumeration():
     two_point_log10_sf(np.array([1.5]), np.array([0]), 1)
 
 
+def _digits_batch_and_task(model, sched):
+  """16 digits as a batch, and the clean task loss of the tiny models."""
+  imgs, labels = load_arrays("digits", "train")
+  batch = {"image": jnp.asarray(preprocess(np.asarray(imgs[:16]), 8, 1)),
+           "label": jnp.asarray(np.asarray(labels[:16]))}
+  return batch, diffusion_loss(apply_fn_for(model), sched, "eps", 0.1, -1)
+
+
 def test_inner_finetune_matches_a_plain_loop_of_the_same_updates(tiny_models):
   """The lax.scan of fine-tuning updates is the thief's loop: the same optimizer, batch and
   keys, step by step; the first-order loss's gradient is grad L(theta) + grad L_wm(theta_k)
@@ -689,10 +697,7 @@ def test_inner_finetune_matches_a_plain_loop_of_the_same_updates(tiny_models):
 
   model, sched, secret, trigger, _, params = tiny_models
   p0 = params["watermarked"]
-  imgs, labels = load_arrays("digits", "train")
-  batch = {"image": jnp.asarray(preprocess(np.asarray(imgs[:16]), 8, 1)),
-           "label": jnp.asarray(np.asarray(labels[:16]))}
-  task = diffusion_loss(apply_fn_for(model), sched, "eps", 0.1, -1)
+  batch, task = _digits_batch_and_task(model, sched)
   rng = jax.random.PRNGKey(9)
 
   def plain_loop(tx, p):
@@ -787,10 +792,7 @@ def test_gradient_surgery_removes_only_the_conflicting_component(tiny_models):
 
   model, sched, secret, trigger, _, params = tiny_models
   p0 = params["watermarked"]
-  imgs, labels = load_arrays("digits", "train")
-  batch = {"image": jnp.asarray(preprocess(np.asarray(imgs[:16]), 8, 1)),
-           "label": jnp.asarray(np.asarray(labels[:16]))}
-  task = diffusion_loss(apply_fn_for(model), sched, "eps", 0.1, -1)
+  batch, task = _digits_batch_and_task(model, sched)
   wm_only = wdp_loss(apply_fn_for(model), sched, "eps", task=False, trigger=trigger,
                      watermark=keyed_targets(make_watermark("keyed:2", SHAPE, 2), 3, 2),
                      gamma1=secret.gamma1, gamma2=secret.gamma2, class_dropout_prob=0.1,

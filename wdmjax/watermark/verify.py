@@ -96,6 +96,19 @@ def keyed_test(samples: np.ndarray, watermark: np.ndarray, key: int, block: int,
                 warning=_keyed_warning(n, alpha))
 
 
+def _sample_votes(samples: np.ndarray, watermark: np.ndarray, key: int, block: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """(every sample's block signs [m, n, n], the expected bits [n, n]), shapes checked."""
+  samples = np.asarray(samples, np.float32)
+  check(samples.ndim == 4, f"samples: expected [m, H, W, C], got shape {samples.shape}")
+  want = expected_bits(watermark, key, block)
+  signs = block_signs(samples, block)
+  check(signs.shape[1:] == want.shape,
+        f"samples: expected images of the watermark's shape {watermark.shape[1:]}, got "
+        f"{samples.shape[1:]}")
+  return signs, want
+
+
 def soft_keyed_test(samples: np.ndarray, watermark: np.ndarray, key: int, block: int,
                     alpha: float = ALPHA, u: float | None = None) -> dict:
   """The exact soft test of a keyed watermark: S = the number of (sample, block) sign votes
@@ -117,17 +130,11 @@ def soft_keyed_test(samples: np.ndarray, watermark: np.ndarray, key: int, block:
   Returns the report (see `report`): bit_agreement is S / (m n), the mean agreement over
   samples; agreeing_bits and bits are S and m n; `blocks` is n.
   """
-  samples = np.asarray(samples, np.float32)
-  check(samples.ndim == 4, f"samples: expected [m, H, W, C], got shape {samples.shape}")
-  want = expected_bits(watermark, key, block)
-  signs = block_signs(samples, block)  # [m, n, n]
-  check(signs.shape[1:] == want.shape,
-        f"samples: expected images of the watermark's shape {watermark.shape[1:]}, got "
-        f"{samples.shape[1:]}")
+  signs, want = _sample_votes(samples, watermark, key, block)
   pos = (signs > 0).sum(0).ravel()
   neg = (signs < 0).sum(0).ravel()
   s = int(np.where(want.ravel() > 0, pos, neg).sum())
-  m, n = len(samples), want.size
+  m, n = len(signs), want.size
   return report(SOFT_TEST, s, m * n, 0.5, alpha, log10_p=two_point_log10_sf(pos, neg, s, u),
                 num_samples=m, block=block, blocks=n, warning=_keyed_warning(n, alpha))
 
@@ -149,15 +156,9 @@ def best_sample_test(samples: np.ndarray, watermark: np.ndarray, key: int, block
   Returns the report (see `report`): agreeing_bits and bits are T and n, bit_agreement is
   T / n; `sample_agreements` lists every a_j.
   """
-  samples = np.asarray(samples, np.float32)
-  check(samples.ndim == 4, f"samples: expected [m, H, W, C], got shape {samples.shape}")
-  want = expected_bits(watermark, key, block)
-  signs = block_signs(samples, block)  # [m, n, n]
-  check(signs.shape[1:] == want.shape,
-        f"samples: expected images of the watermark's shape {watermark.shape[1:]}, got "
-        f"{samples.shape[1:]}")
+  signs, want = _sample_votes(samples, watermark, key, block)
   per = (signs == want[None]).sum((1, 2)).astype(int)
-  m, n = len(samples), want.size
+  m, n = len(signs), want.size
   t = int(per.max())
   log10_p = min(0.0, math.log10(m) + exact_binomial_log10_sf(t, n))
   return report(BEST_TEST, t, n, 0.5, alpha, log10_p=log10_p, num_samples=m, block=block,
