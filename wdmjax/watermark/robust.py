@@ -55,7 +55,7 @@ class RobustSpec:
   anchor, strength `weight`)."""
   kind: str = "finetune"
   steps: int = 1
-  lr: float = 1e-3
+  lr: float = 3e-3  # of the measured inner rates (1e-3, 3e-3) the one that kept more
   weight: float = 1.0
   order: str = "first"
 
