@@ -9,16 +9,18 @@ Stages (each keeps what earlier runs wrote in experiments/results/wdm_finetune_r
   diagnose  the current embedding (experiments/robustness_wdm.py's secret, 600 steps at lr
             3e-4) under clean fine-tuning: full at lr 1e-5 to 3e-4, DiffFit and LoRA; the
             watermark's survival (bits agreeing, log10 p: the majority test on 16 extracted
-            samples and the soft test on 64) against fine-tuning steps, how far the weights
-            move, and which parameter groups carry the watermark (resetting each group of
-            the watermarked model to the base, and restoring each group of the attacked model
-            to the watermarked one).
+            samples; the vote, soft and best-sample tests on 128) against fine-tuning
+            steps, how far the weights move, and which parameter groups carry the watermark
+            (resetting each group of the watermarked model to the base, and restoring each
+            group of the attacked model to the watermarked one).
   variants  each embedding variant of `VARIANTS` under the attack `finetune` (full, lr 1e-4,
             batch 48, fresh AdamW as `wdmjax attack finetune:N` runs it) up to 1,000 steps.
-  final     the winning variant and the current embedding under DiffFit and LoRA fine-tuning
-            and the robustness experiment's other attacks, with FD.
+  final     the winning variant (`WINNER`) and the current embedding under full, DiffFit and
+            LoRA fine-tuning at 1,000 steps and the robustness experiment's other attacks,
+            with task FD and the wrong-trigger and clean-base checks.
 Every fine-tune is a real `wdmjax.peft.finetune` run whose checkpoints are kept and verified
-in turn. Writes experiments/results/wdm_finetune_robustness.{json,md,png}.
+in turn. Writes experiments/results/wdm_finetune_robustness.{json,md,png} (and, from the
+final stage, wdm_finetune_robustness_samples.png).
 """
 
 from __future__ import annotations
@@ -516,7 +518,13 @@ def markdown(res: dict) -> str:
   lines += ["", f"Figure `wdm_finetune_robustness.png`: log10 p of the vote of {NUM_VOTE} "
             f"samples (top) and of the best-sample test on {NUM_MANY} (bottom) against "
             "fine-tuning steps, per fine-tune of the current embedding (left) and per "
-            "embedding variant (right); the dashed line is the 1e-6 threshold.", ""]
+            "embedding variant (right); the dashed line is the 1e-6 threshold."]
+  if f:
+    lines += ["", "Figure `wdm_finetune_robustness_samples.png`: what the verifier sees for the "
+              f"winner ({WINNER}): the watermark, {NUM_VOTE} extracted samples of the "
+              f"watermarked model, and after finetune:1000 the first {NUM_VOTE} and the "
+              f"{NUM_VOTE} that agree best."]
+  lines += [""]
   return "\n".join(lines)
 
 
