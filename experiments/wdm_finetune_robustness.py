@@ -63,7 +63,7 @@ ATTACK_LR = {"full": 1e-4, "difffit": 1e-3, "lora": 1e-3}
 # the diagnosis's fine-tunes: (strategy, lr, steps)
 # (the first one's step-250 model is the reset analysis's attacked model)
 DIAGNOSE = [("full", 1e-4, 1000), ("difffit", 1e-3, 1000), ("lora", 1e-3, 1000),
-            ("full", 1e-5, 1000), ("full", 3e-5, 1000), ("full", 3e-4, 1000),
+            ("full", 3e-4, 1000), ("full", 1e-5, 1000), ("full", 3e-5, 1000),
             ("full", 1e-4, 2000)]
 
 
@@ -236,8 +236,12 @@ def diagnose(runs: str, base: str, res: dict, deadline: float) -> None:
   d.update(embed_seconds=seconds, unattacked=unattacked,
            embedding_distance=distance(wm_params, base_params))
   d["curves"], old = [], {(c["strategy"], c["lr"], c["steps"]): c for c in d.get("curves", [])}
+  # the final stage's fine-tunes of the current embedding are the same runs and tests
+  old.update({(c["strategy"], c["lr"], c["steps"]): c for c in
+              ((res.get("final") or {}).get("current") or {}).get("finetunes", {}).values()})
   for i, (strategy, lr, steps) in enumerate(DIAGNOSE):
-    if (strategy, lr, steps) in old and i > 0:
+    # the first curve's kept models feed the reset and gradient analyses: redone with them
+    if (strategy, lr, steps) in old and (i > 0 or ("resets" in d and "gradients" in d)):
       d["curves"].append(old[strategy, lr, steps])
       continue
     kept: dict[int, dict] = {}
@@ -441,7 +445,7 @@ def markdown(res: dict) -> str:
                      f"{r['log10_p']:.2f} | {r['bits_many']}/{r['n']}, {r['log10_p_many']:.2f} | "
                      f"{r['soft_log10_p']:.2f} | {r['best_log10_p']:.2f} | "
                      f"{100 * r['whole_share']:.0f}% | {r['moved']:.3f} | "
-                     f"{r.get('cos_to_base', float('nan')):.3f} |")
+                     + (f"{r['cos_to_base']:.3f} |" if "cos_to_base" in r else "- |"))
     if d.get("resets"):
       lines += ["", "Which parameters carry the watermark: bits agreeing (16 samples) after "
                 "resetting a group of the watermarked model to the base, and after restoring "

@@ -146,7 +146,8 @@ def add_parsers(sub) -> None:
   e.add_argument("--robust", choices=list(KINDS), default=None,
                  help="guard the watermark against a thief's clean fine-tuning: 'finetune' "
                       "simulates the thief's first updates inside the loss (about "
-                      "1 + (robust-steps + 1) / 2 times the embedding time), 'surgery' "
+                      "1 + (robust-steps + 1) / 2 times the embedding time; with --gamma1 "
+                      "0.5 it is the measured best against fine-tuning), 'surgery' "
                       "projects the watermark's gradient off the task's where they conflict "
                       "(no extra time), 'fisher' anchors the weights the clean task moves "
                       "most")
