@@ -397,15 +397,15 @@ def final(runs: str, base: str, res: dict, names: list[str], num_fd: int) -> Non
 
 
 def samples_figure(cfg, params, attacked, secret: Secret) -> None:
-  """What the verifier sees: the watermark, then 16 extracted samples of the watermarked
-  model, and of it after finetune:1000 the first 16 and the 16 that agree best."""
-  _, watermark, _ = secret.images(image_shape(cfg), None)
+  """What the verifier sees: the learned target (the watermark's blocks XOR the key's
+  mask), then 16 extracted samples of the watermarked model, and of it after finetune:1000
+  the first 16 and the 16 that agree best."""
+  _, watermark, targets = secret.images(image_shape(cfg), None)
   _, before = evaluate(cfg, params, secret)
   _, after = evaluate(cfg, attacked, secret)
   agree = best_sample_test(after, watermark, secret.key, secret.block)["sample_agreements"]
   best = np.argsort(-np.asarray(agree), kind="stable")[:NUM_VOTE]
-  target = np.asarray(watermark).reshape(-1, *before.shape[1:])[:1]
-  panels = [("watermark", make_grid(target, upscale=3)),
+  panels = [("target", make_grid(np.asarray(targets)[:1], upscale=3)),
             ("unattacked", make_grid(before[:NUM_VOTE], nrow=4, upscale=3)),
             ("finetune:1000", make_grid(after[:NUM_VOTE], nrow=4, upscale=3)),
             ("finetune:1000, best 16", make_grid(after[best], nrow=4, upscale=3))]
@@ -519,13 +519,17 @@ def markdown(res: dict) -> str:
                      f"{c['wrong_trigger']['best_log10_p']:.2f} | {fd_ratio:.2f} |")
       for spec, r in e["attacks"].items():
         lines.append(head + f"| {spec} | {cells(r)} | - | {r['fd'] / e['fd']:.2f} |")
+    if not all(e["attacks"] for e in f.values() if isinstance(e, dict) and "attacks" in e):
+      lines += ["", "A variant without attack rows was stopped before them (the current "
+                "embedding's recipe under those attacks: `robustness_wdm.md`)."]
   lines += ["", f"Figure `wdm_finetune_robustness.png`: log10 p of the vote of {NUM_VOTE} "
             f"samples (top) and of the best-sample test on {NUM_MANY} (bottom) against "
             "fine-tuning steps, per fine-tune of the current embedding (left) and per "
             "embedding variant (right); the dashed line is the 1e-6 threshold."]
   if f:
     lines += ["", "Figure `wdm_finetune_robustness_samples.png`: what the verifier sees for the "
-              f"winner ({WINNER}): the watermark, {NUM_VOTE} extracted samples of the "
+              f"winner ({WINNER}): the learned target (the watermark's blocks XOR the key's mask), "
+              f"{NUM_VOTE} extracted samples of the "
               f"watermarked model, and after finetune:1000 the first {NUM_VOTE} and the "
               f"{NUM_VOTE} that agree best."]
   lines += [""]

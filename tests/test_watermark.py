@@ -771,7 +771,7 @@ def test_robust_embeddings_record_their_guard(embedded, tmp_path):
               "--no-progress")
   assert r.returncode == 0, r.stderr
   assert json.load(open(os.path.join(wd, "embedding.json")))["robust"] == {
-    "kind": "finetune", "steps": 2, "lr": 1e-3, "weight": 1.0, "order": "first"}
+    "kind": "finetune", "steps": 2, "lr": 3e-3, "weight": 1.0, "order": "first"}
   rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
   assert all(row["inner_moved"] > 0 and "watermark_loss_after" in row for row in rows)
   wd = str(tmp_path / "fisher")
