@@ -1,0 +1,192 @@
+"""DDIM inversion, Tree-Ring and Gaussian Shading: inversion recovers x_T, each watermark
+detects its own samples and not others, Gaussian Shading's noise is Gaussian and its test
+exact, Tree-Ring's Gaussian null calibrated, bad input refused in one line."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from wdmjax import diffusion as d
+from wdmjax.diffusion.inversion import ddim_invert, generate, invert
+from wdmjax.errors import WdmjaxError
+from wdmjax.noisemark import gaussian_shading as gs
+from wdmjax.noisemark import tree_ring as tr
+from wdmjax.stats.noncentral import ncx2_log10_cdf
+
+SHAPE = (28, 28, 1)
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def schedule():
+  return d.make_schedule("linear", 1000)
+
+
+def _posterior_mean_eps(schedule, x, t, shift=0.0):
+  """eps of a smooth denoiser shaped like the posterior mean of N(shift, 0.5^2) data."""
+  a = schedule.alphas_cumprod[t][:, None, None, None]
+  x0 = 0.5 * jnp.tanh(jnp.sqrt(a) * 0.5 * (x - jnp.sqrt(a) * shift) / (0.25 * a + 1 - a))
+  return d.eps_from_x0(schedule, x0 + shift, x, t)
+
+
+def _smooth_model(params, x, t, y):
+  """A smooth conditional eps-network: `_posterior_mean_eps` with a label-dependent mean."""
+  shift = params * 0.1 * y.astype(x.dtype)[:, None, None, None]
+  return _posterior_mean_eps(d.make_schedule("linear", 1000), x, t, shift)
+
+
+@pytest.mark.parametrize("iters,tol", [(0, 2.0), (10, 0.02)])
+def test_inversion_of_a_ddim_sample_recovers_x_T(schedule, iters, tol):
+  den = functools.partial(_posterior_mean_eps, schedule)
+  x_T = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+  x0 = d.ddim_sample(den, schedule, x_T, steps=50)
+  rec = ddim_invert(den, schedule, x0, steps=50, fixed_point_iters=iters)
+  err = float(jnp.abs(rec - x_T).max())
+  assert err < tol, err
+  if iters == 0:
+    assert err > 0.5  # the usual inversion is approximate: the refinement is what is exact
+
+
+def test_guided_inversion_through_the_jitted_entry_points(schedule):
+  y = jnp.array([1, 2, 3, 4])
+  kw = dict(steps=50, y=y, guidance_scale=1.5, null_label=0, clip_denoised=False)
+  x_T = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+  x0 = generate(_smooth_model, jnp.float32(1.0), schedule, x_T, **kw)
+  rec = invert(_smooth_model, jnp.float32(1.0), schedule, x0, fixed_point_iters=10, **kw)
+  err = jnp.abs(rec - x_T)
+  assert float(err.mean()) < 5e-3 and float(err.max()) < 0.1, err  # slowest where |x_T| > 2.5
+  unguided = invert(_smooth_model, jnp.float32(1.0), schedule, x0, steps=50, y=y,
+                    clip_denoised=False, fixed_point_iters=10)
+  assert float(jnp.abs(unguided - x_T).max()) > 1e-2  # the guidance is really applied
+
+
+@pytest.fixture(scope="module")
+def demo_model(tmp_path_factory):
+  from wdmjax.runs.demo import base_workdir
+  from wdmjax.runs.model import load_model
+  from wdmjax.train import setup
+  m = load_model(base_workdir(str(tmp_path_factory.mktemp("nm") / "base")))
+  su = setup(m.cfg)
+  y = jnp.full((16,), su.null_label, jnp.int32)
+  kw = dict(steps=STEPS, objective=m.cfg.diffusion.objective, y=y)
+  gen = lambda x_T: generate(su.model_fn, m.params, su.schedule, x_T, **kw)
+  inv = lambda x: invert(su.model_fn, m.params, su.schedule, x, fixed_point_iters=2, **kw)
+  return gen, inv
+
+
+@pytest.fixture(scope="module")
+def inverted(demo_model):
+  """Inverted noise of 16 clean, 16 Tree-Ring and 16 Gaussian Shading samples of the demo DiT."""
+  gen, inv = demo_model
+  trk = tr.make_key(1, SHAPE, radius=8, channel=0, inner=3)
+  gsk = gs.make_key(2, SHAPE, block=4)
+  r = jax.random.key(5)
+  clean = gen(jax.random.normal(r, (16, *SHAPE)))
+  x_tr = gen(tr.watermark_noise(r, trk, 16, SHAPE))
+  x_gs = gen(gs.watermark_noise(r, gsk, 16))
+  return trk, gsk, clean, {k: inv(v) for k, v in [("clean", clean), ("tr", x_tr), ("gs", x_gs)]}
+
+
+def test_inversion_reconstructs_images_of_the_trained_dit(demo_model, inverted):
+  gen, _ = demo_model
+  clean, z = inverted[2], inverted[3]["clean"]
+  # 10 steps, 2 refinements: the image comes back to 0.06 RMS (of a range of 2).
+  assert float(jnp.sqrt(((gen(z) - clean) ** 2).mean())) < 0.06
+
+
+def test_tree_ring_detects_its_samples_and_not_others(inverted):
+  trk, _, _, z = inverted
+  for null in tr.NULLS:
+    own = tr.log10_p_values(z["tr"], trk, null)
+    for other in ("clean", "gs"):
+      lp = tr.log10_p_values(z[other], trk, null)
+      assert np.median(own) < np.median(lp) - 2.0, (null, own, lp)
+  assert np.median(tr.distances(z["tr"], trk)) < np.median(tr.distances(z["clean"], trk))
+
+
+def test_gaussian_shading_detects_its_samples_and_not_others(inverted):
+  _, gsk, _, z = inverted
+  acc, lp = gs.detect(z["gs"], gsk)
+  assert np.median(acc) > 0.7 and np.median(lp) < -3, (acc, lp)
+  for other in ("clean", "tr"):
+    acc_o, lp_o = gs.detect(z[other], gsk)
+    assert 0.3 < np.median(acc_o) < 0.7 and np.median(lp_o) > -1.5, (acc_o, lp_o)
+
+
+def test_gaussian_shading_noise_is_gaussian():
+  keys = [gs.make_key(s, (8, 8, 4), block=2, channel_factor=2) for s in range(300)]
+  pos = np.array([float(gs.watermark_noise(jax.random.key(s), k, 1)[0, 3, 5, 1])
+                  for s, k in enumerate(keys)])  # one position across keys
+  assert sps.kstest(pos, "norm").pvalue > 1e-3
+  one = np.asarray(gs.watermark_noise(jax.random.key(0), keys[0], 64)).ravel()
+  assert sps.kstest(one, "norm").pvalue > 1e-3  # pooled over one key's images
+
+
+def test_gaussian_shading_test_is_exact_on_unwatermarked_images(inverted):
+  """Over keys, the agreement of any image is Binomial(K, 1/2): p-values super-uniform within
+  the DKW band at every level the test can reach."""
+  z = inverted[3]["clean"]
+  # One image per key, so the p-values are independent (images of one key are not).
+  lps = np.concatenate([gs.detect(z[s % 16:s % 16 + 1], gs.make_key(s, SHAPE, block=4))[1]
+                        for s in range(1500)])
+  n, k_bits = lps.size, 49
+  band = math.sqrt(math.log(2 / 1e-3) / (2 * n))
+  for k in range(25, 40):
+    level = sps.binom.sf(k - 1, k_bits, 0.5)
+    emp = np.mean(lps <= math.log10(level) + 1e-4)  # p-values are float32
+    assert abs(emp - level) <= band, (k, emp, level, band)
+
+
+def test_tree_ring_gaussian_null_is_calibrated_on_gaussian_noise():
+  key = tr.make_key(3, SHAPE, radius=5, channel=0)
+  x = jax.random.normal(jax.random.key(9), (400, *SHAPE))
+  p = 10.0 ** tr.log10_p_values(x, key)
+  assert sps.kstest(p, "uniform").pvalue > 1e-3
+  # ... and the key's own noise is far in the tail.
+  assert tr.log10_p_values(tr.inject(x[:4], key), key).max() < -20
+
+
+def test_tree_ring_injection_writes_the_key_and_keeps_the_noise_real():
+  key = tr.make_key(4, (16, 16, 2), radius=3, channel=1)
+  x = tr.watermark_noise(jax.random.key(2), key, 3, (16, 16, 2))
+  f = np.fft.fft2(np.asarray(x[..., 1], np.float64))
+  np.testing.assert_allclose(f[:, key.mask].real, np.broadcast_to(key.values[key.mask], (3,
+                             key.mask.sum())), atol=1e-3)
+  np.testing.assert_allclose(f[:, key.mask].imag, 0, atol=1e-3)
+  assert key.mask[0, 0] and key.mask[0, 3] and not key.mask[0, 4]
+
+
+@pytest.mark.parametrize("x,dof,nc", [(5, 10, 3), (1, 10, 30), (300, 100, 200), (2, 3, 0)])
+def test_noncentral_chi2_matches_scipy(x, dof, nc):
+  want = (sps.ncx2.logcdf(x, dof, nc) if nc else sps.chi2.logcdf(x, dof)) / math.log(10)
+  assert abs(ncx2_log10_cdf(x, dof, nc) - want) < 1e-9
+  assert math.isfinite(ncx2_log10_cdf(1e-3, 81, 3e4))  # where scipy underflows to -inf
+
+
+@pytest.mark.parametrize("call,names", [
+    (lambda: tr.make_key(0, SHAPE, radius=14), "radius"),
+    (lambda: tr.make_key(0, SHAPE, radius=3, channel=1), "channel"),
+    (lambda: tr.log10_p_values(jnp.zeros((1, *SHAPE)), tr.make_key(0, SHAPE, 3), "chi"),
+     "null"),
+    (lambda: gs.make_key(0, SHAPE, block=5), "block"),
+    (lambda: gs.make_key(0, (8, 8, 4), channel_factor=3), "channel_factor"),
+    (lambda: gs.make_key(0, SHAPE, message=np.ones(10)), "message"),
+    (lambda: gs.make_key(-1, SHAPE), "seed"),
+    (lambda: gs.detect(jnp.zeros((1, 8, 8, 1)), gs.make_key(0, SHAPE)), "x_T"),
+    (lambda: invert(_smooth_model, 0.5, d.make_schedule("linear", 1000),
+                    jnp.zeros((1, 8, 8, 1)), y=jnp.zeros(1, jnp.int32), fixed_point_iters=-1),
+     "fixed_point_iters"),
+    (lambda: invert(_smooth_model, 0.5, d.make_schedule("linear", 1000),
+                    jnp.zeros((1, 8, 8, 1)), steps=0, y=jnp.zeros(1, jnp.int32)), "steps"),
+    (lambda: invert(_smooth_model, 0.5, d.make_schedule("linear", 1000), jnp.zeros((8, 8, 1))),
+     "images"),
+])
+def test_bad_input_is_refused_in_one_line(call, names):
+  with pytest.raises(WdmjaxError, match=names) as e:
+    call()
+  assert "\n" not in str(e.value)
