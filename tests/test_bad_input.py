@@ -327,8 +327,8 @@ def test_check_number_accepts_exactly_the_finite_numbers_in_range(value, low, hi
 @given(spec=st.one_of(
     TEXT, st.builds(lambda n, v: f"{n}:{v}",
                     st.sampled_from(["prune", "prune_layer", "noise", "noise_rel", "dropout",
-                                     "quantize", "finetune", "finetune_difffit", "steps",
-                                     "raw"]),
+                                     "quantize", "finetune", "finetune_difffit", "finetune_lora",
+                                     "steps", "raw"]),
                     st.one_of(TEXT, NUMBERS.map(repr), NUMBERS.map(str)))))
 def test_attack_specs_parse_or_fail_in_one_line(spec):
   from wdmjax.attacks.spec import parse_attack

@@ -140,6 +140,18 @@ def _check_ood(stdout: str) -> None:
   assert 0.0 <= float(r["auroc_photos"]) <= 1.0, r
 
 
+def _check_noise_watermarks(stdout: str) -> None:
+  # Inversion brings the image back; both noise watermarks separate their own samples from
+  # clean ones by orders of magnitude; Gaussian Shading's noise passes a KS test against N(0, 1).
+  r = _result(stdout)
+  assert r["size"] == "tiny"
+  assert float(r["image_rmse"]) < 0.1 and float(r["inversion_signs"]) > 0.55, r
+  assert float(r["tr_gauss_own"]) < float(r["tr_gauss_clean"]) - 2, r
+  assert float(r["gs_own"]) < float(r["gs_clean"]) - 2, r
+  assert float(r["gs_ks_p"]) > 1e-3, r
+  assert int(r["bench_rows"]) == 9, r
+
+
 CHECKS = {
   "01_quickstart.ipynb": _check_quickstart,
   "02_difffit.ipynb": _check_difffit,
@@ -148,6 +160,7 @@ CHECKS = {
   "05_stable_signature.ipynb": _check_signature,
   "06_serial_numbers.ipynb": _check_serial,
   "07_ood_detection.ipynb": _check_ood,
+  "08_noise_watermarks_benchmark.ipynb": _check_noise_watermarks,
 }
 
 

@@ -7,6 +7,7 @@
   quantize:MODE      round trip through fp16, bf16 or int8 (per output channel)
   finetune:N         N steps of full fine-tuning on the config's clean data (lr 1e-4)
   finetune_difffit:N N steps of DiffFit on clean data (lr 1e-3)
+  finetune_lora:N    N steps of LoRA (rank 4) on clean data (lr 1e-3)
   steps:N            sample with N steps (a sampling option kept in the config)
   dropout:P          sample with dropout at rate P in every block (kept in the config)
   raw                the raw weights instead of the EMA (first attack only)
@@ -30,9 +31,9 @@ import numpy as np
 from wdmjax.attacks.model import QUANT_MODES, prune, quantize, weight_noise
 from wdmjax.errors import check
 
-FINETUNE_LR = {"full": 1e-4, "difffit": 1e-3}
+FINETUNE_LR = {"full": 1e-4, "difffit": 1e-3, "lora": 1e-3}
 _FLOAT = ("prune", "prune_layer", "noise", "noise_rel", "dropout")
-_INT = ("finetune", "finetune_difffit", "steps")
+_INT = ("finetune", "finetune_difffit", "finetune_lora", "steps")
 ATTACKS = (*_FLOAT, "quantize", *_INT, "raw")
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)

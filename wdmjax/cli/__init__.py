@@ -3,7 +3,7 @@
 Subcommands: train, sample, embed, extract, verify, attack, finetune, params, plan, latents,
 demo, augment preview, classifier, autoencoder train, autoencoder generate,
 signature pretrain/embed/generate/detect/identify,
-serial teacher/issue/eval/lock/sample, ood score/eval. Each calls one
+serial teacher/issue/eval/lock/sample, ood score/eval, evaluate. Each calls one
 function of `wdmjax.runs` and prints what it returns.
 
 Errors in what the user typed are printed as one line (`wdmjax: error: ...`, exit status 2),
@@ -31,6 +31,7 @@ from wdmjax.cli.attack import add_parsers as add_attack_parsers
 from wdmjax.cli.augment import add_parsers as add_augment_parsers
 from wdmjax.cli.autoencoder import add_parsers as add_autoencoder_parsers
 from wdmjax.cli.demo import add_parser as add_demo_parser
+from wdmjax.cli.evaluate import add_parser as add_evaluate_parser
 from wdmjax.cli.multihost import add_distributed_args, connect
 from wdmjax.cli.ood import add_parsers as add_ood_parsers
 from wdmjax.cli.peft import add_parsers as add_peft_parsers
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
   add_signature_parsers(sub)
   add_serial_parsers(sub)
   add_ood_parsers(sub)
+  add_evaluate_parser(sub)
   return p
 
 

@@ -26,12 +26,13 @@ from wdmjax.workdir import Workdir
 
 
 def finetune_attack(scratch: str, progress: bool = False):
-  """The fine-tuning attacks as `apply_attacks` calls them: `finetune:N` (full, lr 1e-4)
-  and `finetune_difffit:N` (lr 1e-3) on the config's clean data, in `scratch`."""
+  """The fine-tuning attacks as `apply_attacks` calls them: `finetune:N` (full, lr 1e-4),
+  `finetune_difffit:N` and `finetune_lora:N` (lr 1e-3) on the config's clean data, in
+  `scratch`."""
 
   def run(cfg: ml_collections.ConfigDict, params: chex.ArrayTree, attack: Attack,
           seed: int) -> chex.ArrayTree:
-    strategy = "difffit" if attack.name == "finetune_difffit" else "full"
+    strategy = {"finetune_difffit": "difffit", "finetune_lora": "lora"}.get(attack.name, "full")
     base = workdir_from_params(cfg, params, os.path.join(scratch, f"base_{seed}"), 0)
     ft_cfg = cfg.copy_and_resolve_references()
     for o in (f"train.steps={attack.strength}", f"train.lr={FINETUNE_LR[strategy]}",

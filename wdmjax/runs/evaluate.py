@@ -1,0 +1,521 @@
+"""`evaluate`: generation-time watermarks benchmarked on one diffusion model, under the same
+image attacks, with calibrated detection rates.
+
+For a model (the shipped demo DiT unless a workdir is given):
+  1. `num_null` unwatermarked images (DDIM from ordinary noise, the config's guidance and
+     cycling labels) are inverted once; each method's p-values on them give its empirical
+     false-positive rate at every nominal one (the calibration column);
+  2. per method, `num` images from watermarked noise with the same labels; per attack, the
+     attacked images are inverted with the owner's model (the null label: the detector does
+     not know the class) and tested: TPR at each nominal FPR with Clopper-Pearson intervals,
+     bit accuracy where there are bits;
+  3. quality: Frechet distance (LeNet features) of the watermarked images to the clean ones,
+     beside the distance between two halves of the clean ones (the noise floor at this n);
+  4. cost: seconds per image to embed (the noise) and to detect (inversion and test).
+
+Methods: tree_ring (two tests: `tree_ring` under the Gaussian null, `tree_ring_published`
+the paper's), gaussian_shading, and wdm: the owner queries the model with the trigger and
+tests every extracted sample on its own (`wdm`, exact) and groups of `wdm_group` by
+majority vote (`wdm_voteN`, the test of `wdmjax verify`); image attacks edit the extracted
+samples (a suspect API that post-processes its outputs), model attacks edit the weights (a
+thief's copy). Without `wdm_workdir`, the demo's secret is embedded into the base (600
+steps, kept in OUT/wdm). Stable Signature is verified by `wdmjax signature detect` and is not
+part of this loop yet.
+Generation-time watermarks protect only images sampled by the owner's own pipeline: a thief
+who samples a stolen model draws his own noise and no watermark at all (`APPLICABILITY`).
+
+Writes OUT/benchmark.json, OUT/benchmark.md and OUT/samples.png (watermarked samples under
+each attack); returns the report. A refused argument leaves OUT untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from wdmjax.attacks.image import apply_image_attack, parse_image_attack
+from wdmjax.attacks.spec import parse_attack
+from wdmjax.diffusion.inversion import generate, invert
+from wdmjax.errors import WdmjaxError, check, check_seed
+from wdmjax.files import atomic_write, check_dir_path, write_json
+from wdmjax.metrics import frechet_distance_from_features
+from wdmjax.metrics.quality import psnr, ssim
+from wdmjax.models.layers import check_positive_int
+from wdmjax.models.lenet import pretrained_lenet
+from wdmjax.noisemark import gaussian_shading as gs
+from wdmjax.noisemark import tree_ring as tr
+from wdmjax.ood.baselines import lenet_outputs
+from wdmjax.runs.attack import attack_model
+from wdmjax.runs.demo import DEMO_SECRET, EMBED_LR, EMBED_STEPS, base_workdir
+from wdmjax.runs.model import load_model
+from wdmjax.runs.watermark import embed, extract_samples, image_shape, read_secret, resolve_secret
+from wdmjax.stats.binomial import binomial_log10_sf
+from wdmjax.stats.rates import clopper_pearson, rate_at
+from wdmjax.train import make_grid, save_panels, setup
+from wdmjax.train.sampling import sample_labels
+from wdmjax.watermark.verify import agreement, expected_bits, vote_bits
+from wdmjax.workdir import Workdir
+
+NOISE_METHODS = ("tree_ring", "gaussian_shading")
+METHODS = (*NOISE_METHODS, "wdm")
+ELSEWHERE = {"stable_signature": "wdmjax signature detect"}
+DEFAULT_MODEL_ATTACKS = ("prune:0.3", "quantize:int8", "noise_rel:0.05", "finetune:100",
+                         "finetune:1000", "finetune_difffit:1000", "finetune_lora:1000")
+DEFAULT_ATTACKS = ("none", "crop:0.7", "resize:0.5", "jpeg:90", "jpeg:50", "jpeg:10", "blur:1",
+                   "noise:0.1", "rotate:10", "brightness:0.3", "contrast:0.6",
+                   "jpeg:50+crop:0.8")
+FPRS = (1e-2, 1e-4, 1e-6)
+# Which threat each watermark addresses (generation-time marks vanish when a thief samples).
+APPLICABILITY = {
+  "tree_ring": {"images from the owner's pipeline": "yes (inversion with the owner's model)",
+                "stolen weights, thief samples": "no: the thief draws his own noise",
+                "fine-tuned / pruned / quantised copy": "no: ditto"},
+  "gaussian_shading": {"images from the owner's pipeline": "yes (inversion with the owner's "
+                                                           "model)",
+                       "stolen weights, thief samples": "no: the thief draws his own noise",
+                       "fine-tuned / pruned / quantised copy": "no: ditto"},
+  "wdm": {"images from the owner's pipeline": "no: ordinary samples carry nothing",
+          "stolen weights, thief samples": "yes: the owner queries the model with the trigger",
+          "fine-tuned / pruned / quantised copy": "yes, within the measured budget "
+                                                  "(wdm_finetune_robustness)"},
+  "stable_signature": {"images from the owner's pipeline": "yes (the decoder's bits)",
+                       "stolen weights, thief samples": "yes, unless the decoder is swapped",
+                       "fine-tuned / pruned / quantised copy": "yes for the diffusion model; "
+                                                               "no after a decoder swap"},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkReport:
+  report: dict  # everything in benchmark.json
+  files: dict[str, str]
+  seconds: float
+
+
+def _check_methods(methods: Sequence[str]) -> tuple[str, ...]:
+  methods = tuple(methods)
+  check(len(methods) >= 1, "methods: expected at least one method")
+  for m in methods:
+    hint = (f" ({m} is verified by `{ELSEWHERE[m]}`, not yet by evaluate)" if m in ELSEWHERE
+            else "")
+    check(m in METHODS, f"methods: expected names in {list(METHODS)}, got {m!r}{hint}")
+  check(len(set(methods)) == len(methods), f"methods: expected distinct names, got {methods}")
+  return methods
+
+
+def default_tree_ring_rings(side: int) -> tuple[int, int]:
+  """(inner, radius) of the ring key for images of `side` pixels: rings from a tenth of the
+  side (the image's own layout owns the lowest frequencies) to three tenths."""
+  radius = max(2, min(side // 2 - 1, round(0.3 * side)))
+  return min(radius, max(2, round(0.1 * side))), radius
+
+
+def _batched(fn, x: np.ndarray, y: np.ndarray, batch: int) -> np.ndarray:
+  return np.concatenate([np.asarray(fn(jnp.asarray(x[s:s + batch]), jnp.asarray(y[s:s + batch])))
+                         for s in range(0, len(x), batch)])
+
+
+@dataclasses.dataclass
+class _Bench:
+  """What every method's loop shares: the model, its sampler, the null images, the attacks."""
+
+  cfg: object
+  params: object
+  su: object
+  shape: tuple
+  chains: dict
+  fprs: tuple
+  steps: int
+  batch_size: int
+  root: jax.Array
+  gen_kw: dict
+  null_label: int
+  clean: np.ndarray  # [num_null, H, W, C] unwatermarked samples of the model
+  y_null: np.ndarray
+  x_null_T: np.ndarray
+  gen_seconds: float
+  features: object  # images -> LeNet features, or None
+  f_clean: np.ndarray | None
+  fd_floor: float | None
+  bar: object
+
+  def gen(self, x_T, y, params=None):
+    return generate(self.su.model_fn, self.params if params is None else params,
+                    self.su.schedule, x_T, y=y, **self.gen_kw)
+
+  def fd(self, images: np.ndarray) -> float | None:
+    if self.f_clean is None:
+      return None
+    return frechet_distance_from_features(self.features(images), self.f_clean)
+
+  def rows(self, variant: str, attack: str, log10_p: np.ndarray, null_log10_p: np.ndarray,
+           **extra) -> dict:
+    row = {"method": variant, "attack": attack,
+           "tpr": {f"{f:g}": rate_at(log10_p, f) for f in self.fprs},
+           "tpr_empirical": {f"{f:g}": _empirical_tpr(log10_p, null_log10_p, f)
+                             for f in self.fprs},
+           "median_log10_p": float(np.median(log10_p))}
+    return row | extra
+
+
+def evaluate(out: str, methods: Sequence[str] = METHODS,
+             attacks: Sequence[str] = DEFAULT_ATTACKS, *, workdir: str | None = None,
+             num: int = 64, num_null: int = 256, steps: int = 20, inversion_iters: int = 2,
+             fprs: Sequence[float] = FPRS, seed: int = 0, batch_size: int = 64,
+             wdm_workdir: str | None = None, wdm_secret: str | None = None,
+             model_attacks: Sequence[str] = DEFAULT_MODEL_ATTACKS, wdm_group: int = 16,
+             wdm_null: int = 1024,
+             progress: bool = True, log=None) -> BenchmarkReport:
+  """Benchmarks `methods` under `attacks` (`wdmjax.attacks.image` names) and, for the
+  model watermarks, `model_attacks` (`wdmjax.attacks.spec` names) on a model; see the module
+  docstring. Returns the report and writes it to `out`."""
+  log = log or (lambda *_: None)
+  t_start = time.time()
+  methods = _check_methods(methods)
+  chains = {}
+  for a in attacks:
+    try:
+      chains[a] = parse_image_attack(a)
+    except WdmjaxError as e:  # name the parameter this function takes
+      raise WdmjaxError(str(e).replace("attack:", "attacks:", 1)) from None
+  check(len(chains) >= 1, "attacks: expected at least one attack")
+  check(not any(x.name == "regen" for c in chains.values() for x in c),
+        "attacks: regen needs a second clean model, which evaluate does not take yet")
+  parsed_model_attacks = []
+  for a in model_attacks:
+    try:
+      parsed_model_attacks.append(parse_attack(a))
+    except WdmjaxError as e:
+      raise WdmjaxError(str(e).replace("attack:", "model_attacks:", 1)) from None
+    check(parsed_model_attacks[-1].name not in ("raw", "steps", "dropout"),
+          f"model_attacks: expected attacks on the weights or fine-tuning, got {a!r}")
+  for name, v in (("num", num), ("num_null", num_null), ("steps", steps),
+                  ("batch_size", batch_size), ("wdm_group", wdm_group),
+                  ("wdm_null", wdm_null)):
+    check_positive_int(name, v)
+  check(isinstance(inversion_iters, int) and 0 <= inversion_iters <= 20,
+        f"inversion_iters: expected an integer in [0, 20], got {inversion_iters!r}")
+  check(len(fprs) >= 1 and all(0 < f < 1 for f in fprs),
+        f"fprs: expected numbers in (0, 1), got {list(fprs)}")
+  seed = check_seed(seed)
+  check(wdm_workdir is None or "wdm" in methods,
+        "wdm_workdir: only with the method wdm")
+  if wdm_workdir is not None:
+    check(os.path.isdir(wdm_workdir), f"wdm_workdir: no such directory {wdm_workdir!r}")
+  check_dir_path(out, "out", writable=True)
+  out_existed = os.path.exists(out)
+  try:
+    if workdir is None:
+      workdir = base_workdir(os.path.join(out, "base")).path
+    model = load_model(workdir)
+    cfg, params = model.cfg, model.params
+    su = setup(cfg)
+    shape = tuple(su.image_shape)
+    check(shape[-1] in (1, 3), f"workdir: expected a pixel-space model (1 or 3 channels), "
+          f"got images of shape {shape} (latent models are not benchmarked yet)")
+    check(steps <= cfg.diffusion.num_timesteps,
+          f"steps: expected an integer in [1, {cfg.diffusion.num_timesteps}], got {steps}")
+  except WdmjaxError:
+    if not out_existed:  # refused: leave no trace of the shipped base copied into `out`
+      shutil.rmtree(out, ignore_errors=True)
+    raise
+  guidance = cfg.sample.get("guidance_scale")
+  guided = su.null_label is not None and guidance is not None and guidance != 1.0
+  null_label = su.null_label if su.null_label is not None else 0
+  gen_kw = dict(steps=steps, objective=cfg.diffusion.objective)
+  if guided:
+    gen_kw.update(guidance_scale=float(guidance), null_label=int(null_label))
+
+  root = jax.random.PRNGKey(seed)
+  noise_methods = [m for m in methods if m in NOISE_METHODS]
+  phases = (1 + (1 if noise_methods else 0) + len(noise_methods) * (1 + len(chains))
+            + (3 + len(chains) + len(parsed_model_attacks) if "wdm" in methods else 0))
+  bar = tqdm(total=phases, disable=not progress, desc="evaluate", unit="phase")
+  # The null: unwatermarked samples of the model (and the FD reference).
+  y_null = _labels(cfg, num_null)
+  x_null_T = np.asarray(jax.random.normal(jax.random.fold_in(root, 0), (num_null, *shape)))
+  t0 = time.time()
+  clean = _batched(lambda x, y: generate(su.model_fn, params, su.schedule, x, y=y, **gen_kw),
+                   x_null_T, y_null, batch_size)
+  gen_seconds = (time.time() - t0) / num_null
+  bar.update()
+  lenet, lenet_params = pretrained_lenet()
+  # FD in the shipped LeNet's features (28 x 28 digits only; LeNet reads [0, 1]).
+  features = ((lambda x: lenet_outputs(lenet, lenet_params, (x + 1.0) / 2.0)[1])
+              if shape == (28, 28, 1) else None)
+  f_clean = None if features is None else features(clean)
+  half = num_null // 2
+  fd_floor = (frechet_distance_from_features(f_clean[:half], f_clean[half:])
+              if f_clean is not None and half >= 2 else None)
+  b = _Bench(cfg, params, su, shape, chains, tuple(fprs), steps, batch_size, root, gen_kw,
+             int(null_label), clean, y_null, x_null_T, gen_seconds, features, f_clean,
+             fd_floor, bar)
+
+  report = {
+    "model": {"workdir": str(workdir), "image_shape": list(shape),
+              "objective": cfg.diffusion.objective,
+              "guidance_scale": float(guidance) if guided else None},
+    "settings": {"num": num, "num_null": num_null, "steps": steps,
+                 "inversion_iters": inversion_iters, "seed": seed, "fprs": list(fprs)},
+    "methods": list(methods), "attacks": list(chains),
+    "model_attacks": [str(a) for a in parsed_model_attacks],
+    "applicability": {m: APPLICABILITY[m] for m in APPLICABILITY},
+    "calibration": {}, "rows": [], "quality": {}, "cost": {},
+  }
+  panels = []
+  if noise_methods:
+    _noise_marks(b, report, panels, noise_methods, num, inversion_iters, seed, log)
+  if "wdm" in methods:
+    _wdm(b, report, panels, num, out, wdm_workdir, wdm_secret, parsed_model_attacks,
+         wdm_group, wdm_null, seed, progress, log)
+  bar.close()
+  seconds = time.time() - t_start
+  report["seconds"] = seconds
+  os.makedirs(out, exist_ok=True)
+  files = {"json": write_json(os.path.join(out, "benchmark.json"), report),
+           "markdown": atomic_write(os.path.join(out, "benchmark.md"), markdown(report)),
+           "samples": save_panels(panels, os.path.join(out, "samples.png"),
+                                  per_row=len(chains))}
+  return BenchmarkReport(report, files, seconds)
+
+
+def _labels(cfg, n: int) -> np.ndarray:
+  lab = sample_labels(cfg, n)
+  return np.zeros(n, np.int32) if lab is None else np.asarray(lab)
+
+
+def _noise_marks(b: _Bench, report: dict, panels: list, methods: list[str], num: int,
+                 inversion_iters: int, seed: int, log) -> None:
+  """Tree-Ring and Gaussian Shading: watermarked noise -> images -> attacks -> inversion."""
+  su, shape, params = b.su, b.shape, b.params
+
+  def inv(x, y):  # the detector does not know the label: the unconditional chain
+    y0 = jnp.full_like(y, b.null_label)
+    return invert(su.model_fn, params, su.schedule, x, steps=b.steps,
+                  objective=b.cfg.diffusion.objective, y=y0, fixed_point_iters=inversion_iters)
+
+  inner, radius = default_tree_ring_rings(min(shape[:2]))
+  tr_key = tr.make_key(seed + 1, shape, radius=radius, inner=inner, channel=0)
+  block = next(k for k in (4, 2, 1) if shape[0] % k == 0 and shape[1] % k == 0)
+  gs_key = gs.make_key(seed + 2, shape, block=block)
+  report["settings"]["tree_ring"] = {"inner": inner, "radius": radius, "channel": 0}
+  report["settings"]["gaussian_shading"] = {"block": block, "bits": int(gs_key.message.size)}
+
+  def scores(z) -> dict[str, dict[str, np.ndarray]]:
+    out = {}
+    if "tree_ring" in methods:
+      out["tree_ring"] = {"log10_p": tr.log10_p_values(z, tr_key, "gaussian")}
+      out["tree_ring_published"] = {"log10_p": tr.log10_p_values(z, tr_key, "published")}
+    if "gaussian_shading" in methods:
+      acc, lp = gs.detect(z, gs_key)
+      out["gaussian_shading"] = {"log10_p": lp, "bit_accuracy": acc}
+    return out
+
+  t0 = time.time()
+  null_scores = scores(_batched(inv, b.clean, b.y_null, b.batch_size))
+  detect_seconds = (time.time() - t0) / len(b.clean)
+  b.bar.update()
+  for m, s in null_scores.items():
+    report["calibration"][m] = {f"{f:g}": rate_at(s["log10_p"], f) for f in b.fprs}
+  log(f"null: {len(b.clean)} unwatermarked images inverted ({detect_seconds:.3f} s per image)")
+  y = _labels(b.cfg, num)
+  for mi, m in enumerate(methods):
+    rk = jax.random.fold_in(b.root, 100 + mi)
+    t0 = time.time()
+    x_T = np.asarray(tr.watermark_noise(rk, tr_key, num, shape) if m == "tree_ring"
+                     else gs.watermark_noise(rk, gs_key, num))
+    embed_seconds = (time.time() - t0) / num
+    images = _batched(b.gen, x_T, y, b.batch_size)
+    b.bar.update()
+    report["quality"][m] = {"fd_to_clean": b.fd(images), "fd_clean_halves": b.fd_floor,
+                            "psnr": None, "ssim": None,
+                            "note": "the watermark edits the noise, not the image"}
+    report["cost"][m] = {"embed_seconds_per_image": embed_seconds,
+                         "generate_seconds_per_image": b.gen_seconds,
+                         "detect_seconds_per_image": detect_seconds}
+    for ai, (name, chain) in enumerate(b.chains.items()):
+      attacked = apply_image_attack(chain, images, jax.random.fold_in(rk, 1000 + ai))
+      for variant, s in scores(_batched(inv, attacked, y, b.batch_size)).items():
+        if variant.startswith(m):
+          extra = ({"bit_accuracy": float(np.mean(s["bit_accuracy"]))}
+                   if "bit_accuracy" in s else {})
+          report["rows"].append(b.rows(variant, name, s["log10_p"],
+                                       null_scores[variant]["log10_p"], **extra))
+      panels.append((f"{m} {name}", make_grid(attacked[:4], nrow=2, upscale=2)))
+      b.bar.update()
+
+
+def _per_sample_log10_p(samples: np.ndarray, watermark: np.ndarray, key: int, block: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
+  """(bit agreement [m], exact log10 p [m]) of each extracted sample on its own: its block
+  signs against the keyed bits (a tie counts as a disagreement, which keeps p exact or
+  conservative)."""
+  want = expected_bits(watermark, key, block)
+  agree = np.array([np.sum(vote_bits(s[None], block) == want) for s in samples])
+  n = want.size
+  return agree / n, np.asarray(binomial_log10_sf(agree, np.full_like(agree, n), 0.5),
+                               np.float64)
+
+
+def _group_log10_p(samples: np.ndarray, watermark: np.ndarray, key: int, block: int,
+                   group: int) -> np.ndarray:
+  """The exact vote test (`wdmjax verify`) on consecutive groups of `group` samples."""
+  want = expected_bits(watermark, key, block)
+  ks = [agreement(vote_bits(samples[s:s + group], block), want)[0]
+        for s in range(0, len(samples) - group + 1, group)]
+  return np.asarray(binomial_log10_sf(np.asarray(ks), np.full(len(ks), want.size), 0.5),
+                    np.float64)
+
+
+def _wdm(b: _Bench, report: dict, panels: list, num: int, out: str, wdm_workdir, wdm_secret,
+         model_attacks: list, group: int, n_null: int, seed: int, progress: bool, log
+         ) -> None:
+  """WDM: the owner queries a (suspect) model with the trigger and tests each extracted
+  sample, and groups of `group` samples by majority vote; image attacks edit the extracted
+  samples (a suspect API post-processing its outputs), model attacks edit the weights."""
+  embed_seconds = None
+  if wdm_workdir is None:
+    wdm_workdir = os.path.join(out, "wdm")
+    log(f"wdm: embedding the demo secret into the base for {EMBED_STEPS} steps -> "
+        f"{wdm_workdir} (kept for the next run)")
+    if not Workdir(wdm_workdir).has_checkpoint() or read_secret(wdm_workdir) is None:
+      r = embed(wdm_workdir, DEMO_SECRET, base=report["model"]["workdir"], steps=EMBED_STEPS,
+                lr=EMBED_LR, progress=progress)
+      embed_seconds = r.seconds
+  secret, source = resolve_secret(wdm_workdir, wdm_secret)
+  check(secret.key is not None, "wdm_secret: evaluate tests keyed WDM watermarks only")
+  wm = load_model(wdm_workdir)
+  check(tuple(setup(wm.cfg).image_shape) == b.shape,
+        f"wdm_workdir: expected a model of images {b.shape}, got {setup(wm.cfg).image_shape}")
+  trigger, watermark, _ = secret.images(image_shape(wm.cfg), None)
+  b.bar.update()
+
+  def extract(cfg, params, n, s):
+    return extract_samples(cfg, params, trigger, secret.gamma1, n, steps=b.steps, seed=s)
+
+  # The null: the clean base queried with the owner's trigger (exact over keys anyway).
+  base = load_model(report["model"]["workdir"])
+  null_samples = extract(base.cfg, base.params, n_null, seed + 7)
+  null_lp = _per_sample_log10_p(null_samples, watermark, secret.key, secret.block)[1]
+  null_group = _group_log10_p(null_samples, watermark, secret.key, secret.block, group)
+  report["calibration"]["wdm"] = {f"{f:g}": rate_at(null_lp, f) for f in b.fprs}
+  if len(null_group):
+    report["calibration"][f"wdm_vote{group}"] = {f"{f:g}": rate_at(null_group, f)
+                                                 for f in b.fprs}
+  b.bar.update()
+  t0 = time.time()
+  samples = extract(wm.cfg, wm.params, num, seed + 8)
+  detect_seconds = (time.time() - t0) / num
+  # Quality: the watermarked model's ordinary samples from the null's own noise and labels.
+  k = min(num, len(b.clean))
+  ordinary = _batched(lambda x, y: b.gen(x, y, wm.params), b.x_null_T[:k], b.y_null[:k],
+                      b.batch_size)
+  report["quality"]["wdm"] = {
+    "fd_to_clean": b.fd(ordinary), "fd_clean_halves": b.fd_floor,
+    "psnr": float(np.mean(psnr(jnp.asarray(ordinary), jnp.asarray(b.clean[:k])))),
+    "ssim": float(np.mean(ssim(jnp.asarray(ordinary), jnp.asarray(b.clean[:k])))),
+    "note": "PSNR/SSIM: the watermarked model's samples against the clean model's from the "
+            "same noise and labels"}
+  report["cost"]["wdm"] = {"embed_seconds": embed_seconds,
+                           "generate_seconds_per_image": b.gen_seconds,
+                           "detect_seconds_per_image": detect_seconds}
+  report["settings"]["wdm"] = {"workdir": str(wdm_workdir), "secret_source": source,
+                               "bits": int(expected_bits(watermark, secret.key,
+                                                         secret.block).size),
+                               "group": group, "gamma1": secret.gamma1}
+  b.bar.update()
+
+  def add_rows(attack: str, s: np.ndarray) -> None:
+    acc, lp = _per_sample_log10_p(s, watermark, secret.key, secret.block)
+    report["rows"].append(b.rows("wdm", attack, lp, null_lp, bit_accuracy=float(acc.mean())))
+    g = _group_log10_p(s, watermark, secret.key, secret.block, group)
+    if len(g):
+      report["rows"].append(b.rows(f"wdm_vote{group}", attack, g, null_group))
+
+  for ai, (name, chain) in enumerate(b.chains.items()):
+    attacked = apply_image_attack(chain, samples, jax.random.fold_in(b.root, 5000 + ai))
+    add_rows(name, attacked)
+    panels.append((f"wdm {name}", make_grid(attacked[:4], nrow=2, upscale=2)))
+    b.bar.update()
+  for ai, a in enumerate(model_attacks):
+    log(f"wdm: model attack {a}")
+    cfg_a, params_a = attack_model(wm.cfg, wm.params, [a], seed=seed + ai, progress=progress)
+    add_rows(f"model {a}", extract(cfg_a, params_a, num, seed + 8))
+    b.bar.update()
+
+
+def _empirical_tpr(log10_p: np.ndarray, null_log10_p: np.ndarray, fpr: float) -> dict | None:
+  """TPR at a threshold set on the unwatermarked images: the k-th smallest null p-value with
+  k = floor(fpr n), so the empirical FPR is at most fpr (None when fpr n < 1)."""
+  k = int(np.floor(fpr * null_log10_p.size))
+  if k < 1:
+    return None
+  threshold = np.sort(null_log10_p)[k - 1]
+  hits = int(np.sum(log10_p <= threshold))
+  lo, hi = clopper_pearson(hits, log10_p.size)
+  return {"rate": hits / log10_p.size, "k": hits, "n": int(log10_p.size), "low": lo, "high": hi,
+          "threshold": float(threshold)}
+
+
+def _rate(r: dict) -> str:
+  return f"{r['rate']:.2f} [{r['low']:.2f}, {r['high']:.2f}]"
+
+
+def markdown(report: dict) -> str:
+  """The report as Markdown tables: applicability, calibration, detection, quality, cost."""
+  fprs = [f"{f:g}" for f in report["settings"]["fprs"]]
+  s = report["settings"]
+  lines = ["# Watermark benchmark", "",
+           f"Model: {report['model']['workdir']} "
+           f"({'x'.join(map(str, report['model']['image_shape']))}, guidance "
+           f"{report['model']['guidance_scale']}); {s['steps']} DDIM steps, inversion "
+           f"with {s['inversion_iters']} fixed-point refinements; {s['num']} watermarked and "
+           f"{s['num_null']} unwatermarked images; {report['seconds']:.0f} s.", "",
+           "## Which threat each method addresses", ""]
+  threats = list(next(iter(report["applicability"].values())))
+  lines += ["| method | " + " | ".join(threats) + " |", "|---" * (len(threats) + 1) + "|"]
+  for m, a in report["applicability"].items():
+    lines.append(f"| {m} | " + " | ".join(a[t] for t in threats) + " |")
+  lines += ["", "## Calibration: empirical FPR on unwatermarked images (95% Clopper-Pearson)", "",
+            "| test | " + " | ".join(f"FPR at {f}" for f in fprs) + " |",
+            "|---" * (len(fprs) + 1) + "|"]
+  for m, c in report["calibration"].items():
+    lines.append(f"| {m} | " + " | ".join(f"{c[f]['k']}/{c[f]['n']} = {_rate(c[f])}"
+                                        for f in fprs) + " |")
+  lines += ["", "## Detection: TPR at nominal FPR (95% Clopper-Pearson)", "",
+            "| test | attack | " + " | ".join(f"TPR at {f}" for f in fprs)
+            + " | median log10 p | bit accuracy |", "|---" * (len(fprs) + 4) + "|"]
+  for r in report["rows"]:
+    bits = f"{r['bit_accuracy']:.3f}" if "bit_accuracy" in r else "-"
+    lines.append(f"| {r['method']} | {r['attack']} | "
+                 + " | ".join(_rate(r["tpr"][f]) for f in fprs)
+                 + f" | {r['median_log10_p']:.2f} | {bits} |")
+  lines += ["", "## Detection at thresholds set on the unwatermarked images (empirical FPR <= "
+            "nominal; '-' where the null set is too small)", "",
+            "| test | attack | " + " | ".join(f"TPR at {f}" for f in fprs) + " |",
+            "|---" * (len(fprs) + 2) + "|"]
+  for r in report["rows"]:
+    lines.append(f"| {r['method']} | {r['attack']} | " + " | ".join(
+        "-" if r["tpr_empirical"][f] is None else _rate(r["tpr_empirical"][f]) for f in fprs)
+        + " |")
+  lines += ["", "## Quality and cost", "",
+            "| method | FD to clean | FD clean halves | PSNR / SSIM to clean | embed | "
+            "generate s/img | detect s/img |", "|---|---|---|---|---|---|---|"]
+  fmt = lambda v, f=".3g": "-" if v is None else format(v, f)
+  for m, q in report["quality"].items():
+    c = report["cost"][m]
+    embed = (f"{c['embed_seconds_per_image']:.2g} s/img" if "embed_seconds_per_image" in c
+             else f"{fmt(c.get('embed_seconds'), '.0f')} s (fine-tuning)")
+    quality = ("-" if q["psnr"] is None else f"{q['psnr']:.1f} dB / {q['ssim']:.3f}")
+    lines.append(f"| {m} | {fmt(q['fd_to_clean'])} | {fmt(q['fd_clean_halves'])} | {quality} | "
+                 f"{embed} | {c['generate_seconds_per_image']:.2g} | "
+                 f"{c['detect_seconds_per_image']:.2g} |")
+  return "\n".join(lines) + "\n"
