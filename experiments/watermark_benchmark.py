@@ -33,6 +33,19 @@ from wdmjax.runs.model import load_model  # noqa: E402
 from wdmjax.train import setup  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# Each family at several strengths (weakest first), so the figure shows TPR against strength.
+FAMILIES = {
+  "jpeg": ["jpeg:90", "jpeg:70", "jpeg:50", "jpeg:30", "jpeg:10"],
+  "crop (area kept)": ["crop:0.9", "crop:0.7", "crop:0.5"],
+  "resize (area)": ["resize:0.7", "resize:0.5", "resize:0.3"],
+  "blur (sigma)": ["blur:0.5", "blur:1", "blur:2"],
+  "noise (std)": ["noise:0.05", "noise:0.1", "noise:0.2"],
+  "rotate (degrees)": ["rotate:5", "rotate:10", "rotate:20"],
+  "brightness": ["brightness:0.1", "brightness:0.3", "brightness:0.5"],
+  "contrast": ["contrast:0.8", "contrast:0.6", "contrast:0.4"],
+  "combined": ["jpeg:50+crop:0.8", "jpeg:50+noise:0.05+blur:1"],
+}
+ATTACKS = ["none", *(a for f in FAMILIES.values() for a in f)]
 
 
 def inversion_errors(workdir: str, n: int = 64, iters=(0, 2, 5)) -> list[dict]:
@@ -62,44 +75,65 @@ def inversion_errors(workdir: str, n: int = 64, iters=(0, 2, 5)) -> list[dict]:
   return rows
 
 
+def _calibrated(report: dict, test: str, f: str) -> bool:
+  """Whether the test's empirical FPR at nominal f is compatible with f (CP lower bound)."""
+  c = report["calibration"].get(test, {}).get(f)
+  return c is None or c["low"] <= float(f)
+
+
 def figure(report: dict, path: str) -> None:
-  """TPR at the smallest nominal FPR per image attack (bars per test), per model attack (WDM),
-  and the calibration on unwatermarked images."""
+  """TPR against attack strength per family (nominal FPR 1e-6; a test whose empirical FPR is
+  above nominal drawn dashed), TPR under model attacks (WDM), and the calibration."""
   f = f"{min(report['settings']['fprs']):g}"
   tests = list(dict.fromkeys(r["method"] for r in report["rows"]))
+  rows = {(r["method"], r["attack"]): r for r in report["rows"]}
+  fams = {k: v for k, v in FAMILIES.items() if all(a in report["attacks"] for a in v)}
+  ncol = 4
+  nrow = -(-(len(fams) + 2) // ncol)
+  fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.3 * nrow))
+  axes = axes.ravel()
+  colors = {t: f"C{i}" for i, t in enumerate(tests)}
+  for ax, (fam, attacks) in zip(axes, fams.items(), strict=False):
+    x = ["none", *attacks]
+    for t in tests:
+      if (t, "none") not in rows:
+        continue
+      y = [rows[(t, a)]["tpr"][f]["rate"] for a in x]
+      ok = _calibrated(report, t, f)
+      ax.plot(range(len(x)), y, "o-" if ok else "o--", color=colors[t],
+              label=t if ok else f"{t} (FPR above nominal)")
+    ax.set_xticks(range(len(x)), [a.split("+")[0] if fam != "combined" else a for a in x],
+                  rotation=30, ha="right", fontsize=7)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title(fam, fontsize=9)
+  axes[0].set_ylabel(f"TPR at nominal FPR {f}")
+  axes[0].legend(fontsize=6)
+  k = len(fams)
   model_attacks = [f"model {a}" for a in report["model_attacks"]]
-  fig, axes = plt.subplots(1, 3, figsize=(20, 4.8), gridspec_kw={"width_ratios": [4, 2, 1.3]})
-
-  def bars(ax, attacks, title):
-    shown = [t for t in tests if any(r["method"] == t and r["attack"] in attacks
-                                     for r in report["rows"])]
-    w = 0.8 / max(1, len(shown))
-    for i, t in enumerate(shown):
-      rows = {r["attack"]: r for r in report["rows"] if r["method"] == t}
-      x = [a for a in attacks if a in rows]
-      pos = np.array([attacks.index(a) for a in x]) + i * w
-      v = np.array([rows[a]["tpr"][f]["rate"] for a in x])
-      err = np.array([v - [rows[a]["tpr"][f]["low"] for a in x],
-                      [rows[a]["tpr"][f]["high"] for a in x] - v])
-      ax.bar(pos, v, w, yerr=err, label=t, capsize=2)
-    ax.set_xticks(np.arange(len(attacks)) + 0.4 - w / 2, attacks, rotation=40, ha="right")
-    ax.set_ylabel(f"TPR at nominal FPR {f}")
-    ax.set_ylim(0, 1.05)
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-
-  bars(axes[0], report["attacks"], "image attacks (95% Clopper-Pearson)")
-  if model_attacks:
-    bars(axes[1], model_attacks, "model attacks (WDM only: the others do not apply)")
+  ax = axes[k]
+  mt = [t for t in tests if any((t, a) in rows for a in model_attacks)]
+  w = 0.8 / max(1, len(mt))
+  for i, t in enumerate(mt):
+    v = [rows[(t, a)]["tpr"][f]["rate"] for a in model_attacks]
+    ax.bar(np.arange(len(model_attacks)) + i * w, v, w, label=t, color=colors[t])
+  ax.set_xticks(np.arange(len(model_attacks)) + 0.4 - w / 2,
+                [a.removeprefix("model ") for a in model_attacks], rotation=35, ha="right",
+                fontsize=7)
+  ax.set_ylim(0, 1.05)
+  ax.set_title("model attacks (WDM only)", fontsize=9)
+  ax.legend(fontsize=6)
+  ax = axes[k + 1]
   fprs = report["settings"]["fprs"]
   for t, c in report["calibration"].items():
     emp = [max(c[f"{x:g}"]["rate"], 1e-7) for x in fprs]
-    axes[2].loglog(fprs, emp, "o-", label=t)
-  axes[2].loglog(fprs, fprs, "k--", label="nominal")
-  axes[2].set_xlabel("nominal FPR")
-  axes[2].set_ylabel("empirical FPR (unwatermarked; 1e-7 = none)")
-  axes[2].set_title("calibration")
-  axes[2].legend(fontsize=7)
+    ax.loglog(fprs, emp, "o-", label=t, color=colors.get(t))
+  ax.loglog(fprs, fprs, "k--", label="nominal")
+  ax.set_xlabel("nominal FPR")
+  ax.set_ylabel("empirical FPR (1e-7: none)")
+  ax.set_title("calibration on unwatermarked images", fontsize=9)
+  ax.legend(fontsize=6)
+  for ax in axes[k + 2:]:
+    ax.axis("off")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
 
@@ -110,21 +144,33 @@ def main() -> None:
   ap.add_argument("--num-null", type=int, default=10000)
   ap.add_argument("--steps", type=int, default=20)
   ap.add_argument("--workdir", default="runs/benchmark")
+  ap.add_argument("--replot", action="store_true",
+                  help="rewrite the Markdown and the figure from the committed JSON")
   args = ap.parse_args()
+  if args.replot:
+    with open(os.path.join(RESULTS, "watermark_benchmark.json")) as fh:
+      print(write_results(json.load(fh)))
+    return
   t0 = time.time()
   out = args.workdir
   base = base_workdir(os.path.join(out, "base"))
   inv = inversion_errors(base.path)
-  r = evaluate(out, workdir=base.path, num=args.num, num_null=args.num_null, steps=args.steps,
-               log=print)
+  r = evaluate(out, attacks=ATTACKS, workdir=base.path, num=args.num, num_null=args.num_null,
+               steps=args.steps, log=print)
   report = dict(r.report, inversion=inv, wall_seconds=time.time() - t0)
   os.makedirs(RESULTS, exist_ok=True)
   with open(os.path.join(RESULTS, "watermark_benchmark.json"), "w") as fh:
     json.dump(report, fh, indent=1)
+  shutil.copy(r.files["samples"], os.path.join(RESULTS, "watermark_benchmark_samples.png"))
+  print(write_results(report))
+
+
+def write_results(report: dict) -> str:
+  """The Markdown and the figure of a report (also `--replot` from the committed JSON)."""
   md = markdown(report) + "\n## DDIM inversion (unguided chain, 64 samples of the demo DiT)\n\n"
   md += ("| steps | refinements | image RMSE | x_T RMSE | x_T sign agreement | x_T corr | "
          "s/image |\n|---|---|---|---|---|---|---|\n")
-  for row in inv:
+  for row in report["inversion"]:
     md += (f"| {row['steps']} | {row['fixed_point_iters']} | {row['image_rmse']:.4f} | "
            f"{row['x_T_rmse']:.3f} | {row['x_T_sign_agreement']:.3f} | "
            f"{row['x_T_correlation']:.3f} | {row['seconds_per_image']:.3f} |\n")
@@ -132,8 +178,7 @@ def main() -> None:
   with open(os.path.join(RESULTS, "watermark_benchmark.md"), "w") as fh:
     fh.write(md)
   figure(report, os.path.join(RESULTS, "watermark_benchmark.png"))
-  shutil.copy(r.files["samples"], os.path.join(RESULTS, "watermark_benchmark_samples.png"))
-  print(md)
+  return md
 
 
 if __name__ == "__main__":

@@ -226,17 +226,34 @@ def test_bad_image_attacks_are_refused(text):
   assert "\n" not in str(e.value)
 
 
+def test_regeneration_with_an_oracle_returns_its_data(schedule):
+  from wdmjax.diffusion.inversion import regenerate
+
+  def oracle(params, x, t, y):  # a model whose data is the constant 0.3
+    return d.eps_from_x0(schedule, jnp.full_like(x, 0.3), x, t)
+
+  x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 1), minval=-1, maxval=1)
+  out = regenerate(oracle, None, schedule, x, 400, jax.random.key(1), steps=5)
+  np.testing.assert_allclose(out, 0.3, atol=1e-4)
+  with pytest.raises(WdmjaxError, match="t: expected"):
+    regenerate(oracle, None, schedule, x, 1000, jax.random.key(1))
+
+
 def test_evaluate_command_end_to_end(tmp_path):
   from tests.conftest import run_cli
+  from wdmjax import runs
+  base = runs.base_workdir(str(tmp_path / "base")).path
   out = tmp_path / "bench"
   r = run_cli("evaluate", "--out", out, "--methods", "tree_ring,gaussian_shading",
+              "--workdir", base, "--regen-workdir", base, "--regen-steps", 2,
               "--num", 4, "--num-null", 8, "--steps", 2,
-              "--inversion-iters", 0, "--attacks", "none,jpeg:50", "--fprs", "0.5,1e-6")
+              "--inversion-iters", 0, "--attacks", "none,jpeg:50,regen:300",
+              "--fprs", "0.5,1e-6")
   assert r.returncode == 0, r.stderr
   rep = __import__("json").loads((out / "benchmark.json").read_text())
   assert {row["method"] for row in rep["rows"]} == {"tree_ring", "tree_ring_published",
                                                     "gaussian_shading"}
-  assert len(rep["rows"]) == 3 * 2 and rep["calibration"]["gaussian_shading"]["0.5"]["n"] == 8
+  assert len(rep["rows"]) == 3 * 3 and rep["calibration"]["gaussian_shading"]["0.5"]["n"] == 8
   assert rep["rows"][0]["tpr_empirical"]["1e-06"] is None  # 8 null images cannot set it
   assert (out / "benchmark.md").read_text().count("| tree_ring |") >= 3
   assert (out / "samples.png").stat().st_size > 0
@@ -247,7 +264,9 @@ def test_evaluate_command_end_to_end(tmp_path):
     (["--methods", "stable_signature"], "--methods"),
     (["--methods", "tree_ring,nope"], "--methods"),
     (["--attacks", "jpeg:200"], "--attacks"), (["--num", "0"], "--num"),
-    (["--fprs", "2"], "--fprs"), (["--steps", "5000"], "--steps")])
+    (["--fprs", "2"], "--fprs"), (["--steps", "5000"], "--steps"),
+    (["--attacks", "none,regen:300"], "--attacks"), (["--regen-workdir", "nowhere"],
+                                                     "--regen-workdir")])
 def test_evaluate_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, args, flag):
   from tests.conftest import run_cli
   out = tmp_path / "bench"

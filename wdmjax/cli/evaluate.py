@@ -27,7 +27,9 @@ def cmd_evaluate(args) -> int:
                inversion_iters=args.inversion_iters, fprs=args.fprs, seed=args.seed,
                batch_size=args.batch_size, wdm_workdir=args.wdm_workdir,
                wdm_secret=args.wdm_secret, model_attacks=_names(args.model_attacks),
-               wdm_group=args.wdm_group, wdm_null=args.wdm_null, progress=not args.json)
+               wdm_group=args.wdm_group, wdm_null=args.wdm_null,
+               regen_workdir=args.regen_workdir, regen_steps=args.regen_steps,
+               progress=not args.json)
   if args.json:
     print(json.dumps(r.report))
     return 0
@@ -55,7 +57,7 @@ def add_parser(sub) -> None:
   e.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS),
                  help="comma-separated image attacks NAME:STRENGTH, chained with '+' "
                  "(none, crop:A, resize:A, jpeg:Q, blur:S, noise:S, rotate:D, brightness:D, "
-                 "contrast:F)")
+                 "contrast:F, regen:T with --regen-workdir)")
   e.add_argument("--model-attacks", default=",".join(DEFAULT_MODEL_ATTACKS),
                  help="comma-separated attacks on the weights of the WDM model (as `wdmjax "
                  "attack`: prune:F, quantize:MODE, noise_rel:S, finetune:N, "
@@ -69,6 +71,10 @@ def add_parser(sub) -> None:
                  help="samples per majority-vote test of WDM")
   e.add_argument("--wdm-null", type=int, default=1024,
                  help="samples of the clean base queried with the trigger (WDM's null)")
+  e.add_argument("--regen-workdir", default=None,
+                 help="a second clean model for the regeneration attack regen:T (noise to "
+                 "step T, denoise with it)")
+  e.add_argument("--regen-steps", type=int, default=20, help="DDIM steps of regeneration")
   e.add_argument("--out", required=True, help="directory for benchmark.json/.md, samples.png")
   e.add_argument("--workdir", default=None,
                  help="a trained pixel-space diffusion workdir (default: the shipped demo DiT)")

@@ -144,3 +144,48 @@ def generate(model_fn: Callable, params: chex.ArrayTree, schedule: Schedule, x_T
                        jnp.float32(guidance_scale if guided else 0.0),
                        jnp.int32(null_label if null_label is not None else 0), steps=int(steps),
                        objective=objective, clip_denoised=clip_denoised, guided=guided)
+
+
+def ddim_from(denoise_fn: DenoiseFn, schedule: Schedule, x_t: chex.Array, t: int, *,
+              steps: int = 20, objective: str = "eps", clip_denoised: bool = True
+              ) -> chex.Array:
+  """Deterministic DDIM from x_t at step t (not T) down to x_0 in `steps` steps evenly spaced
+  over [0, t]: the second half of a regeneration attack (noise an image to t, denoise it)."""
+  check_objective(objective)
+  ts = np.unique(np.round(np.linspace(0, t, steps + 1)).astype(np.int32))[::-1]
+  ac = schedule.alphas_cumprod
+  predict = functools.partial(_predict, denoise_fn, None, objective, schedule)
+
+  def body(x, inp):
+    t_n, t_p = inp
+    x0, eps = predict(x, t_n, clip_denoised)
+    a_p = jnp.where(t_p >= 0, ac[jnp.maximum(t_p, 0)], 1.0)
+    return jnp.sqrt(a_p) * x0 + jnp.sqrt(1.0 - a_p) * eps, None
+
+  pairs = (jnp.asarray(ts, jnp.int32), jnp.asarray(np.append(ts[1:], -1), jnp.int32))
+  x, _ = jax.lax.scan(body, x_t, pairs)
+  return x
+
+
+@functools.partial(jax.jit, static_argnames=("model_fn", "t", "steps", "objective",
+                                             "clip_denoised"))
+def _regenerate_jit(model_fn, params, schedule, x0, y, key, *, t, steps, objective,
+                    clip_denoised):
+  a = schedule.alphas_cumprod[t]
+  x_t = jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * jax.random.normal(key, x0.shape, x0.dtype)
+  return ddim_from(lambda x, tt: model_fn(params, x, tt, y), schedule, x_t, t, steps=steps,
+                   objective=objective, clip_denoised=clip_denoised)
+
+
+def regenerate(model_fn: Callable, params: chex.ArrayTree, schedule: Schedule, x0: chex.Array,
+               t: int, key: chex.PRNGKey, *, steps: int = 20, objective: str = "eps",
+               y: chex.Array | None = None, clip_denoised: bool = True) -> chex.Array:
+  """The regeneration attack: images x0 [B,H,W,C] noised to step t (q_sample with `key`) and
+  denoised by DDIM with another model's `model_fn(params, x, t, y)`. Returns [B,H,W,C]."""
+  check(jnp.ndim(x0) == 4, f"images: expected shape [B, H, W, C], got {jnp.shape(x0)}")
+  check(isinstance(t, int | np.integer) and 1 <= t < schedule.num_timesteps,
+        f"t: expected an integer in [1, {schedule.num_timesteps - 1}], got {t!r}")
+  check_steps(steps, int(t))
+  return _regenerate_jit(model_fn, params, schedule, jnp.asarray(x0, jnp.float32), y, key,
+                         t=int(t), steps=int(steps), objective=objective,
+                         clip_denoised=clip_denoised)
