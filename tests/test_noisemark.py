@@ -261,7 +261,7 @@ def test_evaluate_command_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize("args,flag", [
-    (["--methods", "stable_signature"], "--methods"),
+    (["--methods", "stable_signature"], "--signature-workdir"),
     (["--methods", "tree_ring,nope"], "--methods"),
     (["--attacks", "jpeg:200"], "--attacks"), (["--num", "0"], "--num"),
     (["--fprs", "2"], "--fprs"), (["--steps", "5000"], "--steps"),

@@ -161,3 +161,26 @@ def test_bad_inputs_are_refused_in_one_line(signed, tmp_path):
   assert tree_hashes(sig) == before
   assert not os.path.exists(os.path.join(other, SIGNATURE_JSON))
   assert os.path.exists(os.path.join(other, EXTRACTOR))
+
+
+def test_evaluate_stable_signature_and_noise_marks_on_the_tiny_ldm(signed, tmp_path):
+  """`runs.benchmark` on a latent model: Tree-Ring and Gaussian Shading mark the latents,
+  Stable Signature the decoder; the decoder swap and a model attack are rows of their own."""
+  r = runs.benchmark(str(tmp_path / "bench"),
+                     ["tree_ring", "gaussian_shading", "stable_signature"], ["none", "jpeg:50"],
+                     workdir=signed["ldm"], signature_workdir=signed["sig"],
+                     model_attacks=["prune:0.3"], num=4, num_null=8, steps=2, fprs=[0.5],
+                     progress=False)
+  rows = {(x["method"], x["attack"]) for x in r.report["rows"]}
+  assert {("stable_signature", a) for a in ("none", "jpeg:50", "model decoder swap",
+                                            "model prune:0.3")} <= rows
+  assert {("gaussian_shading", "jpeg:50"), ("tree_ring", "none")} <= rows
+  assert r.report["model"]["latent_shape"] == [7, 7, 4]
+  assert r.report["settings"]["tree_ring"]["inner"] == 0  # the paper's rings on latents
+  q = r.report["quality"]["stable_signature"]
+  assert q["psnr"] > 0 and 0 <= q["ssim"] <= 1
+  with pytest.raises(WdmjaxError, match="signature_workdir"):
+    runs.benchmark(str(tmp_path / "b2"), ["stable_signature"], ["none"], workdir=signed["ldm"])
+  with pytest.raises(WdmjaxError, match="wdm is benchmarked on pixel-space"):
+    runs.benchmark(str(tmp_path / "b3"), ["wdm"], ["none"], workdir=signed["ldm"])
+  assert not (tmp_path / "b2").exists() and not (tmp_path / "b3").exists()

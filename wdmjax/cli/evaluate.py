@@ -6,7 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from wdmjax.runs.evaluate import DEFAULT_ATTACKS, DEFAULT_MODEL_ATTACKS, FPRS, METHODS, evaluate
+from wdmjax.runs.evaluate import (
+  DEFAULT_ATTACKS,
+  DEFAULT_MODEL_ATTACKS,
+  FPRS,
+  METHODS,
+  PIXEL_DEFAULT,
+  evaluate,
+)
 
 
 def _names(text: str) -> list[str]:
@@ -29,6 +36,7 @@ def cmd_evaluate(args) -> int:
                wdm_secret=args.wdm_secret, model_attacks=_names(args.model_attacks),
                wdm_group=args.wdm_group, wdm_null=args.wdm_null,
                regen_workdir=args.regen_workdir, regen_steps=args.regen_steps,
+               signature_workdir=args.signature_workdir, signature_user=args.signature_user,
                progress=not args.json)
   if args.json:
     print(json.dumps(r.report))
@@ -51,9 +59,11 @@ def cmd_evaluate(args) -> int:
 
 def add_parser(sub) -> None:
   e = sub.add_parser("evaluate", help="benchmark watermarks (Tree-Ring, Gaussian Shading, "
-                     "WDM) under the same attacks with calibrated rates")
-  e.add_argument("--methods", default=",".join(METHODS),
-                 help=f"comma-separated, of {', '.join(METHODS)}")
+                     "WDM, Stable Signature) under the same attacks with calibrated rates")
+  e.add_argument("--methods", default=",".join(PIXEL_DEFAULT),
+                 help=f"comma-separated, of {', '.join(METHODS)} (default: those of a "
+                 "pixel-space model; a latent model takes tree_ring, gaussian_shading and "
+                 "stable_signature)")
   e.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS),
                  help="comma-separated image attacks NAME:STRENGTH, chained with '+' "
                  "(none, crop:A, resize:A, jpeg:Q, blur:S, noise:S, rotate:D, brightness:D, "
@@ -75,6 +85,11 @@ def add_parser(sub) -> None:
                  help="a second clean model for the regeneration attack regen:T (noise to "
                  "step T, denoise with it)")
   e.add_argument("--regen-steps", type=int, default=20, help="DDIM steps of regeneration")
+  e.add_argument("--signature-workdir", default=None,
+                 help="a Stable Signature workdir signed for --workdir (a latent model): "
+                 "needed for the method stable_signature")
+  e.add_argument("--signature-user", type=int, default=0,
+                 help="whose decoder generates the signed images")
   e.add_argument("--out", required=True, help="directory for benchmark.json/.md, samples.png")
   e.add_argument("--workdir", default=None,
                  help="a trained pixel-space diffusion workdir (default: the shipped demo DiT)")

@@ -14,15 +14,20 @@ For a model (the shipped demo DiT unless a workdir is given):
   4. cost: seconds per image to embed (the noise) and to detect (inversion and test).
 
 Methods: tree_ring (two tests: `tree_ring` under the Gaussian null, `tree_ring_published`
-the paper's), gaussian_shading, and wdm: the owner queries the model with the trigger and
-tests every extracted sample on its own (`wdm`, exact) and groups of `wdm_group` by
-majority vote (`wdm_voteN`, the test of `wdmjax verify`); image attacks edit the extracted
-samples (a suspect API that post-processes its outputs), model attacks edit the weights (a
-thief's copy). Without `wdm_workdir`, the demo's secret is embedded into the base (600
-steps, kept in OUT/wdm). Stable Signature is verified by `wdmjax signature detect` and is not
-part of this loop yet.
-Generation-time watermarks protect only images sampled by the owner's own pipeline: a thief
-who samples a stolen model draws his own noise and no watermark at all (`APPLICABILITY`).
+the paper's), gaussian_shading, wdm and stable_signature.
+  * wdm (pixel-space models): the owner queries the model with the trigger and tests every
+    extracted sample on its own (`wdm`, exact) and groups of `wdm_group` by majority vote
+    (`wdm_voteN`, the test of `wdmjax verify`); image attacks edit the extracted samples (a
+    suspect API that post-processes its outputs), model attacks edit the weights (a thief's
+    copy). Without `wdm_workdir`, the demo's secret is embedded into the base (600 steps,
+    kept in OUT/wdm).
+  * stable_signature (latent models, with `signature_workdir` signed for the model): images
+    through one user's decoder, read by the extractor (`wdmjax signature detect`); model
+    attacks edit the latent DiT (the signed decoder stays), and a decoder swap decodes the
+    same latents with the original decoder.
+On a latent model the noise watermarks mark the initial latents (Tree-Ring on the last
+latent channel, from the zero frequency as in the paper); images are decoded, attacked, and
+encoded again before the inversion.
 
 The regeneration attack `regen:T` noises each image to step T and denoises it with a second
 clean model (`regen_workdir`), which the caller supplies.
@@ -57,8 +62,11 @@ from wdmjax.noisemark import gaussian_shading as gs
 from wdmjax.noisemark import tree_ring as tr
 from wdmjax.ood.baselines import lenet_outputs
 from wdmjax.runs.attack import attack_model
+from wdmjax.runs.autoencoder import ldm_autoencoder
 from wdmjax.runs.demo import DEMO_SECRET, EMBED_LR, EMBED_STEPS, base_workdir
 from wdmjax.runs.model import load_model
+from wdmjax.runs.signature import SIGNATURE_JSON, load_user_decoder
+from wdmjax.runs.signature import detect as signature_detect
 from wdmjax.runs.watermark import embed, extract_samples, image_shape, read_secret, resolve_secret
 from wdmjax.stats.binomial import binomial_log10_sf
 from wdmjax.stats.rates import clopper_pearson, rate_at
@@ -68,8 +76,8 @@ from wdmjax.watermark.verify import agreement, expected_bits, vote_bits
 from wdmjax.workdir import Workdir
 
 NOISE_METHODS = ("tree_ring", "gaussian_shading")
-METHODS = (*NOISE_METHODS, "wdm")
-ELSEWHERE = {"stable_signature": "wdmjax signature detect"}
+METHODS = (*NOISE_METHODS, "wdm", "stable_signature")
+PIXEL_DEFAULT = (*NOISE_METHODS, "wdm")  # the methods of a pixel-space model
 DEFAULT_MODEL_ATTACKS = ("prune:0.3", "quantize:int8", "noise_rel:0.05", "finetune:100",
                          "finetune:1000", "finetune_difffit:1000", "finetune_lora:1000")
 DEFAULT_ATTACKS = ("none", "crop:0.7", "resize:0.5", "jpeg:90", "jpeg:50", "jpeg:10", "blur:1",
@@ -107,16 +115,18 @@ def _check_methods(methods: Sequence[str]) -> tuple[str, ...]:
   methods = tuple(methods)
   check(len(methods) >= 1, "methods: expected at least one method")
   for m in methods:
-    hint = (f" ({m} is verified by `{ELSEWHERE[m]}`, not yet by evaluate)" if m in ELSEWHERE
-            else "")
-    check(m in METHODS, f"methods: expected names in {list(METHODS)}, got {m!r}{hint}")
+    check(m in METHODS, f"methods: expected names in {list(METHODS)}, got {m!r}")
   check(len(set(methods)) == len(methods), f"methods: expected distinct names, got {methods}")
   return methods
 
 
-def default_tree_ring_rings(side: int) -> tuple[int, int]:
-  """(inner, radius) of the ring key for images of `side` pixels: rings from a tenth of the
-  side (the image's own layout owns the lowest frequencies) to three tenths."""
+def default_tree_ring_rings(side: int, latent: bool = False) -> tuple[int, int]:
+  """(inner, radius) of the ring key for x_T of `side` pixels. Pixel space: rings from a
+  tenth of the side (the image's own layout owns the lowest frequencies) to three tenths.
+  Latents: the paper's rings, from the zero frequency to 10/64 of the side (at least 2, at
+  most side / 2 - 1)."""
+  if latent:
+    return 0, max(1, min(side // 2 - 1, max(2, round(10 * side / 64))))
   radius = max(2, min(side // 2 - 1, round(0.3 * side)))
   return min(radius, max(2, round(0.1 * side))), radius
 
@@ -150,9 +160,18 @@ class _Bench:
   fd_floor: float | None
   bar: object
   regen: object = None  # (images, t, key) -> images regenerated by a second clean model
+  ae: object = None  # the autoencoder of a latent model (None: pixel space)
 
   def attack(self, chain, images: np.ndarray, key) -> np.ndarray:
     return apply_image_attack(chain, images, key, regenerate=self.regen)
+
+  def to_images(self, x: np.ndarray, decoder_params=None) -> np.ndarray:
+    """The model's samples as images: decoded latents, or the pixels themselves."""
+    return x if self.ae is None else self.ae.decode(x, decoder_params, self.batch_size)
+
+  def from_images(self, images: np.ndarray) -> np.ndarray:
+    """What the model diffuses, from images: encoded latents, or the pixels themselves."""
+    return images if self.ae is None else self.ae.encode(images, None, self.batch_size)
 
   def gen(self, x_T, y, params=None):
     return generate(self.su.model_fn, self.params if params is None else params,
@@ -173,13 +192,14 @@ class _Bench:
     return row | extra
 
 
-def evaluate(out: str, methods: Sequence[str] = METHODS,
+def evaluate(out: str, methods: Sequence[str] = PIXEL_DEFAULT,
              attacks: Sequence[str] = DEFAULT_ATTACKS, *, workdir: str | None = None,
              num: int = 64, num_null: int = 256, steps: int = 20, inversion_iters: int = 2,
              fprs: Sequence[float] = FPRS, seed: int = 0, batch_size: int = 64,
              wdm_workdir: str | None = None, wdm_secret: str | None = None,
              model_attacks: Sequence[str] = DEFAULT_MODEL_ATTACKS, wdm_group: int = 16,
              wdm_null: int = 1024, regen_workdir: str | None = None, regen_steps: int = 20,
+             signature_workdir: str | None = None, signature_user: int = 0,
              progress: bool = True, log=None) -> BenchmarkReport:
   """Benchmarks `methods` under `attacks` (`wdmjax.attacks.image` names) and, for the
   model watermarks, `model_attacks` (`wdmjax.attacks.spec` names) on a model; see the module
@@ -221,6 +241,14 @@ def evaluate(out: str, methods: Sequence[str] = METHODS,
   if wdm_workdir is not None:
     check(os.path.isdir(wdm_workdir), f"wdm_workdir: no such directory {wdm_workdir!r}")
   check_positive_int("regen_steps", regen_steps)
+  check(("stable_signature" in methods) == (signature_workdir is not None),
+        "signature_workdir: expected a signature workdir (wdmjax signature pretrain / embed) "
+        "exactly when the methods include stable_signature")
+  if signature_workdir is not None:
+    check(os.path.isdir(signature_workdir),
+          f"signature_workdir: no such directory {signature_workdir!r}")
+    check(isinstance(signature_user, int) and signature_user >= 0,
+          f"signature_user: expected a non-negative integer, got {signature_user!r}")
   check_dir_path(out, "out", writable=True)
   out_existed = os.path.exists(out)
   try:
@@ -229,17 +257,23 @@ def evaluate(out: str, methods: Sequence[str] = METHODS,
     model = load_model(workdir)
     cfg, params = model.cfg, model.params
     su = setup(cfg)
-    shape = tuple(su.image_shape)
-    check(shape[-1] in (1, 3), f"workdir: expected a pixel-space model (1 or 3 channels), "
-          f"got images of shape {shape} (latent models are not benchmarked yet)")
+    shape = tuple(su.image_shape)  # what the model diffuses: images or latents
+    ae = None if shape[-1] in (1, 3) else ldm_autoencoder(workdir)
+    image_shape_ = shape if ae is None else tuple(ae.image_shape)
+    check(ae is None or "wdm" not in methods,
+          "methods: wdm is benchmarked on pixel-space models here; drop it for a latent model")
+    check(ae is not None or "stable_signature" not in methods,
+          "methods: stable_signature signs the decoder of a latent diffusion model; got the "
+          f"pixel-space model {workdir!r}")
     check(steps <= cfg.diffusion.num_timesteps,
           f"steps: expected an integer in [1, {cfg.diffusion.num_timesteps}], got {steps}")
     regen = None
     if regen_workdir is not None:
       rm = load_model(regen_workdir)
       rsu = setup(rm.cfg)
-      check(tuple(rsu.image_shape) == shape,
-            f"regen_workdir: expected a model of images {shape}, got {tuple(rsu.image_shape)}")
+      check(tuple(rsu.image_shape) == image_shape_,
+            f"regen_workdir: expected a pixel-space model of images {image_shape_}, got "
+            f"{tuple(rsu.image_shape)}")
       rnull = rsu.null_label if rsu.null_label is not None else 0
 
       def regen(x, t, key):
@@ -265,7 +299,9 @@ def evaluate(out: str, methods: Sequence[str] = METHODS,
   root = jax.random.PRNGKey(seed)
   noise_methods = [m for m in methods if m in NOISE_METHODS]
   phases = (1 + (1 if noise_methods else 0) + len(noise_methods) * (1 + len(chains))
-            + (3 + len(chains) + len(parsed_model_attacks) if "wdm" in methods else 0))
+            + (3 + len(chains) + len(parsed_model_attacks) if "wdm" in methods else 0)
+            + (2 + len(chains) + len(parsed_model_attacks) if "stable_signature" in methods
+               else 0))
   bar = tqdm(total=phases, disable=not progress, desc="evaluate", unit="phase")
   # The null: unwatermarked samples of the model (and the FD reference).
   y_null = _labels(cfg, num_null)
@@ -273,22 +309,24 @@ def evaluate(out: str, methods: Sequence[str] = METHODS,
   t0 = time.time()
   clean = _batched(lambda x, y: generate(su.model_fn, params, su.schedule, x, y=y, **gen_kw),
                    x_null_T, y_null, batch_size)
+  clean = clean if ae is None else ae.decode(clean, None, batch_size)
   gen_seconds = (time.time() - t0) / num_null
   bar.update()
   lenet, lenet_params = pretrained_lenet()
   # FD in the shipped LeNet's features (28 x 28 digits only; LeNet reads [0, 1]).
   features = ((lambda x: lenet_outputs(lenet, lenet_params, (x + 1.0) / 2.0)[1])
-              if shape == (28, 28, 1) else None)
+              if image_shape_ == (28, 28, 1) else None)
   f_clean = None if features is None else features(clean)
   half = num_null // 2
   fd_floor = (frechet_distance_from_features(f_clean[:half], f_clean[half:])
               if f_clean is not None and half >= 2 else None)
   b = _Bench(cfg, params, su, shape, chains, tuple(fprs), steps, batch_size, root, gen_kw,
              int(null_label), clean, y_null, x_null_T, gen_seconds, features, f_clean,
-             fd_floor, bar, regen)
+             fd_floor, bar, regen, ae)
 
   report = {
-    "model": {"workdir": str(workdir), "image_shape": list(shape),
+    "model": {"workdir": str(workdir), "image_shape": list(image_shape_),
+              "latent_shape": None if ae is None else list(shape),
               "objective": cfg.diffusion.objective,
               "guidance_scale": float(guidance) if guided else None},
     "settings": {"num": num, "num_null": num_null, "steps": steps,
@@ -305,6 +343,9 @@ def evaluate(out: str, methods: Sequence[str] = METHODS,
   if "wdm" in methods:
     _wdm(b, report, panels, num, out, wdm_workdir, wdm_secret, parsed_model_attacks,
          wdm_group, wdm_null, seed, progress, log)
+  if "stable_signature" in methods:
+    _stable_signature(b, report, panels, num, signature_workdir, signature_user,
+                      parsed_model_attacks, seed, progress, log)
   bar.close()
   seconds = time.time() - t_start
   report["seconds"] = seconds
@@ -331,12 +372,16 @@ def _noise_marks(b: _Bench, report: dict, panels: list, methods: list[str], num:
     return invert(su.model_fn, params, su.schedule, x, steps=b.steps,
                   objective=b.cfg.diffusion.objective, y=y0, fixed_point_iters=inversion_iters)
 
-  inner, radius = default_tree_ring_rings(min(shape[:2]))
-  tr_key = tr.make_key(seed + 1, shape, radius=radius, inner=inner, channel=0)
+  latent = b.ae is not None
+  inner, radius = default_tree_ring_rings(min(shape[:2]), latent)
+  channel = shape[-1] - 1 if latent else 0  # the paper marks the last latent channel
+  tr_key = tr.make_key(seed + 1, shape, radius=radius, inner=inner, channel=channel)
   block = next(k for k in (4, 2, 1) if shape[0] % k == 0 and shape[1] % k == 0)
-  gs_key = gs.make_key(seed + 2, shape, block=block)
-  report["settings"]["tree_ring"] = {"inner": inner, "radius": radius, "channel": 0}
-  report["settings"]["gaussian_shading"] = {"block": block, "bits": int(gs_key.message.size)}
+  factor = shape[-1] if block == 1 else 1  # at least 4 replicas per bit where it can
+  gs_key = gs.make_key(seed + 2, shape, block=block, channel_factor=factor)
+  report["settings"]["tree_ring"] = {"inner": inner, "radius": radius, "channel": channel}
+  report["settings"]["gaussian_shading"] = {"block": block, "channel_factor": factor,
+                                            "bits": int(gs_key.message.size)}
 
   def scores(z) -> dict[str, dict[str, np.ndarray]]:
     out = {}
@@ -349,7 +394,7 @@ def _noise_marks(b: _Bench, report: dict, panels: list, methods: list[str], num:
     return out
 
   t0 = time.time()
-  null_scores = scores(_batched(inv, b.clean, b.y_null, b.batch_size))
+  null_scores = scores(_batched(inv, b.from_images(b.clean), b.y_null, b.batch_size))
   detect_seconds = (time.time() - t0) / len(b.clean)
   b.bar.update()
   for m, s in null_scores.items():
@@ -362,7 +407,7 @@ def _noise_marks(b: _Bench, report: dict, panels: list, methods: list[str], num:
     x_T = np.asarray(tr.watermark_noise(rk, tr_key, num, shape) if m == "tree_ring"
                      else gs.watermark_noise(rk, gs_key, num))
     embed_seconds = (time.time() - t0) / num
-    images = _batched(b.gen, x_T, y, b.batch_size)
+    images = b.to_images(_batched(b.gen, x_T, y, b.batch_size))
     b.bar.update()
     report["quality"][m] = {"fd_to_clean": b.fd(images), "fd_clean_halves": b.fd_floor,
                             "psnr": None, "ssim": None,
@@ -372,7 +417,8 @@ def _noise_marks(b: _Bench, report: dict, panels: list, methods: list[str], num:
                          "detect_seconds_per_image": detect_seconds}
     for ai, (name, chain) in enumerate(b.chains.items()):
       attacked = b.attack(chain, images, jax.random.fold_in(rk, 1000 + ai))
-      for variant, s in scores(_batched(inv, attacked, y, b.batch_size)).items():
+      z = _batched(inv, b.from_images(attacked), y, b.batch_size)
+      for variant, s in scores(z).items():
         if variant.startswith(m):
           extra = ({"bit_accuracy": float(np.mean(s["bit_accuracy"]))}
                    if "bit_accuracy" in s else {})
@@ -478,6 +524,64 @@ def _wdm(b: _Bench, report: dict, panels: list, num: int, out: str, wdm_workdir,
     log(f"wdm: model attack {a}")
     cfg_a, params_a = attack_model(wm.cfg, wm.params, [a], seed=seed + ai, progress=progress)
     add_rows(f"model {a}", extract(cfg_a, params_a, num, seed + 8))
+    b.bar.update()
+
+
+def _stable_signature(b: _Bench, report: dict, panels: list, num: int, sig_workdir: str,
+                      user: int, model_attacks: list, seed: int, progress: bool, log) -> None:
+  """Stable Signature: images of the latent model through the user's fine-tuned decoder;
+  detection reads the bits with the extractor (`wdmjax signature detect`). Image attacks edit
+  the images; model attacks edit the latent DiT (the signed decoder stays), and a decoder
+  swap decodes the same latents with the original decoder."""
+  meta = Workdir(sig_workdir).read_json(SIGNATURE_JSON)
+  check(meta is not None, f"signature_workdir: no signed decoders in {sig_workdir!r}")
+  check(os.path.realpath(meta["ldm"]) == os.path.realpath(report["model"]["workdir"]),
+        f"signature_workdir: signed for the model {meta['ldm']!r}, not for "
+        f"{report['model']['workdir']!r}")
+  check(user < meta["users"], f"signature_user: expected a user in [0, {meta['users']}), "
+        f"got {user}")
+  decoder = load_user_decoder(sig_workdir, user)
+  fpr_min = min(b.fprs)
+
+  def log10_p(images: np.ndarray) -> np.ndarray:
+    r = signature_detect(sig_workdir, images, user=user, fpr=fpr_min)
+    return np.asarray([row["log10_p"] for row in r["images"]], np.float64), r["num_bits"]
+
+  null_lp, bits = log10_p(b.clean)
+  report["calibration"]["stable_signature"] = {f"{f:g}": rate_at(null_lp, f) for f in b.fprs}
+  b.bar.update()
+  y = _labels(b.cfg, num)
+  x_T = np.asarray(jax.random.normal(jax.random.fold_in(b.root, 300), (num, *b.shape)))
+  latents = _batched(b.gen, x_T, y, b.batch_size)
+  signed = b.to_images(latents, decoder)
+  unsigned = b.to_images(latents)
+  t0 = time.time()
+  log10_p(signed)  # timed alone: the 'none' row below tests the same images
+  detect_seconds = (time.time() - t0) / num
+  report["quality"]["stable_signature"] = {
+    "fd_to_clean": b.fd(signed), "fd_clean_halves": b.fd_floor,
+    "psnr": float(np.mean(psnr(jnp.asarray(signed), jnp.asarray(unsigned)))),
+    "ssim": float(np.mean(ssim(jnp.asarray(signed), jnp.asarray(unsigned)))),
+    "note": "PSNR/SSIM: the user's decoder against the original on the same latents"}
+  report["cost"]["stable_signature"] = {"embed_seconds": meta.get("seconds"),
+                                        "generate_seconds_per_image": b.gen_seconds,
+                                        "detect_seconds_per_image": detect_seconds}
+  report["settings"]["stable_signature"] = {"workdir": str(sig_workdir), "user": user,
+                                            "users": meta["users"], "bits": bits}
+  b.bar.update()
+  for ai, (name, chain) in enumerate(b.chains.items()):
+    attacked = b.attack(chain, signed, jax.random.fold_in(b.root, 7000 + ai))
+    report["rows"].append(b.rows("stable_signature", name, log10_p(attacked)[0], null_lp))
+    panels.append((f"stable_signature {name}", make_grid(attacked[:4], nrow=2, upscale=2)))
+    b.bar.update()
+  report["rows"].append(b.rows("stable_signature", "model decoder swap", log10_p(unsigned)[0],
+                               null_lp))
+  for ai, a in enumerate(model_attacks):
+    log(f"stable_signature: model attack {a} (on the latent DiT; the signed decoder stays)")
+    _, params_a = attack_model(b.cfg, b.params, [a], seed=seed + ai, progress=progress)
+    lat = _batched(lambda x, yy, p=params_a: b.gen(x, yy, p), x_T, y, b.batch_size)
+    report["rows"].append(b.rows("stable_signature", f"model {a}",
+                                 log10_p(b.to_images(lat, decoder))[0], null_lp))
     b.bar.update()
 
 
