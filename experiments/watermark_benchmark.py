@@ -2,12 +2,17 @@
 (and, for WDM, the model attacks), with calibrated detection rates (`wdmjax.runs.evaluate`),
 plus DDIM inversion's reconstruction error at 10, 50 and 100 steps.
 
-    python experiments/watermark_benchmark.py [--num 128 --num-null 10000 --steps 20]
+    cd experiments && python watermark_benchmark.py [--num 128 --num-null 10000 --steps 20]
+    cd experiments && python watermark_benchmark.py --latent   # LDM + Stable Signature
 
 About 75 minutes on 2 CPU cores (the 10,000 null images and the four fine-tuning attacks
 take most of it); the workdirs (base, WDM model) are kept in --workdir for a rerun.
 
-Writes experiments/results/watermark_benchmark.{json,md,png} and _samples.png.
+Writes experiments/results/watermark_benchmark.{json,md,png} and _samples.png; with
+--latent, the latent model of experiments/stable_signature.py (autoencoder, latent DiT, the
+4x4-pooled extractor and 4 users' decoders, built or reused in --ldm-runs) with Tree-Ring and
+Gaussian Shading on its latents and Stable Signature on its decoder, into
+watermark_benchmark_latent.*.
 """
 
 from __future__ import annotations
@@ -110,6 +115,8 @@ def figure(report: dict, path: str) -> None:
   axes[0].legend(fontsize=6)
   k = len(fams)
   model_attacks = [f"model {a}" for a in report["model_attacks"]]
+  if ("stable_signature", "model decoder swap") in rows:
+    model_attacks.append("model decoder swap")
   ax = axes[k]
   mt = [t for t in tests if any((t, a) in rows for a in model_attacks)]
   w = 0.8 / max(1, len(mt))
@@ -120,7 +127,7 @@ def figure(report: dict, path: str) -> None:
                 [a.removeprefix("model ") for a in model_attacks], rotation=35, ha="right",
                 fontsize=7)
   ax.set_ylim(0, 1.05)
-  ax.set_title("model attacks (WDM only)", fontsize=9)
+  ax.set_title("model attacks (model watermarks only)", fontsize=9)
   ax.legend(fontsize=6)
   ax = axes[k + 1]
   fprs = report["settings"]["fprs"]
@@ -146,10 +153,17 @@ def main() -> None:
   ap.add_argument("--workdir", default="runs/benchmark")
   ap.add_argument("--replot", action="store_true",
                   help="rewrite the Markdown and the figure from the committed JSON")
+  ap.add_argument("--latent", action="store_true",
+                  help="the latent model with Stable Signature instead of the pixel DiT")
+  ap.add_argument("--ldm-runs", default="runs/stable_signature")
   args = ap.parse_args()
+  stem = "watermark_benchmark_latent" if args.latent else "watermark_benchmark"
   if args.replot:
-    with open(os.path.join(RESULTS, "watermark_benchmark.json")) as fh:
-      print(write_results(json.load(fh)))
+    with open(os.path.join(RESULTS, stem + ".json")) as fh:
+      print(write_results(json.load(fh), stem))
+    return
+  if args.latent:
+    latent(args, stem)
     return
   t0 = time.time()
   out = args.workdir
@@ -159,25 +173,49 @@ def main() -> None:
                steps=args.steps, log=print)
   report = dict(r.report, inversion=inv, wall_seconds=time.time() - t0)
   os.makedirs(RESULTS, exist_ok=True)
-  with open(os.path.join(RESULTS, "watermark_benchmark.json"), "w") as fh:
+  save(report, r.files["samples"], "watermark_benchmark")
+
+
+def latent(args, stem: str) -> None:
+  """Tree-Ring and Gaussian Shading on the latents, Stable Signature on the decoder."""
+  from stable_signature import build  # the LDM pipeline of that experiment, reused
+
+  t0 = time.time()
+  extractor = "uncertainty, 4x4 pooling"  # its best extractor (stable_signature.md)
+  w = build(args.ldm_runs, "mnist5k", 4, 3000, 1500, 1500, [extractor],
+            {"steps": 500, "lr": 1e-3, "image_weight": 1.0})
+  r = evaluate(os.path.join(args.workdir, "latent"),
+               ["tree_ring", "gaussian_shading", "stable_signature"], ATTACKS,
+               workdir=w["ldm"], signature_workdir=w["sigs"][extractor],
+               model_attacks=["prune:0.3", "quantize:int8", "noise_rel:0.05", "finetune:100",
+                              "finetune:1000"],
+               num=args.num, num_null=args.num_null, steps=args.steps, log=print)
+  save(dict(r.report, inversion=[], wall_seconds=time.time() - t0), r.files["samples"], stem)
+
+
+def save(report: dict, samples: str, stem: str) -> None:
+  os.makedirs(RESULTS, exist_ok=True)
+  with open(os.path.join(RESULTS, stem + ".json"), "w") as fh:
     json.dump(report, fh, indent=1)
-  shutil.copy(r.files["samples"], os.path.join(RESULTS, "watermark_benchmark_samples.png"))
-  print(write_results(report))
+  shutil.copy(samples, os.path.join(RESULTS, stem + "_samples.png"))
+  print(write_results(report, stem))
 
 
-def write_results(report: dict) -> str:
+def write_results(report: dict, stem: str) -> str:
   """The Markdown and the figure of a report (also `--replot` from the committed JSON)."""
-  md = markdown(report) + "\n## DDIM inversion (unguided chain, 64 samples of the demo DiT)\n\n"
-  md += ("| steps | refinements | image RMSE | x_T RMSE | x_T sign agreement | x_T corr | "
-         "s/image |\n|---|---|---|---|---|---|---|\n")
+  md = markdown(report)
+  if report["inversion"]:
+    md += "\n## DDIM inversion (unguided chain, 64 samples of the demo DiT)\n\n"
+    md += ("| steps | refinements | image RMSE | x_T RMSE | x_T sign agreement | x_T corr | "
+           "s/image |\n|---|---|---|---|---|---|---|\n")
   for row in report["inversion"]:
     md += (f"| {row['steps']} | {row['fixed_point_iters']} | {row['image_rmse']:.4f} | "
            f"{row['x_T_rmse']:.3f} | {row['x_T_sign_agreement']:.3f} | "
            f"{row['x_T_correlation']:.3f} | {row['seconds_per_image']:.3f} |\n")
   md += f"\nWall time of the whole script on this CPU: {report['wall_seconds']:.0f} s.\n"
-  with open(os.path.join(RESULTS, "watermark_benchmark.md"), "w") as fh:
+  with open(os.path.join(RESULTS, stem + ".md"), "w") as fh:
     fh.write(md)
-  figure(report, os.path.join(RESULTS, "watermark_benchmark.png"))
+  figure(report, os.path.join(RESULTS, stem + ".png"))
   return md
 
 
