@@ -1,5 +1,5 @@
-"""`evaluate`: generation-time watermarks benchmarked on one diffusion model, under the same
-image attacks, with calibrated detection rates.
+"""`evaluate`: watermarks benchmarked on one diffusion model under the same attacks, with
+calibrated detection rates.
 
 For a model (the shipped demo DiT unless a workdir is given):
   1. `num_null` unwatermarked images (DDIM from ordinary noise, the config's guidance and
