@@ -353,7 +353,7 @@ def evaluate(out: str, methods: Sequence[str] = PIXEL_DEFAULT,
   files = {"json": write_json(os.path.join(out, "benchmark.json"), report),
            "markdown": atomic_write(os.path.join(out, "benchmark.md"), markdown(report)),
            "samples": save_panels(panels, os.path.join(out, "samples.png"),
-                                  per_row=len(chains))}
+                                  per_row=min(len(chains), 12))}
   return BenchmarkReport(report, files, seconds)
 
 
@@ -602,6 +602,39 @@ def _rate(r: dict) -> str:
   return f"{r['rate']:.2f} [{r['low']:.2f}, {r['high']:.2f}]"
 
 
+def summary(report: dict) -> list[str]:
+  """One line per test: calibrated or not, unattacked TPR, how many attacks it survives."""
+  fprs = [f"{f:g}" for f in report["settings"]["fprs"]]
+  f = min(fprs, key=float)
+  out = []
+  for t in dict.fromkeys(r["method"] for r in report["rows"]):
+    rows = [r for r in report["rows"] if r["method"] == t]
+    cal = report["calibration"].get(t, {})
+    above = [g for g in fprs if g in cal and cal[g]["low"] > float(g)]
+    verdict = ("empirical FPR at or below nominal at every level" if not above else
+               f"empirical FPR above nominal at {', '.join(above)} (e.g. "
+               f"{cal[above[-1]]['rate']:.3g} at {above[-1]}): its nominal TPRs do not mean "
+               "what they say")
+    none = next((r for r in rows if r["attack"] == "none"), None)
+    image = [r for r in rows if not r["attack"].startswith("model ")]
+    model = [r for r in rows if r["attack"].startswith("model ")]
+    kept = sum(r["tpr"][f]["rate"] >= 0.9 for r in image)
+    line = f"- **{t}**: {verdict}; "
+    if none is not None:
+      line += f"unattacked TPR {none['tpr'][f]['rate']:.2f} at nominal FPR {f}; "
+    line += f"TPR >= 0.9 under {kept} of {len(image)} image attacks"
+    if model:
+      line += (f" and {sum(r['tpr'][f]['rate'] >= 0.9 for r in model)} of {len(model)} model "
+               "attacks")
+    emp = [g for g in fprs if none is not None and none["tpr_empirical"][g] is not None]
+    if emp:
+      g = min(emp, key=float)
+      line += (f"; at a threshold set on the unwatermarked images (FPR <= {g}) its unattacked "
+               f"TPR is {none['tpr_empirical'][g]['rate']:.2f}")
+    out.append(line + ".")
+  return out
+
+
 def markdown(report: dict) -> str:
   """The report as Markdown tables: applicability, calibration, detection, quality, cost."""
   fprs = [f"{f:g}" for f in report["settings"]["fprs"]]
@@ -617,6 +650,7 @@ def markdown(report: dict) -> str:
   lines += ["| method | " + " | ".join(threats) + " |", "|---" * (len(threats) + 1) + "|"]
   for m, a in report["applicability"].items():
     lines.append(f"| {m} | " + " | ".join(a[t] for t in threats) + " |")
+  lines += ["", "## Summary", ""] + summary(report)
   lines += ["", "## Calibration: empirical FPR on unwatermarked images (95% Clopper-Pearson)", "",
             "| test | " + " | ".join(f"FPR at {f}" for f in fprs) + " |",
             "|---" * (len(fprs) + 1) + "|"]
