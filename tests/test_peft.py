@@ -254,4 +254,7 @@ def test_a_saved_delta_applies_onto_its_base_for_every_layout(strategy, tmp_path
   got = apply_delta(path, base, reference(spec, "base", base, trainable, frozen))
   want = combine_params(trainable, frozen, spec.lora_alpha)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if strategy == "difffit":  # leaves copied as they are: bit for bit
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    else:  # W + s B A folded by two compiled paths: equal to float32 rounding (1 ulp seen)
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
