@@ -79,23 +79,23 @@ def parse_image_attack(text: str) -> tuple[ImageAttack, ...]:
   return tuple(out)
 
 
+# The JAX edits as (images, key, strength) -> images.
+_EDITS = {
+  "crop": lambda x, k, s: imaging.center_crop(x, s),
+  "resize": lambda x, k, s: imaging.resize(x, s),
+  "blur": lambda x, k, s: imaging.gaussian_blur(x, s),
+  "noise": lambda x, k, s: imaging.gaussian_noise(x, k, s),
+  "rotate": lambda x, k, s: imaging.rotate(x, s),
+  "brightness": lambda x, k, s: imaging.brightness(x, s),
+  "contrast": lambda x, k, s: imaging.contrast(x, s),
+}
+
+
 @functools.cache
 def _jitted(name: str, strength: float) -> Callable:
-  if name == "crop":
-    return jax.jit(lambda x, k: imaging.center_crop(x, strength))
-  if name == "resize":
-    return jax.jit(lambda x, k: imaging.resize(x, strength))
-  if name == "blur":
-    return jax.jit(lambda x, k: imaging.gaussian_blur(x, strength))
-  if name == "noise":
-    return jax.jit(lambda x, k: imaging.gaussian_noise(x, k, strength))
-  if name == "rotate":
-    return jax.jit(lambda x, k: imaging.rotate(x, strength))
-  if name == "brightness":
-    return jax.jit(lambda x, k: imaging.brightness(x, strength))
-  if name == "contrast":
-    return jax.jit(lambda x, k: imaging.contrast(x, strength))
-  raise ValueError(name)
+  """One compiled function per (edit, strength): strengths are static in the edits."""
+  edit = _EDITS[name]
+  return jax.jit(lambda x, k: edit(x, k, strength))
 
 
 def apply_image_attack(chain: tuple[ImageAttack, ...], x: chex.Array, key: chex.PRNGKey,
