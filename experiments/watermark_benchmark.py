@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 
 from wdmjax.diffusion.inversion import generate, invert  # noqa: E402
 from wdmjax.runs.demo import base_workdir  # noqa: E402
-from wdmjax.runs.evaluate import evaluate, markdown  # noqa: E402
+from wdmjax.runs.evaluate import DEFAULT_MODEL_ATTACKS, evaluate, markdown  # noqa: E402
 from wdmjax.runs.model import load_model  # noqa: E402
 from wdmjax.train import setup  # noqa: E402
 
@@ -187,8 +187,7 @@ def latent(args, stem: str) -> None:
   r = evaluate(os.path.join(args.workdir, "latent"),
                ["tree_ring", "gaussian_shading", "stable_signature"], ATTACKS,
                workdir=w["ldm"], signature_workdir=w["sigs"][extractor],
-               model_attacks=["prune:0.3", "quantize:int8", "noise_rel:0.05", "finetune:100",
-                              "finetune:1000"],
+               model_attacks=DEFAULT_MODEL_ATTACKS,
                num=args.num, num_null=args.num_null, steps=args.steps, log=print)
   save(dict(r.report, inversion=[], wall_seconds=time.time() - t0), r.files["samples"], stem)
 

@@ -79,7 +79,8 @@ NOISE_METHODS = ("tree_ring", "gaussian_shading")
 METHODS = (*NOISE_METHODS, "wdm", "stable_signature")
 PIXEL_DEFAULT = (*NOISE_METHODS, "wdm")  # the methods of a pixel-space model
 DEFAULT_MODEL_ATTACKS = ("prune:0.3", "quantize:int8", "noise_rel:0.05", "finetune:100",
-                         "finetune:1000", "finetune_difffit:1000", "finetune_lora:1000")
+                         "finetune:1000", "finetune_difffit:100", "finetune_difffit:1000",
+                         "finetune_lora:100", "finetune_lora:1000")
 DEFAULT_ATTACKS = ("none", "crop:0.7", "resize:0.5", "jpeg:90", "jpeg:50", "jpeg:10", "blur:1",
                    "noise:0.1", "rotate:10", "brightness:0.3", "contrast:0.6",
                    "jpeg:50+crop:0.8")
