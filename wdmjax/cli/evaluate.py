@@ -1,5 +1,6 @@
-"""`wdmjax evaluate`: generation-time watermarks benchmarked under the same image attacks,
-with calibrated detection rates (`wdmjax.runs.evaluate`)."""
+"""`wdmjax evaluate`: watermarks (Tree-Ring, Gaussian Shading, WDM, Stable Signature)
+benchmarked under the same attacks, with calibrated detection rates (`wdmjax.runs.evaluate`;
+this module only parses and prints)."""
 
 from __future__ import annotations
 
