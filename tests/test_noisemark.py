@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
+from tests.conftest import TINY_DIT
 from wdmjax import diffusion as d
 from wdmjax.diffusion.inversion import ddim_invert, generate, invert
 from wdmjax.errors import WdmjaxError
@@ -255,6 +256,9 @@ def test_evaluate_command_end_to_end(tmp_path):
                                                     "gaussian_shading"}
   assert len(rep["rows"]) == 3 * 3 and rep["calibration"]["gaussian_shading"]["0.5"]["n"] == 8
   assert rep["rows"][0]["tpr_empirical"]["1e-06"] is None  # 8 null images cannot set it
+  # each attack is also applied to 4 (= num) unwatermarked images: their FPR under it
+  assert all(row["fpr_attacked"]["0.5"]["n"] == 4 for row in rep["rows"])
+  assert "False positives under attack" in (out / "benchmark.md").read_text()
   assert (out / "benchmark.md").read_text().count("| tree_ring |") >= 3
   assert (out / "samples.png").stat().st_size > 0
   assert "TPR at FPR 1e-06" in r.stdout
@@ -289,6 +293,39 @@ def test_evaluate_wdm_rows_on_a_briefly_watermarked_model(tmp_path):
   rows = {(x["method"], x["attack"]) for x in r.report["rows"]}
   assert rows == {(m, a) for m in ("wdm", "wdm_vote4")
                   for a in ("none", "blur:1", "model prune:0.3")}
+  by = {(x["method"], x["attack"]): x for x in r.report["rows"]}
+  assert by[("wdm", "blur:1")]["fpr_attacked"]["0.5"]["n"] == 8
+  assert by[("wdm_vote4", "blur:1")]["fpr_attacked"]["0.5"]["n"] == 2
+  assert "fpr_attacked" not in by[("wdm", "model prune:0.3")]  # no clean twin of a weight edit
   assert r.report["calibration"]["wdm"]["0.5"]["n"] == 8
   assert r.report["calibration"]["wdm_vote4"]["0.5"]["n"] == 2
   assert 0 <= r.report["quality"]["wdm"]["ssim"] <= 1
+
+
+def test_noise_marks_on_a_unet_regenerated_by_a_dit(tmp_path):
+  """The same evaluation on a UNet (tiny, at its initial weights: a smooth network, so DDIM
+  inverts it closely and both marks must come back), with the tiny DiT as the second clean
+  model of the regeneration attack."""
+  from wdmjax.configs import load_config
+  from wdmjax.configs.schema import default_config, merge, validate
+  from wdmjax.runs.evaluate import evaluate
+  from wdmjax.train import setup
+  from wdmjax.train.export import workdir_from_params
+  cfg = validate(merge(default_config(), dict(
+      data=dict(name="digits", resolution=16, channels=1),
+      model=dict(name="unet", ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
+                 dropout=0.0, num_classes=10, class_dropout_prob=0.1, num_groups=4),
+      diffusion=dict(num_timesteps=100), train=dict(steps=1), sample=dict(steps=10))))
+  unet, dit = tmp_path / "unet", tmp_path / "dit"
+  workdir_from_params(cfg, setup(cfg).init_params(jax.random.PRNGKey(0)), unet, 1)
+  dcfg = load_config(TINY_DIT, ["data.resolution=16"])  # 16 bits of Gaussian Shading
+  workdir_from_params(dcfg, setup(dcfg).init_params(jax.random.PRNGKey(1)), dit, 1)
+  r = evaluate(str(tmp_path / "bench"), ["tree_ring", "gaussian_shading"],
+               ["none", "regen:50"], workdir=str(unet), regen_workdir=str(dit), num=8,
+               num_null=16, steps=5, inversion_iters=3, fprs=[1e-2], progress=False)
+  rows = {(x["method"], x["attack"]): x for x in r.report["rows"]}
+  assert set(rows) == {(m, a) for m in ("tree_ring", "tree_ring_published", "gaussian_shading")
+                       for a in ("none", "regen:50")}
+  assert rows[("gaussian_shading", "none")]["tpr"]["0.01"]["rate"] == 1.0
+  assert rows[("tree_ring", "none")]["tpr"]["0.01"]["rate"] == 1.0
+  assert r.report["calibration"]["gaussian_shading"]["0.01"]["k"] <= 2

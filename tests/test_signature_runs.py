@@ -176,6 +176,9 @@ def test_evaluate_stable_signature_and_noise_marks_on_the_tiny_ldm(signed, tmp_p
                                             "model prune:0.3")} <= rows
   assert {("gaussian_shading", "jpeg:50"), ("tree_ring", "none")} <= rows
   assert r.report["model"]["latent_shape"] == [7, 7, 4]
+  by = {(x["method"], x["attack"]): x for x in r.report["rows"]}
+  assert by[("stable_signature", "jpeg:50")]["fpr_attacked"]["0.5"]["n"] == 4
+  assert by[("tree_ring", "jpeg:50")]["fpr_attacked"]["0.5"]["n"] == 4
   assert r.report["settings"]["tree_ring"]["inner"] == 0  # the paper's rings on latents
   q = r.report["quality"]["stable_signature"]
   assert q["psnr"] > 0 and 0 <= q["ssim"] <= 1

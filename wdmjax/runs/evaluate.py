@@ -184,12 +184,19 @@ class _Bench:
     return frechet_distance_from_features(self.features(images), self.f_clean)
 
   def rows(self, variant: str, attack: str, log10_p: np.ndarray, null_log10_p: np.ndarray,
-           **extra) -> dict:
+           attacked_null: np.ndarray | None = None, **extra) -> dict:
+    """One test under one attack. `attacked_null`: the same attack on unwatermarked images,
+    whose FPR (at the nominal levels and at the thresholds set on the unattacked null) says
+    whether a TPR under that attack is evidence or the attack moving every image's score."""
     row = {"method": variant, "attack": attack,
            "tpr": {f"{f:g}": rate_at(log10_p, f) for f in self.fprs},
            "tpr_empirical": {f"{f:g}": _empirical_tpr(log10_p, null_log10_p, f)
                              for f in self.fprs},
            "median_log10_p": float(np.median(log10_p))}
+    if attacked_null is not None:
+      row["fpr_attacked"] = {f"{f:g}": rate_at(attacked_null, f) for f in self.fprs}
+      row["fpr_attacked_empirical"] = {f"{f:g}": _empirical_tpr(attacked_null, null_log10_p, f)
+                                       for f in self.fprs}
     return row | extra
 
 
@@ -299,7 +306,7 @@ def evaluate(out: str, methods: Sequence[str] = PIXEL_DEFAULT,
 
   root = jax.random.PRNGKey(seed)
   noise_methods = [m for m in methods if m in NOISE_METHODS]
-  phases = (1 + (1 if noise_methods else 0) + len(noise_methods) * (1 + len(chains))
+  phases = (1 + (2 if noise_methods else 0) + len(noise_methods) * (1 + len(chains))
             + (3 + len(chains) + len(parsed_model_attacks) if "wdm" in methods else 0)
             + (2 + len(chains) + len(parsed_model_attacks) if "stable_signature" in methods
                else 0))
@@ -403,6 +410,14 @@ def _noise_marks(b: _Bench, report: dict, panels: list, methods: list[str], num:
   for m, s in null_scores.items():
     report["calibration"][m] = {f"{f:g}": rate_at(s["log10_p"], f) for f in b.fprs}
   log(f"null: {len(b.clean)} unwatermarked images inverted ({detect_seconds:.3f} s per image)")
+  # The attacks on `num` unwatermarked images: their FPR under each attack.
+  n_att = min(num, len(b.clean))
+  attacked_null = {}
+  for ai, (name, chain) in enumerate(b.chains.items()):
+    attacked = b.attack(chain, b.clean[:n_att], jax.random.fold_in(b.root, 9000 + ai))
+    attacked_null[name] = scores(_batched(inv, b.from_images(attacked), b.y_null[:n_att],
+                                          b.batch_size))
+  b.bar.update()
   y = _labels(b.cfg, num)
   for mi, m in enumerate(methods):
     rk = jax.random.fold_in(b.root, 100 + mi)
@@ -426,7 +441,8 @@ def _noise_marks(b: _Bench, report: dict, panels: list, methods: list[str], num:
           extra = ({"bit_accuracy": float(np.mean(s["bit_accuracy"]))}
                    if "bit_accuracy" in s else {})
           report["rows"].append(b.rows(variant, name, s["log10_p"],
-                                       null_scores[variant]["log10_p"], **extra))
+                                       null_scores[variant]["log10_p"],
+                                       attacked_null[name][variant]["log10_p"], **extra))
       panels.append((f"{m} {name}", make_grid(attacked[:4], nrow=2, upscale=2)))
       b.bar.update()
 
@@ -511,16 +527,23 @@ def _wdm(b: _Bench, report: dict, panels: list, num: int, out: str, wdm_workdir,
                                "group": group, "gamma1": secret.gamma1}
   b.bar.update()
 
-  def add_rows(attack: str, s: np.ndarray) -> None:
+  def add_rows(attack: str, s: np.ndarray, null_s: np.ndarray | None = None) -> None:
     acc, lp = _per_sample_log10_p(s, watermark, secret.key, secret.block)
-    report["rows"].append(b.rows("wdm", attack, lp, null_lp, bit_accuracy=float(acc.mean())))
     g = _group_log10_p(s, watermark, secret.key, secret.block, group)
+    a_lp = a_g = None
+    if null_s is not None:  # the same attack on the clean model's extractions
+      a_lp = _per_sample_log10_p(null_s, watermark, secret.key, secret.block)[1]
+      a_g = _group_log10_p(null_s, watermark, secret.key, secret.block, group)
+    report["rows"].append(b.rows("wdm", attack, lp, null_lp, a_lp,
+                                 bit_accuracy=float(acc.mean())))
     if len(g):
-      report["rows"].append(b.rows(f"wdm_vote{group}", attack, g, null_group))
+      report["rows"].append(b.rows(f"wdm_vote{group}", attack, g, null_group,
+                                   a_g if a_g is not None and len(a_g) else None))
 
   for ai, (name, chain) in enumerate(b.chains.items()):
     attacked = b.attack(chain, samples, jax.random.fold_in(b.root, 5000 + ai))
-    add_rows(name, attacked)
+    add_rows(name, attacked, b.attack(chain, null_samples[:num],
+                                      jax.random.fold_in(b.root, 9000 + ai)))
     panels.append((f"wdm {name}", make_grid(attacked[:4], nrow=2, upscale=2)))
     b.bar.update()
   for ai, a in enumerate(model_attacks):
@@ -574,7 +597,9 @@ def _stable_signature(b: _Bench, report: dict, panels: list, num: int, sig_workd
   b.bar.update()
   for ai, (name, chain) in enumerate(b.chains.items()):
     attacked = b.attack(chain, signed, jax.random.fold_in(b.root, 7000 + ai))
-    report["rows"].append(b.rows("stable_signature", name, log10_p(attacked)[0], null_lp))
+    a_null = b.attack(chain, b.clean[:num], jax.random.fold_in(b.root, 9000 + ai))
+    report["rows"].append(b.rows("stable_signature", name, log10_p(attacked)[0], null_lp,
+                                 log10_p(a_null)[0]))
     panels.append((f"stable_signature {name}", make_grid(attacked[:4], nrow=2, upscale=2)))
     b.bar.update()
   report["rows"].append(b.rows("stable_signature", "model decoder swap", log10_p(unsigned)[0],
@@ -634,6 +659,11 @@ def summary(report: dict) -> list[str]:
       g = min(emp, key=float)
       line += (f"; at a threshold set on the unwatermarked images (FPR <= {g}) its unattacked "
                f"TPR is {none['tpr_empirical'][g]['rate']:.2f}")
+    fooled = [r["attack"] for r in image if "fpr_attacked" in r and r["attack"] != "none"
+              and r["fpr_attacked"][f]["low"] > float(f)]
+    if fooled:
+      line += (f"; attacked unwatermarked images pass its test at nominal FPR {f} too under "
+               f"{', '.join(fooled)}")
     out.append(line + ".")
   return out
 
@@ -676,6 +706,19 @@ def markdown(report: dict) -> str:
     lines.append(f"| {r['method']} | {r['attack']} | " + " | ".join(
         "-" if r["tpr_empirical"][f] is None else _rate(r["tpr_empirical"][f]) for f in fprs)
         + " |")
+  attacked = [r for r in report["rows"] if "fpr_attacked" in r]
+  if attacked:
+    lines += ["", "## False positives under attack: the same attack on unwatermarked images "
+              "(k of n flagged; at the nominal FPR, and at the threshold set on the unattacked "
+              "unwatermarked images)", "",
+              "| test | attack | " + " | ".join(f"nominal {f}" for f in fprs) + " | "
+              + " | ".join(f"threshold {f}" for f in fprs) + " |",
+              "|---" * (2 * len(fprs) + 2) + "|"]
+    kn = lambda v: "-" if v is None else f"{v['k']}/{v['n']}"
+    for r in attacked:
+      lines.append(f"| {r['method']} | {r['attack']} | "
+                   + " | ".join(kn(r["fpr_attacked"][f]) for f in fprs) + " | "
+                   + " | ".join(kn(r["fpr_attacked_empirical"][f]) for f in fprs) + " |")
   same_n = any("fd_clean_same_n" in q for q in report["quality"].values())
   floor_name = "FD of as many clean images" if same_n else "FD between clean halves"
   lines += ["", "## Quality and cost", "",
