@@ -218,6 +218,21 @@ def test_image_attack_chains_parse_and_apply():
                                                    jax.random.key(1)), x)
 
 
+def test_attacks_vmapped_over_strengths_equal_one_call_each():
+  from wdmjax.attacks.image import apply_image_attack, apply_image_attacks, parse_image_attack
+  names = ["noise:0.1", "jpeg:50", "rotate:10", "noise:0.05", "brightness:0.3", "contrast:0.6",
+           "rotate:-20", "blur:1", "none", "noise:0.1+blur:1"]
+  chains = [parse_image_attack(n) for n in names]
+  keys = [jax.random.fold_in(jax.random.key(1), i) for i in range(len(names))]
+  x = np.asarray(jax.random.uniform(jax.random.key(0), (3, 16, 16, 1), minval=-1, maxval=1))
+  for name, chain, k, y in zip(names, chains, keys, apply_image_attacks(chains, x, keys),
+                               strict=True):
+    # rotate: its angle traced rather than folded into the constants (float32 rounding)
+    np.testing.assert_allclose(y, apply_image_attack(chain, x, k), atol=1e-5, err_msg=name)
+  with pytest.raises(WdmjaxError, match="keys: expected one per chain"):
+    apply_image_attacks(chains, x, keys[:2])
+
+
 @pytest.mark.parametrize("text", ["jpeg:0", "jpeg:9.5", "crop:0", "crop:1.5", "blur:-1",
                                   "none:1", "sharpen:2", "noise:nan", "regen:0", "", "jpeg"])
 def test_bad_image_attacks_are_refused(text):

@@ -13,18 +13,22 @@
                   clean model (the caller supplies that model)
 
 `apply_image_attack` runs a parsed chain on images [B, H, W, C] in [-1, 1]; the JAX edits
-are jitted once per (name, strength), JPEG leaves JAX.
+are jitted once per (name, strength), JPEG leaves JAX. `apply_image_attacks` runs many
+chains on the same images: the single edits whose strength is a plain number in the math
+(noise, rotate, brightness, contrast) go through one compiled function vmapped over their
+strengths, the same numbers as one call each.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from wdmjax import imaging
@@ -91,6 +95,17 @@ _EDITS = {
 }
 
 
+# Edits whose strength can be traced: crop, resize and blur size arrays from it.
+SWEEPABLE = ("noise", "rotate", "brightness", "contrast")
+
+
+@functools.cache
+def _swept(name: str) -> Callable:
+  """(images [B, ...], keys [S], strengths [S]) -> [S, B, ...]: one compiled sweep per edit."""
+  edit = _EDITS[name]
+  return jax.jit(jax.vmap(edit, in_axes=(None, 0, 0)))
+
+
 @functools.cache
 def _jitted(name: str, strength: float) -> Callable:
   """One compiled function per (edit, strength): strengths are static in the edits."""
@@ -115,3 +130,29 @@ def apply_image_attack(chain: tuple[ImageAttack, ...], x: chex.Array, key: chex.
     else:
       x = np.asarray(_jitted(a.name, float(a.strength))(x, k))
   return x
+
+
+def apply_image_attacks(chains: Sequence[tuple[ImageAttack, ...]], x: chex.Array,
+                        keys: Sequence[chex.PRNGKey], regenerate: Regenerate | None = None
+                        ) -> list[np.ndarray]:
+  """`apply_image_attack(chains[i], x, keys[i])` for every i, with the single SWEEPABLE
+  edits of one name run as one vmapped call over their strengths."""
+  check(len(chains) == len(keys), f"keys: expected one per chain ({len(chains)}), got "
+        f"{len(keys)}")
+  check(np.ndim(x) == 4, f"images: expected shape [B, H, W, C], got {np.shape(x)}")
+  x = np.asarray(x, np.float32)
+  out: list[np.ndarray | None] = [None] * len(chains)
+  groups: dict[str, list[int]] = {}
+  for i, chain in enumerate(chains):
+    if len(chain) == 1 and chain[0].name in SWEEPABLE:
+      groups.setdefault(chain[0].name, []).append(i)
+    else:
+      out[i] = apply_image_attack(chain, x, keys[i], regenerate)
+  for name, idx in groups.items():
+    # fold_in(key, 0): the key apply_image_attack gives a chain's first edit
+    ks = jnp.stack([jax.random.fold_in(keys[i], 0) for i in idx])
+    ss = jnp.asarray([float(chains[i][0].strength) for i in idx], jnp.float32)
+    swept = np.asarray(_swept(name)(jnp.asarray(x), ks, ss))
+    for j, i in enumerate(idx):
+      out[i] = swept[j]
+  return out

@@ -28,6 +28,12 @@ def _check_images(x) -> None:
   check(jnp.ndim(x) == 4, f"images: expected shape [B, H, W, C], got {jnp.shape(x)}")
 
 
+def _check_value(ok, message: str) -> None:
+  """A strength's range check, skipped for a traced strength (vmapped over strengths)."""
+  if not isinstance(ok, jax.core.Tracer):
+    check(bool(ok), message)
+
+
 def _resize(x: chex.Array, h: int, w: int) -> chex.Array:
   return jax.image.resize(x, (x.shape[0], h, w, x.shape[3]), "bilinear", antialias=True)
 
@@ -80,7 +86,7 @@ def brightness(x: chex.Array, delta: float) -> chex.Array:
 def contrast(x: chex.Array, factor: float) -> chex.Array:
   """Scales each image's deviation from its mean by `factor` (> 0) and clips."""
   _check_images(x)
-  check(factor > 0, f"contrast: expected a positive factor, got {factor!r}")
+  _check_value(factor > 0, f"contrast: expected a positive factor, got {factor!r}")
   mean = x.mean(axis=(1, 2, 3), keepdims=True)
   return jnp.clip(mean + factor * (x - mean), -1.0, 1.0)
 
@@ -101,7 +107,7 @@ def gaussian_blur(x: chex.Array, sigma: float) -> chex.Array:
 def gaussian_noise(x: chex.Array, key: chex.PRNGKey, std: float) -> chex.Array:
   """Adds N(0, std^2) per pixel (in [-1, 1] units) and clips."""
   _check_images(x)
-  check(std >= 0, f"noise: expected a non-negative std, got {std!r}")
+  _check_value(std >= 0, f"noise: expected a non-negative std, got {std!r}")
   return jnp.clip(x + std * jax.random.normal(key, x.shape, x.dtype), -1.0, 1.0)
 
 
@@ -110,13 +116,13 @@ def rotate(x: chex.Array, degrees: float) -> chex.Array:
   with -1 (black)."""
   _check_images(x)
   _, h, w, c = x.shape
-  a = -math.radians(degrees)  # rows grow downwards: negate for counter-clockwise on screen
+  a = -jnp.deg2rad(degrees)  # rows grow downwards: negate for counter-clockwise on screen
   yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
                         indexing="ij")
   cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
   # The source pixel of each output pixel: the inverse rotation.
-  sy = cy + (yy - cy) * math.cos(a) - (xx - cx) * math.sin(a)
-  sx = cx + (yy - cy) * math.sin(a) + (xx - cx) * math.cos(a)
+  sy = cy + (yy - cy) * jnp.cos(a) - (xx - cx) * jnp.sin(a)
+  sx = cx + (yy - cy) * jnp.sin(a) + (xx - cx) * jnp.cos(a)
 
   def one(im):
     return jnp.stack([jax.scipy.ndimage.map_coordinates(im[..., ch], [sy, sx], order=1,
