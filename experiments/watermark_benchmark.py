@@ -68,7 +68,7 @@ def regen_model(path: str) -> str:
   from wdmjax.runs.train import train
 
   train(REGEN_CONFIG, path, [f"train.steps={REGEN_STEPS}", "train.ckpt_every=250",
-                             "train.sample_every=100000"], log=print)
+                             "train.sample_every=100000"], samples=False, log=print)
   return path
 
 

@@ -276,7 +276,7 @@ def test_evaluate_command_end_to_end(tmp_path):
   assert "False positives under attack" in (out / "benchmark.md").read_text()
   assert (out / "benchmark.md").read_text().count("| tree_ring |") >= 3
   assert (out / "samples.png").stat().st_size > 0
-  assert "TPR at FPR 1e-06" in r.stdout
+  assert "TPR at FPR 1e-06" in r.stdout and "FPR of attacked unwatermarked" in r.stdout
 
 
 @pytest.mark.parametrize("args,flag", [

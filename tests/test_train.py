@@ -252,6 +252,17 @@ def test_resume_refuses_a_different_model(trained, tmp_path):
     train(load_config(TINY_DIT, ["model.width=64"]), workdir, progress=False)
 
 
+def test_a_config_with_tuples_matches_its_own_config_json(tmp_path):
+  """The UNet's ch_mult is a tuple in the config and a list in config.json: resuming it in
+  its own workdir is the same model, a changed ch_mult is not."""
+  from wdmjax.workdir import Workdir
+  wd = Workdir(str(tmp_path / "w"))
+  wd.write_config(load_config("mnist5k_unet"))
+  wd.write_config(load_config("mnist5k_unet", ["train.steps=10"]))  # resumable
+  with pytest.raises(WdmjaxError, match="different model config"):
+    wd.write_config(load_config("mnist5k_unet", ["model.ch_mult=(1,2)"]))
+
+
 def test_ema_decay_warms_up_then_holds():
   from wdmjax.train.step import ema_decay_at
   np.testing.assert_allclose(ema_decay_at(0, 0.999), 0.1)

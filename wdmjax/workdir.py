@@ -90,7 +90,8 @@ class Workdir:
     if self.has_config():
       old = self.read_config()
       for section, keys in _FIXED.items():
-        a, b = old[section].to_dict(), cfg[section].to_dict()
+        # through JSON both: the file holds lists where a config holds tuples (ch_mult)
+        a, b = (json.loads(to_json(c[section])) for c in (old, cfg))
         if keys:
           a, b = {k: a[k] for k in keys}, {k: b[k] for k in keys}
         check(a == b, f"workdir: {self.path!r} holds a run with a different {section} config "

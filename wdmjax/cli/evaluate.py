@@ -47,11 +47,14 @@ def cmd_evaluate(args) -> int:
   for m, c in rep["calibration"].items():
     print(f"  {m}: " + ", ".join(f"{k}: {v['rate']:.4f} ({v['k']}/{v['n']})"
                                  for k, v in c.items()))
-  print(f"| test | attack | TPR at FPR {f} | median log10 p | bit accuracy |")
-  print("|---|---|---|---|---|")
+  print(f"| test | attack | TPR at FPR {f} | FPR of attacked unwatermarked | median log10 p "
+        "| bit accuracy |")
+  print("|---|---|---|---|---|---|")
   for row in rep["rows"]:
     bits = f"{row['bit_accuracy']:.3f}" if "bit_accuracy" in row else "-"
-    print(f"| {row['method']} | {row['attack']} | {row['tpr'][f]['rate']:.3f} | "
+    fa = row.get("fpr_attacked", {}).get(f)
+    fa = "-" if fa is None else f"{fa['rate']:.3f}"
+    print(f"| {row['method']} | {row['attack']} | {row['tpr'][f]['rate']:.3f} | {fa} | "
           f"{row['median_log10_p']:.2f} | {bits} |")
   print(f"wrote {r.files['json']}, {r.files['markdown']}, {r.files['samples']} "
         f"({r.seconds:.0f} s)")
