@@ -120,9 +120,11 @@ def figure(report: dict, path: str) -> None:
   axes = axes.ravel()
   colors = {t: f"C{i}" for i, t in enumerate(tests)}
   # Dotted: at the smallest FPR that the test's unwatermarked images can set a threshold for.
+  # (Not for reports from before the tie-safe threshold: see evaluate.LEGACY_THRESHOLD_NOTE.)
+  strict = "empirical_threshold" in report["settings"]
   emp = {t: next((f"{g:g}" for g in sorted(report["settings"]["fprs"])
-                  if rows.get((t, "none"), {}).get("tpr_empirical", {}).get(f"{g:g}")), None)
-         for t in tests}
+                  if strict and rows.get((t, "none"), {}).get("tpr_empirical", {}).get(f"{g:g}")),
+                 None) for t in tests}
   for ax, (fam, attacks) in zip(axes, fams.items(), strict=False):
     x = ["none", *attacks]
     for t in tests:
@@ -257,7 +259,8 @@ def write_results(report: dict, stem: str) -> str:
     md += (f"| {row['steps']} | {row['fixed_point_iters']} | {row['image_rmse']:.4f} | "
            f"{row['x_T_rmse']:.3f} | {row['x_T_sign_agreement']:.3f} | "
            f"{row['x_T_correlation']:.3f} | {row['seconds_per_image']:.3f} |\n")
-  md += f"\nWall time of the whole script on this CPU: {report['wall_seconds']:.0f} s.\n"
+  md += f"\nWall time of the whole script on this CPU: {report['wall_seconds']:.0f} s"
+  md += f" ({report['wall_note']}).\n" if report.get("wall_note") else ".\n"
   with open(os.path.join(RESULTS, stem + ".md"), "w") as fh:
     fh.write(md)
   figure(report, os.path.join(RESULTS, stem + ".png"))

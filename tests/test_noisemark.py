@@ -218,6 +218,22 @@ def test_image_attack_chains_parse_and_apply():
                                                    jax.random.key(1)), x)
 
 
+def test_empirical_thresholds_keep_their_fpr_under_ties():
+  from wdmjax.runs.evaluate import empirical_tpr
+  rng = np.random.default_rng(0)
+  flat = np.zeros(1000)  # a test whose clean p-values are all 1: nothing can be flagged
+  assert empirical_tpr(np.zeros(50), flat, 0.01)["rate"] == 0.0
+  assert empirical_tpr(np.full(50, -1.0), flat, 0.01)["rate"] == 1.0
+  # a discrete statistic (binomial log10 p of 48 bits): heavy ties at every threshold
+  null = np.round(rng.normal(size=10000), 1)
+  for f in (0.01, 0.001, 0.3):
+    r = empirical_tpr(null, null, f)
+    assert r["rate"] <= f, (f, r)
+  continuous = rng.normal(size=10000)
+  assert empirical_tpr(continuous, continuous, 0.01)["k"] == 100  # exactly k without ties
+  assert empirical_tpr(np.zeros(3), flat[:50], 0.01) is None  # 50 null images cannot set 1%
+
+
 def test_attacks_vmapped_over_strengths_equal_one_call_each():
   from wdmjax.attacks.image import apply_image_attack, apply_image_attacks, parse_image_attack
   names = ["noise:0.1", "jpeg:50", "rotate:10", "noise:0.05", "brightness:0.3", "contrast:0.6",
@@ -274,6 +290,12 @@ def test_evaluate_command_end_to_end(tmp_path):
   # each attack is also applied to 4 (= num) unwatermarked images: their FPR under it
   assert all(row["fpr_attacked"]["0.5"]["n"] == 4 for row in rep["rows"])
   assert "False positives under attack" in (out / "benchmark.md").read_text()
+  with np.load(out / "scores.npz") as sc:  # the rates recompute from the saved scores
+    assert sc["gaussian_shading|null"].shape == (8,)
+    row = next(x for x in rep["rows"] if x["method"] == "gaussian_shading"
+               and x["attack"] == "jpeg:50")
+    assert row["tpr"]["0.5"]["k"] == int(np.sum(sc["gaussian_shading|jpeg:50"] <= np.log10(0.5)))
+    assert sc["gaussian_shading|jpeg:50|null"].shape == (4,)
   assert (out / "benchmark.md").read_text().count("| tree_ring |") >= 3
   assert (out / "samples.png").stat().st_size > 0
   assert "TPR at FPR 1e-06" in r.stdout and "FPR of attacked unwatermarked" in r.stdout
