@@ -161,7 +161,10 @@ def figure(report: dict, path: str) -> None:
                 fontsize=7)
   ax.set_ylim(0, 1.05)
   ax.set_title("model attacks (model watermarks only)", fontsize=9)
-  ax.legend(fontsize=6)
+  if mt:
+    ax.legend(fontsize=6)
+  else:
+    ax.text(0.5, 0.5, "no model watermark benchmarked", ha="center", fontsize=8)
   ax = axes[k + 1]
   fprs = report["settings"]["fprs"]
   for t, c in report["calibration"].items():
