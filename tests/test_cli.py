@@ -58,6 +58,14 @@ def test_demo_runs_end_to_end(tmp_path):
   assert os.path.isdir(out / "base" / "checkpoints" / "4000")
   assert os.path.isdir(out / "watermarked" / "checkpoints" / "3")
   assert "| watermarked" in r.stdout and "| clean" in r.stdout
+  # where the time went: every phase, each with its compiling share
+  phases = [line.split() for line in r.stdout.splitlines()
+            if line.split()[:1] in (["base"], ["embed"], ["sample"], ["verify"])]
+  assert [p[0] for p in phases] == ["base", "embed", "sample", "verify"]
+  total = float(r.stdout.split("done in ")[1].split()[0])
+  assert sum(float(p[1]) for p in phases) <= total + 1
+  assert all(0 <= float(p[2]) <= float(p[1]) for p in phases)
+  assert float(phases[1][2]) > 0  # the embedding compiles its train step
 
 
 def test_help_lists_the_commands():

@@ -290,3 +290,32 @@ def test_a_latent_dit_trains_from_streamed_latents(tmp_path):
   assert len(losses) == 3 and all(np.isfinite(losses))
   from wdmjax.train import write_final_samples
   assert write_final_samples(cfg, state, str(tmp_path / "w")) is None
+
+
+def test_the_compilation_cache_serves_a_second_process(tmp_path):
+  """A command's programs compile once: the next process reads them from the user's cache
+  (CACHE_ENV), which "off" leaves unused; the clock sees compiles and hits."""
+  script = textwrap.dedent("""
+    import jax, jax.numpy as jnp
+    from wdmjax.train.compilation import compile_clock, enable_compilation_cache
+    where = enable_compilation_cache(min_compile_seconds=0)
+    with compile_clock() as c:
+      jax.jit(lambda x: jnp.tanh(x @ x.T).sum())(jnp.ones((64, 64))).block_until_ready()
+    print(where, c.programs, c.cache_hits, c.seconds > 0)
+  """)
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+  cache = tmp_path / "cache"
+
+  def run(setting):
+    out = subprocess.run([sys.executable, "-c", script], env={**env, "PYTHONPATH": ROOT,
+                         "WDMJAX_COMPILATION_CACHE": setting}, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    where, programs, hits, timed = out.stdout.split()
+    return where, int(programs), int(hits), timed
+
+  where, _, hits, timed = run("off")
+  assert (where, hits, timed) == ("None", 0, "True") and not cache.exists()
+  where, programs, hits, _ = run(str(cache))
+  assert where == str(cache) and programs >= 1 and hits == 0
+  assert run(str(cache))[1:3] == (programs, programs)  # every program from the cache

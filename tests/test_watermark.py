@@ -811,3 +811,20 @@ def test_gradient_surgery_removes_only_the_conflicting_component(tiny_models):
   assert math.isclose(float(value), float(task(p0, batch, r_task)[0])
                       + float(wm_only(p0, batch, r_wm)[0]), rel_tol=1e-5)
   assert -1.0 <= float(metrics["conflict"]) <= 0.0
+
+
+def test_verify_model_tests_given_samples_as_its_own(tiny_models):
+  """Samples already extracted with the same trigger, sampler, steps and seed give the
+  report that verify_model draws itself; samples of another shape are one clear error."""
+  from wdmjax.configs import load_config
+
+  params = tiny_models[-1]["watermarked"]
+  cfg = load_config(TINY_DIT, [])
+  secret = tiny_models[2]
+  trigger, _, _ = secret.images(SHAPE)
+  drawn = runs.extract_samples(cfg, params, trigger, secret.gamma1, 8, steps=10, seed=3)
+  own = runs.verify_model(cfg, params, secret, num=8, steps=10, seed=3)
+  given = runs.verify_model(cfg, params, secret, num=8, steps=10, seed=3, samples=drawn)
+  assert given == own
+  with pytest.raises(WdmjaxError, match=r"^samples: expected the 8 extracted samples"):
+    runs.verify_model(cfg, params, secret, num=8, samples=drawn[:5])

@@ -39,6 +39,7 @@ from wdmjax.cli.serial import add_parsers as add_serial_parsers
 from wdmjax.cli.signature import add_parsers as add_signature_parsers
 from wdmjax.cli.watermark import add_parsers as add_watermark_parsers
 from wdmjax.errors import Interrupted, WdmjaxError
+from wdmjax.train.compilation import enable_compilation_cache
 from wdmjax.train.distributed import exit_run
 
 # Library parameter names whose flag is spelled differently.
@@ -230,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   _quiet_libraries()
+  enable_compilation_cache()  # before the first compilation, or JAX ignores it
   try:
     if hasattr(args, "coordinator"):
       connect(args)

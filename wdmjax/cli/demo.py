@@ -18,13 +18,23 @@ def summary_table(report: dict) -> str:
   return "\n".join([line(rows[0]), sep, *map(line, rows[1:])])
 
 
+def phase_table(phases: dict) -> str:
+  """Where the time went: wall seconds per phase, and the part spent compiling."""
+  lines = ["phase     seconds  compiling  programs (from cache)"]
+  for name, p in phases.items():
+    lines.append(f"{name:<8} {p['seconds']:8.1f} {p['compile_seconds']:10.1f}  "
+                 f"{p['programs']:>8} ({p['cache_hits']})")
+  return "\n".join(lines)
+
+
 def cmd_demo(args) -> int:
   r = runs.demo(args.out, steps=args.steps, train_base=args.train_base,
                 base_steps=args.base_steps, progress=not args.no_progress, log=print)
   print(summary_table(r.report))
+  print(phase_table(r.phases))
   print(f"picture: {r.picture}\nreport:  {r.report_file}\n"
         f"workdirs: {r.base} (clean), {r.watermarked} (watermarked)"
-        f"\ndone in {r.seconds / 60:.1f} min")
+        f"\ndone in {r.seconds:.0f} s ({r.seconds / 60:.1f} min)")
   return 0
 
 

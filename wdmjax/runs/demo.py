@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.resources
 import os
@@ -26,6 +27,7 @@ from wdmjax.runs.model import load_model
 from wdmjax.runs.watermark import embed, evidence_images, extract_samples, image_shape, verify_model
 from wdmjax.train import make_grid, sample_images, save_panels
 from wdmjax.train import train as _train
+from wdmjax.train.compilation import compile_clock
 from wdmjax.train.export import load_config_json, workdir_from_params
 from wdmjax.watermark import Secret
 from wdmjax.workdir import Workdir
@@ -74,6 +76,24 @@ class DemoResult:
   base: str
   watermarked: str
   seconds: float
+  # per phase (base, embed, sample, verify): {"seconds", "compile_seconds", "programs",
+  # "cache_hits"}; compile_seconds is jit's tracing, lowering and compiling (or cache reads)
+  phases: dict = dataclasses.field(default_factory=dict)
+
+
+class _Phases:
+  """Wall and compile time of each named phase of a run."""
+
+  def __init__(self):
+    self.table: dict[str, dict] = {}
+
+  @contextlib.contextmanager
+  def __call__(self, name: str):
+    t0 = time.perf_counter()
+    with compile_clock() as c:
+      yield
+    self.table[name] = {"seconds": time.perf_counter() - t0, "compile_seconds": c.seconds,
+                        "programs": c.programs, "cache_hits": c.cache_hits}
 
 
 def demo(out: str = "wdmjax_demo", *, steps: int = EMBED_STEPS, train_base: bool = False,
@@ -94,36 +114,41 @@ def demo(out: str = "wdmjax_demo", *, steps: int = EMBED_STEPS, train_base: bool
         f"base_steps: expected only with train_base (the shipped base is already trained), "
         f"got {base_steps!r}")
   os.makedirs(out, exist_ok=True)
-  base = base_workdir(os.path.join(out, "base"), train_base, base_steps, log)
+  phase = _Phases()
+  with phase("base"):
+    base = base_workdir(os.path.join(out, "base"), train_base, base_steps, log)
   wm_dir = Workdir(os.path.join(out, "watermarked"))
   log(f"[2/4] embedding the watermark: {steps} fine-tuning steps with the watermark "
       f"diffusion process (gamma1 {DEMO_SECRET.gamma1}, gamma2 {DEMO_SECRET.gamma2})")
-  embed(wm_dir, DEMO_SECRET, base=base, steps=steps, lr=EMBED_LR,
-        overrides=["train.sample_every=0"], progress=progress, log=log)
+  with phase("embed"):
+    embed(wm_dir, DEMO_SECRET, base=base, steps=steps, lr=EMBED_LR,
+          overrides=["train.sample_every=0"], progress=progress, log=log)
 
   log("[3/4] sampling both models and extracting the watermark")
-  cfg, base_params = load_model(base)
-  _, wm_params = load_model(wm_dir)
-  rng = jax.random.PRNGKey(0)
-  task_base = sample_images(cfg, base_params, rng, 40)
-  task_wm = sample_images(cfg, wm_params, rng, 40)
-  trigger, watermark, _ = DEMO_SECRET.images(image_shape(cfg))
-  extracted = extract_samples(cfg, wm_params, trigger, DEMO_SECRET.gamma1, num)
-  extracted_clean = extract_samples(cfg, base_params, trigger, DEMO_SECRET.gamma1, num)
-  ev = evidence_images(extracted, DEMO_SECRET, watermark)
-  picture = save_panels([
-    ("base model: task samples", make_grid(task_base, nrow=10, upscale=2)),
-    ("watermarked: task samples", make_grid(task_wm, nrow=10, upscale=2)),
-    ("watermarked + trigger", make_grid(extracted, nrow=4, upscale=2)),
-    ("vote / expected bits", make_grid(ev, nrow=1, upscale=2)),
-    ("base + trigger", make_grid(extracted_clean, nrow=4, upscale=2)),
-  ], os.path.join(out, "demo.png"))
+  with phase("sample"):
+    cfg, base_params = load_model(base)
+    _, wm_params = load_model(wm_dir)
+    rng = jax.random.PRNGKey(0)
+    task_base = sample_images(cfg, base_params, rng, 40)
+    task_wm = sample_images(cfg, wm_params, rng, 40)
+    trigger, watermark, _ = DEMO_SECRET.images(image_shape(cfg))
+    extracted = extract_samples(cfg, wm_params, trigger, DEMO_SECRET.gamma1, num)
+    extracted_clean = extract_samples(cfg, base_params, trigger, DEMO_SECRET.gamma1, num)
+    ev = evidence_images(extracted, DEMO_SECRET, watermark)
+    picture = save_panels([
+      ("base model: task samples", make_grid(task_base, nrow=10, upscale=2)),
+      ("watermarked: task samples", make_grid(task_wm, nrow=10, upscale=2)),
+      ("watermarked + trigger", make_grid(extracted, nrow=4, upscale=2)),
+      ("vote / expected bits", make_grid(ev, nrow=1, upscale=2)),
+      ("base + trigger", make_grid(extracted_clean, nrow=4, upscale=2)),
+    ], os.path.join(out, "demo.png"))
 
   log("[4/4] verifying both models with the same secret")
-  report = {
-    "watermarked": verify_model(cfg, wm_params, DEMO_SECRET, num=num),
-    "clean": verify_model(cfg, base_params, DEMO_SECRET, num=num),
-  }
-  report_file = write_json(os.path.join(out, "report.json"), report)
+  with phase("verify"):  # the extractions above are verify's own (same sampler and seed)
+    report = {
+      "watermarked": verify_model(cfg, wm_params, DEMO_SECRET, num=num, samples=extracted),
+      "clean": verify_model(cfg, base_params, DEMO_SECRET, num=num, samples=extracted_clean),
+    }
+    report_file = write_json(os.path.join(out, "report.json"), report)
   return DemoResult(report, os.path.abspath(picture), os.path.abspath(report_file),
-                    base.abspath, wm_dir.abspath, time.time() - t0)
+                    base.abspath, wm_dir.abspath, time.time() - t0, phase.table)

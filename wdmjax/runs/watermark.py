@@ -380,7 +380,8 @@ def extract(workdir: str | Workdir, secret: Secret | str | os.PathLike | None = 
 
 def verify_model(cfg: ml_collections.ConfigDict, params: chex.ArrayTree, secret: Secret, *,
                  num: int = 16, sampler: str = "ddim", steps: int = 50, seed: int = 0,
-                 alpha: float = ALPHA, decoys: int = NUM_DECOYS, test: str = "vote") -> dict:
+                 alpha: float = ALPHA, decoys: int = NUM_DECOYS, test: str = "vote",
+                 samples: np.ndarray | None = None) -> dict:
   """Extracts `num` samples with the secret's trigger and tests them: with a key, the exact
   keyed test of the block majority votes (`test='vote'`), of every sample's votes
   (`test='soft'`: `soft_keyed_test`, exact) or of the best-agreeing sample (`test='best'`:
@@ -388,14 +389,19 @@ def verify_model(cfg: ml_collections.ConfigDict, params: chex.ArrayTree, secret:
   only; both best with 64 or more samples); without, the decoy permutation test over the
   secret trigger and `decoys` decoy triggers of its kind (see `wdmjax.watermark.verify`).
   Returns the report, with a `warning` when the test can never reach `alpha` or is not
-  exact."""
+  exact. `samples`: the `num` samples that `extract_samples` already drew with this
+  secret's trigger, sampler, steps and seed, tested instead of drawing them again."""
   check(test in TESTS, f"test: expected one of {list(TESTS)}, got {test!r}")
   check(test == "vote" or secret.key is not None,
         f"test: {test!r} is a test of a keyed watermark; this secret has no key")
   shape = image_shape(cfg)
   trigger, watermark, _ = secret.images(shape, None)  # the owner's data dir (see extract)
-  samples = extract_samples(cfg, params, trigger, secret.gamma1, num, sampler=sampler,
-                            steps=steps, seed=seed)
+  if samples is None:
+    samples = extract_samples(cfg, params, trigger, secret.gamma1, num, sampler=sampler,
+                              steps=steps, seed=seed)
+  want = (num, shape.resolution, shape.resolution, shape.channels)
+  check(np.shape(samples) == want,
+        f"samples: expected the {num} extracted samples {want}, got {np.shape(samples)}")
   if secret.key is not None:
     keyed = {"vote": keyed_test, "soft": soft_keyed_test, "best": best_sample_test}[test]
     out = keyed(samples, watermark, secret.key, secret.block, alpha)
