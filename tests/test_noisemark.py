@@ -322,6 +322,7 @@ def test_evaluate_wdm_rows_on_a_briefly_watermarked_model(tmp_path):
   and the calibration must be there, the detection is not the point)."""
   from wdmjax import runs
   from wdmjax.runs.evaluate import evaluate
+  from wdmjax.workdir import Workdir
   base = runs.base_workdir(str(tmp_path / "base"))
   runs.embed(str(tmp_path / "wm"), runs.DEMO_SECRET, base=base.path, steps=2, progress=False)
   r = evaluate(str(tmp_path / "bench"), ["wdm"], ["none", "blur:1"], workdir=base.path,
@@ -337,6 +338,9 @@ def test_evaluate_wdm_rows_on_a_briefly_watermarked_model(tmp_path):
   assert r.report["calibration"]["wdm"]["0.5"]["n"] == 8
   assert r.report["calibration"]["wdm_vote4"]["0.5"]["n"] == 2
   assert 0 <= r.report["quality"]["wdm"]["ssim"] <= 1
+  # made before evaluate: its cost is the time its embedding recorded
+  recorded = Workdir(str(tmp_path / "wm")).read_json(Workdir.SUMMARY)["seconds"]
+  assert r.report["cost"]["wdm"]["embed_seconds"] == recorded > 0
 
 
 def test_noise_marks_on_a_unet_regenerated_by_a_dit(tmp_path):

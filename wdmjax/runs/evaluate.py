@@ -503,6 +503,8 @@ def _wdm(b: _Bench, report: dict, panels: list, num: int, out: str, wdm_workdir,
       r = embed(wdm_workdir, DEMO_SECRET, base=report["model"]["workdir"], steps=WDM_STEPS,
                 lr=WDM_LR, progress=progress)
       embed_seconds = r.seconds
+  if embed_seconds is None:  # made before: the time its training recorded, if it did
+    embed_seconds = (Workdir(wdm_workdir).read_json(Workdir.SUMMARY) or {}).get("seconds")
   secret, source = resolve_secret(wdm_workdir, wdm_secret)
   check(secret.key is not None, "wdm_secret: evaluate tests keyed WDM watermarks only")
   wm = load_model(wdm_workdir)
