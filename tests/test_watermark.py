@@ -700,10 +700,12 @@ def test_inner_finetune_matches_a_plain_loop_of_the_same_updates(tiny_models):
   batch, task = _digits_batch_and_task(model, sched)
   rng = jax.random.PRNGKey(9)
 
+  task_grad = jax.jit(jax.grad(lambda q, key: task(q, batch, key)[0]))  # one compile, not eager
+
   def plain_loop(tx, p):
     state = tx.init(p)
     for key in jax.random.split(rng, 3):
-      g = jax.grad(lambda q, key=key: task(q, batch, key)[0])(p)
+      g = task_grad(p, key)
       updates, state = tx.update(g, state, p)
       p = jax.tree.map(lambda a, u: a + u, p, updates)
     return p
@@ -732,8 +734,8 @@ def test_inner_finetune_matches_a_plain_loop_of_the_same_updates(tiny_models):
     for o in ("first", "full")}
   r_now, r_inner, r_after = jax.random.split(rng, 3)
   moved = inner_finetune(task, tx, p0, batch, r_inner, 2)
-  want = jax.tree.map(jnp.add, jax.grad(lambda q: joint(q, batch, r_now)[0])(p0),
-                      jax.grad(lambda q: wm_only(q, batch, r_after)[0])(moved))
+  want = jax.tree.map(jnp.add, jax.jit(jax.grad(lambda q: joint(q, batch, r_now)[0]))(p0),
+                      jax.jit(jax.grad(lambda q: wm_only(q, batch, r_after)[0]))(moved))
   chex.assert_trees_all_close(grads["first"], want, atol=1e-5)
   diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
     jax.tree.leaves(grads["first"]), jax.tree.leaves(grads["full"]), strict=True))
