@@ -319,3 +319,10 @@ def test_the_compilation_cache_serves_a_second_process(tmp_path):
   where, programs, hits, _ = run(str(cache))
   assert where == str(cache) and programs >= 1 and hits == 0
   assert run(str(cache))[1:3] == (programs, programs)  # every program from the cache
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), "fast"])
+def test_a_bad_minimum_compile_time_is_one_clear_error(bad):
+  from wdmjax.train.compilation import enable_compilation_cache
+  with pytest.raises(WdmjaxError, match=r"^min_compile_seconds: expected"):
+    enable_compilation_cache(min_compile_seconds=bad)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import jax
 
-from wdmjax.errors import check
+from wdmjax.errors import check_number
 
 # Where the cache lives: this variable's directory, else $XDG_CACHE_HOME/wdmjax/jax, else
 # ~/.cache/wdmjax/jax. "off" (or "0", "") leaves the cache off.
@@ -38,8 +38,7 @@ def enable_compilation_cache(path: str | None = None, *,
   `default_cache_dir()`); returns the directory, or None when CACHE_ENV says "off" or the
   user already chose a cache directory through JAX's own settings (left as it is).
   Programs that compiled in under `min_compile_seconds` are not written."""
-  check(min_compile_seconds >= 0,
-        f"min_compile_seconds: expected a number >= 0, got {min_compile_seconds!r}")
+  min_compile_seconds = check_number(min_compile_seconds, "min_compile_seconds", 0)
   if jax.config.jax_compilation_cache_dir:  # JAX_COMPILATION_CACHE_DIR or the user's own
     return None
   if path is None:
