@@ -16,7 +16,7 @@ from wdmjax.models.layers import (
   check_inputs,
   check_positive_int,
   get_2d_sincos_pos_embed,
-  xavier_uniform,
+  token_dense,
   zeros_init,
 )
 
@@ -55,9 +55,9 @@ class Mlp(nn.Module):
   def __call__(self, x: Array) -> Array:
     """x: [B, L, D] -> [B, L, D]."""
     d = x.shape[-1]
-    h = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=xavier_uniform, name="fc1")(x)
+    h = token_dense(x, self.hidden, name="fc1", dtype=self.dtype)
     h = nn.gelu(h, approximate=True)
-    return nn.Dense(d, dtype=self.dtype, kernel_init=xavier_uniform, name="fc2")(h)
+    return token_dense(h, d, name="fc2", dtype=self.dtype)
 
 
 class DiTBlock(nn.Module):
