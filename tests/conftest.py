@@ -26,8 +26,9 @@ for _name, _value in (("JAX_COMPILATION_CACHE_DIR",
 # longest files go first (cold-cache minutes on 2 cores, measured with --durations=0) and
 # the short ones fill in at the end; any file not listed keeps its place after these.
 LONGEST_FIRST = ("test_notebooks.py", "test_watermark.py", "test_multihost.py",
-                 "test_noisemark.py", "test_signature_runs.py", "test_train.py", "test_cli.py",
-                 "test_peft.py", "test_attacks.py", "test_readme.py")
+                 "test_noisemark.py", "test_train.py", "test_attacks.py",
+                 "test_signature_runs.py", "test_ood.py", "test_peft.py", "test_models.py",
+                 "test_cli.py", "test_readme.py")
 
 
 def pytest_collection_modifyitems(items):
