@@ -254,6 +254,37 @@ def test_self_attention_matches_dense_qkv_formulation():
   np.testing.assert_allclose(mod.apply({"params": params}, x), want, rtol=1e-5, atol=1e-5)
 
 
+def test_token_dense_is_the_dense_layer_on_flattened_tokens():
+  """Same parameter tree and values as nn.Dense on [B, L, C], for the output and for every
+  gradient (the flattening is only a layout for XLA's weight-gradient matmuls)."""
+  import flax.linen as nn
+
+  from wdmjax.models.layers import token_dense
+
+  class Flat(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return token_dense(x, 7, name="fc")
+
+  class Plain(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(7, name="fc")(x)
+
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 4))
+  params = Plain().init(jax.random.PRNGKey(1), x)["params"]
+  params["fc"]["bias"] = jax.random.normal(jax.random.PRNGKey(2), (7,))
+  flat_params = Flat().init(jax.random.PRNGKey(1), x)["params"]
+  assert jax.tree.map(jnp.shape, flat_params) == jax.tree.map(jnp.shape, params)
+  np.testing.assert_allclose(Flat().apply({"params": params}, x),
+                             Plain().apply({"params": params}, x), rtol=1e-6, atol=1e-6)
+  loss = lambda mod: lambda p, x: jnp.sum(jnp.sin(mod.apply({"params": p}, x)))
+  got = jax.grad(loss(Flat()), argnums=(0, 1))(params, x)
+  want = jax.grad(loss(Plain()), argnums=(0, 1))(params, x)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  jax.tree.map(close, got, want)
+
+
 def test_timestep_embedding_values():
   emb = timestep_embedding(jnp.array([0, 5]), 6)
   assert emb.shape == (2, 6)
