@@ -285,6 +285,63 @@ def test_token_dense_is_the_dense_layer_on_flattened_tokens():
   jax.tree.map(close, got, want)
 
 
+@pytest.mark.parametrize("c, f", [(6, 9), (9, 6)])  # either operand is the one transposed
+def test_dense_matmul_has_the_gradients_of_a_matmul(c, f):
+  """Value and both gradients of x @ kernel; a frozen kernel costs no weight gradient."""
+  from wdmjax.models.layers import dense_matmul
+
+  x = jax.random.normal(jax.random.PRNGKey(0), (11, c))
+  kernel = jax.random.normal(jax.random.PRNGKey(1), (c, f))
+  loss = lambda mm: lambda x, k: jnp.sum(jnp.sin(mm(x, k)))
+  np.testing.assert_allclose(dense_matmul(x, kernel), x @ kernel, rtol=1e-6, atol=1e-6)
+  got = jax.jit(jax.grad(loss(dense_matmul), argnums=(0, 1)))(x, kernel)
+  want = jax.grad(loss(jnp.matmul), argnums=(0, 1))(x, kernel)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
+  only_x = jax.make_jaxpr(jax.grad(loss(dense_matmul)))(x, kernel)
+  assert str(only_x).count("dot_general") == 2  # the product and dx, no x^T g
+
+
+def test_attention_backward_matches_autodiff():
+  """FlashAttention's backward (from the saved weights and output) equals autodiff of
+  softmax attention, for q, k and v."""
+  from wdmjax.models.layers import attention_heads_first
+
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  q, k, v, w = (jax.random.normal(key, (2, 3, 5, 4)) for key in keys)
+  heads_last = lambda a: a.transpose(0, 2, 1, 3)
+  reference = lambda q, k, v: heads_last(attention(heads_last(q), heads_last(k), heads_last(v)))
+  np.testing.assert_allclose(attention_heads_first(q, k, v), reference(q, k, v),
+                             rtol=1e-5, atol=1e-6)
+  loss = lambda fn: lambda q, k, v: jnp.sum(w * fn(q, k, v))
+  got = jax.jit(jax.grad(loss(attention_heads_first), argnums=(0, 1, 2)))(q, k, v)
+  want = jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
+
+
+def test_dit_mlp_is_dense_gelu_dense():
+  """The checkpointed bias + GELU epilogue changes the program, not the function or its
+  gradients."""
+  import flax.linen as nn
+
+  from wdmjax.models.dit import Mlp
+
+  class Plain(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.gelu(nn.Dense(8, name="fc1")(x), approximate=True)
+      return nn.Dense(x.shape[-1], name="fc2")(h)
+
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4))
+  params = Plain().init(jax.random.PRNGKey(1), x)["params"]
+  params = jax.tree.map(lambda a: a + 0.1 * jnp.ones_like(a), params)  # non-zero biases
+  assert (jax.tree.map(jnp.shape, Mlp(8).init(jax.random.PRNGKey(1), x)["params"])
+          == jax.tree.map(jnp.shape, params))
+  loss = lambda mod: lambda p, x: jnp.sum(jnp.sin(mod.apply({"params": p}, x)))
+  got = jax.grad(loss(Mlp(8)), argnums=(0, 1))(params, x)
+  want = jax.grad(loss(Plain()), argnums=(0, 1))(params, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
+
+
 def test_timestep_embedding_values():
   emb = timestep_embedding(jnp.array([0, 5]), 6)
   assert emb.shape == (2, 6)

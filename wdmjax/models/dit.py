@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from wdmjax.errors import check, check_number
@@ -41,6 +42,24 @@ def modulate(x: Array, shift: Array, scale: Array) -> Array:
   return x * (1 + scale[:, None, :]) + shift[:, None, :]
 
 
+@jax.checkpoint
+def bias_gelu(y: Array, bias: Array) -> Array:
+  """GELU (tanh approximation) of y + bias; y: [N, F], bias: [F].
+
+  Checkpointed: the forward pass is one fused pass that keeps only its inputs, and the
+  backward pass recomputes the GELU where its derivative is needed. Plain autodiff makes
+  XLA store the tanh and the sum as well (two more [N, F] passes per block).
+  """
+  return nn.gelu(y + bias, approximate=True)
+
+
+@jax.checkpoint
+def gated_residual(x: Array, h: Array, gate: Array) -> Array:
+  """x + gate * h; x, h: [B, L, D], gate: [B, D]. Checkpointed like `bias_gelu`: one pass
+  forward, no [B, L, D] product kept for the backward pass."""
+  return x + gate[:, None, :] * h
+
+
 def _layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
   # No affine parameters: adaLN supplies shift and scale.
   return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=dtype, name=name)
@@ -54,10 +73,8 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """x: [B, L, D] -> [B, L, D]."""
-    d = x.shape[-1]
-    h = token_dense(x, self.hidden, name="fc1", dtype=self.dtype)
-    h = nn.gelu(h, approximate=True)
-    return token_dense(h, d, name="fc2", dtype=self.dtype)
+    h = token_dense(x, self.hidden, name="fc1", dtype=self.dtype, epilogue=bias_gelu)
+    return token_dense(h, x.shape[-1], name="fc2", dtype=self.dtype)
 
 
 class DiTBlock(nn.Module):
@@ -88,16 +105,19 @@ class DiTBlock(nn.Module):
     h = modulate(_layer_norm("norm1", self.dtype)(x), shift_msa, scale_msa)
     h = SelfAttention(self.num_heads, dtype=self.dtype, name="attn")(h)
     h = nn.Dropout(self.dropout, deterministic=deterministic)(h)
+    # The gamma scales the gate ([B, D]) rather than h ([B, L, D]): the same product.
     if self.use_gamma:
-      h = h * self.param("gamma_attn", nn.initializers.ones, (self.width,)).astype(self.dtype)
-    x = x + gate_msa[:, None, :] * h
+      gate_msa = gate_msa * self.param("gamma_attn", nn.initializers.ones,
+                                       (self.width,)).astype(self.dtype)
+    x = gated_residual(x, h, gate_msa)
 
     h = modulate(_layer_norm("norm2", self.dtype)(x), shift_mlp, scale_mlp)
     h = Mlp(int(self.width * self.mlp_ratio), dtype=self.dtype, name="mlp")(h)
     h = nn.Dropout(self.dropout, deterministic=deterministic)(h)
     if self.use_gamma:
-      h = h * self.param("gamma_mlp", nn.initializers.ones, (self.width,)).astype(self.dtype)
-    return x + gate_mlp[:, None, :] * h
+      gate_mlp = gate_mlp * self.param("gamma_mlp", nn.initializers.ones,
+                                       (self.width,)).astype(self.dtype)
+    return gated_residual(x, h, gate_mlp)
 
 
 class FinalLayer(nn.Module):

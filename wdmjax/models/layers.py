@@ -160,19 +160,87 @@ def attention(q: Array, k: Array, v: Array) -> Array:
   return jax.nn.dot_product_attention(q, k, v)
 
 
-def token_dense(x: Array, features: int, *, name: str, kernel_init: Initializer = xavier_uniform,
-                dtype: Dtype = jnp.float32) -> Array:
-  """`nn.Dense(features)` on the tokens flattened to one matrix: x [..., C] -> [..., features].
+def _weight_grad(x: Array, g: Array) -> Array:
+  """x: [N, C], g: [N, F] -> x^T g, [C, F]."""
+  return jax.lax.dot_general(x, g, (((0,), (0,)), ((), ())))
 
-  Same parameters (`kernel` [C, features], `bias`) and values as the Dense on [B, L, C]; call
-  it inside a compact module. Autodiff of the 3-D form contracts the weight gradient over two
-  axes, for which XLA:CPU copies a transposed activation (1.3 to 3 ms each at width 384,
-  batch 32); the 2-D form feeds the same matmuls straight (`benchmarks/profile_step.py`).
+
+def _weight_grad_cpu(x: Array, g: Array) -> Array:
+  """x^T g as an ordinary [M, K] x [K, N] dot, after copying the smaller operand transposed.
+
+  XLA:CPU runs a dot that contracts the leading axes of both operands as a generic Eigen
+  contraction (150 to 175 GFLOP/s at the DiT's shapes on 2 cores) but an ordinary one on its
+  YNNPACK path (about 200): the copy pays for itself. The barriers keep XLA from folding the
+  transpose back into the dot and from recomputing the operand's producer inside the copy.
   """
-  lead = x.shape[:-1]
-  flat = x.reshape(-1, x.shape[-1])
-  out = nn.Dense(features, dtype=dtype, kernel_init=kernel_init, name=name)(flat)
-  return out.reshape(*lead, features)
+  barrier = jax.lax.optimization_barrier
+  if x.shape[1] <= g.shape[1]:
+    return barrier(barrier(x).T) @ g
+  return barrier(barrier(barrier(g).T) @ x).T
+
+
+@jax.custom_vjp
+def dense_matmul(x: Array, kernel: Array) -> Array:
+  """x: [N, C] @ kernel: [C, F] -> [N, F] (same dtypes), with a faster weight gradient on CPU.
+
+  The value and both gradients are those of `x @ kernel`; only the order of the weight
+  gradient's operands differs on CPU (`_weight_grad_cpu`). A frozen kernel (or input) gets
+  no gradient computed at all (parameter-efficient fine-tuning).
+  """
+  return x @ kernel
+
+
+def _dense_matmul_fwd(x, kernel):
+  need_dx, need_dkernel = x.perturbed, kernel.perturbed
+  x, kernel = x.value, kernel.value
+  return x @ kernel, (x if need_dkernel else None, kernel if need_dx else None)
+
+
+def _dense_matmul_bwd(res, g):
+  x, kernel = res
+  dx = None if kernel is None else g @ kernel.T
+  dkernel = None if x is None else jax.lax.platform_dependent(
+    x, g, cpu=_weight_grad_cpu, default=_weight_grad)
+  return dx, dkernel
+
+
+dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd, symbolic_zeros=True)
+
+
+class TokenDense(nn.Module):
+  """`nn.Dense(features)` on tokens flattened to one matrix: x [..., C] -> [..., features].
+
+  Same parameters (`kernel` [C, features], `bias`) and values as `nn.Dense` on [B, L, C], so
+  checkpoints load either way. Two things make it faster to train on XLA:CPU
+  (`benchmarks/profile_step.py`):
+    * the 2-D matmul: autodiff of the 3-D form contracts the weight gradient over two axes,
+      for which XLA:CPU copies a transposed activation (1.3 to 3 ms each at width 384,
+      batch 32);
+    * `dense_matmul`'s weight gradient on the fast dot path.
+  `epilogue(product [N, F], bias [F]) -> [N, F]`, when given, replaces the bias add, so a
+  following elementwise op (e.g. `bias_gelu`) joins it in one pass.
+  """
+  features: int
+  kernel_init: Initializer = xavier_uniform
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array,
+               epilogue: Callable[[Array, Array], Array] | None = None) -> Array:
+    """x: [..., C] -> [..., features]."""
+    c = x.shape[-1]
+    kernel = self.param("kernel", self.kernel_init, (c, self.features)).astype(self.dtype)
+    bias = self.param("bias", zeros_init, (self.features,)).astype(self.dtype)
+    y = dense_matmul(x.reshape(-1, c).astype(self.dtype), kernel)
+    y = y + bias if epilogue is None else epilogue(y, bias)
+    return y.reshape(*x.shape[:-1], self.features)
+
+
+def token_dense(x: Array, features: int, *, name: str, kernel_init: Initializer = xavier_uniform,
+                dtype: Dtype = jnp.float32,
+                epilogue: Callable[[Array, Array], Array] | None = None) -> Array:
+  """`TokenDense(features)(x, epilogue)`, for use inside a compact module."""
+  return TokenDense(features, kernel_init=kernel_init, dtype=dtype, name=name)(x, epilogue)
 
 
 class QKVDense(nn.Module):
@@ -180,8 +248,9 @@ class QKVDense(nn.Module):
 
   Its parameters are those of `nn.Dense(3 * C)` (`kernel` [C, 3C], `bias` [3C]), so
   checkpoints and parameter counts are unchanged. The projection is one [B*L, C] x [C, 3C]
-  matmul (see `token_dense`) followed by a transpose of the heads to the front, which keeps
-  the head dimension minor: the attention einsums then read contiguous [B, H, L, D] blocks.
+  `dense_matmul` (see `TokenDense`) followed by a transpose of the heads to the front, which
+  keeps the head dimension minor: the attention einsums then read contiguous [B, H, L, D]
+  blocks.
   """
   num_heads: int
   kernel_init: Initializer = xavier_uniform
@@ -194,8 +263,48 @@ class QKVDense(nn.Module):
     h, d = self.num_heads, c // self.num_heads
     kernel = self.param("kernel", self.kernel_init, (c, 3 * c)).astype(self.dtype)
     bias = self.param("bias", zeros_init, (3 * c,)).astype(self.dtype)
-    qkv = x.astype(self.dtype).reshape(b * length, c) @ kernel + bias
+    qkv = dense_matmul(x.astype(self.dtype).reshape(b * length, c), kernel) + bias
     return qkv.reshape(b, length, 3, h, d).transpose(2, 0, 3, 1, 4)
+
+
+def _attention_probs(q: Array, k: Array, v: Array) -> tuple[Array, Array]:
+  """Scaled q and the softmax weights [B, H, L, M] (float32 logits, v's dtype)."""
+  q = q * q.shape[-1] ** -0.5
+  logits = jnp.einsum("bhld,bhmd->bhlm", q, k).astype(jnp.float32)
+  return q, jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+
+
+@jax.custom_vjp
+def attention_heads_first(q: Array, k: Array, v: Array) -> Array:
+  """Softmax attention on heads-first tensors, scaled by 1/sqrt(D).
+
+  q: [B, H, L, D], k, v: [B, H, M, D] -> [B, H, L, D]. The backward pass is
+  FlashAttention's (Dao et al. 2022, eq. 4): dS = P * (dP - rowsum(dO * O)), from the saved
+  weights P and output O, which leaves XLA fewer [B, H, L, M] passes than autodiff of
+  the softmax.
+  """
+  _, w = _attention_probs(q, k, v)
+  return jnp.einsum("bhlm,bhmd->bhld", w, v)
+
+
+def _attention_fwd(q, k, v):
+  qs, w = _attention_probs(q, k, v)
+  o = jnp.einsum("bhlm,bhmd->bhld", w, v)
+  return o, (qs, k, v, w, o)
+
+
+def _attention_bwd(res, do):
+  qs, k, v, w, o = res
+  dv = jnp.einsum("bhlm,bhld->bhmd", w, do)
+  dw = jnp.einsum("bhld,bhmd->bhlm", do, v).astype(jnp.float32)
+  delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
+  ds = (w.astype(jnp.float32) * (dw - delta)).astype(qs.dtype)
+  dq = jnp.einsum("bhlm,bhmd->bhld", ds, k) * qs.shape[-1] ** -0.5
+  dk = jnp.einsum("bhlm,bhld->bhmd", ds, qs)
+  return dq.astype(qs.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+attention_heads_first.defvjp(_attention_fwd, _attention_bwd)
 
 
 class SelfAttention(nn.Module):
@@ -220,10 +329,7 @@ class SelfAttention(nn.Module):
     q, k, v = QKVDense(self.num_heads, kernel_init=self.kernel_init, dtype=self.dtype,
                        name="qkv")(x)
     # Heads-first einsums: batch dimensions lead, so XLA's dots need no layout copies.
-    scale = (c // self.num_heads) ** -0.5
-    logits = jnp.einsum("bhld,bhmd->bhlm", q * scale, k).astype(jnp.float32)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    h = jnp.einsum("bhlm,bhmd->bhld", weights, v).transpose(0, 2, 1, 3).reshape(b, length, c)
+    h = attention_heads_first(q, k, v).transpose(0, 2, 1, 3).reshape(b, length, c)
     return token_dense(h, c, name="proj", kernel_init=self.proj_init, dtype=self.dtype)
 
 
