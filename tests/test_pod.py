@@ -49,6 +49,13 @@ def test_matmul_flops_counts_dots_and_convs_inside_nested_jaxprs():
   # A scan's body counts once per iteration.
   looped = lambda a, b: jax.lax.scan(lambda c, _: (c @ b[:, :16], None), a, None, length=5)[0]
   assert matmul_flops(jax.make_jaxpr(looped)(a, b).jaxpr) == 5 * 2 * 8 * 16 * 16
+  # A cond runs one branch: the costlier counts (platform_dependent has one per platform).
+  branch = lambda a, b: jax.lax.cond(a.sum() > 0, lambda: (a @ b).sum(), lambda: a.sum())
+  assert matmul_flops(jax.make_jaxpr(branch)(a, b).jaxpr) == 2 * 8 * 16 * 32
+  # The weight gradient of a dense layer is one product on every platform.
+  from wdmjax.models.layers import dense_matmul
+  dense = jax.make_jaxpr(jax.grad(lambda a, b: dense_matmul(a, b).sum(), (0, 1)))(a, b).jaxpr
+  assert matmul_flops(dense) == 3 * 2 * 8 * 16 * 32
 
 
 @pytest.fixture(scope="module")

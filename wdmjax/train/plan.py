@@ -47,7 +47,7 @@ def _sub_jaxprs(params: dict[str, Any]) -> list[Any]:
 
 def matmul_flops(jaxpr: Any) -> float:
   """FLOPs (2 per multiply-add) of every dot_general and convolution in a jaxpr, nested
-  jaxprs (scan, remat, custom_vjp) included.
+  jaxprs (scan, cond, remat, custom_vjp) included.
 
   Elementwise work (norms, activations, softmax, the optimiser) is left out on purpose:
   this is the "model FLOPs" convention of MFU.
@@ -65,11 +65,14 @@ def matmul_flops(jaxpr: Any) -> float:
       rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, *spatial)
       k = math.prod(rhs[d] for d in rhs_spec[1:])
       total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * k
-    # A scan runs its body `length` times; other nested jaxprs (remat, custom_vjp, pjit,
-    # cond branches counted alike) run once.
-    times = eqn.params.get("length", 1) if name == "scan" else 1
-    for sub in _sub_jaxprs(eqn.params):
-      total += times * matmul_flops(sub)
+    # A scan runs its body `length` times; a cond runs one of its branches (the costliest
+    # is counted: e.g. `lax.platform_dependent` keeps one per platform); other nested
+    # jaxprs (remat, custom_vjp, pjit) run once.
+    subs = [matmul_flops(sub) for sub in _sub_jaxprs(eqn.params)]
+    if name == "cond":
+      total += max(subs, default=0.0)
+    else:
+      total += (eqn.params.get("length", 1) if name == "scan" else 1) * sum(subs)
   return total
 
 
