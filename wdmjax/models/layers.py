@@ -169,9 +169,10 @@ def _weight_grad_cpu(x: Array, g: Array) -> Array:
   """x^T g as an ordinary [M, K] x [K, N] dot, after copying the smaller operand transposed.
 
   XLA:CPU runs a dot that contracts the leading axes of both operands as a generic Eigen
-  contraction (150 to 175 GFLOP/s at the DiT's shapes on 2 cores) but an ordinary one on its
-  YNNPACK path (about 200): the copy pays for itself. The barriers keep XLA from folding the
-  transpose back into the dot and from recomputing the operand's producer inside the copy.
+  contraction (153 to 179 GFLOP/s for most of the DiT's weight shapes on 2 cores) but an
+  ordinary one on its YNNPACK path (about 200): the copy pays for itself. The barriers keep
+  XLA from folding the transpose back into the dot and from recomputing the operand's
+  producer inside the copy.
   """
   barrier = jax.lax.optimization_barrier
   if x.shape[1] <= g.shape[1]:
