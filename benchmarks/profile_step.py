@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 from train_step import CpuMonitor, JaxBench, alternate, median, model_configs
 
+from wdmjax.train.host_memory import keep_host_memory
 from wdmjax.train.plan import matmul_flops
 
 VIEWS = ("phases", "ops", "convs")
@@ -247,8 +248,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if unknown:
     ap.error(f"unknown views {sorted(unknown)}; expected some of {VIEWS}")
   cfg = model_configs(args.quick)[args.model]
+  host_memory = keep_host_memory()  # as the CLI and train_step.py do
   print(f"{args.model} batch {batch}, jax {jax.__version__}, "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, host memory kept: {host_memory}",
+        flush=True)
   report: dict[str, Any] = dict(model=args.model, batch=batch, config=cfg)
   monitor = CpuMonitor()
   jx = JaxBench(cfg, batch, batch, sample_steps=0)

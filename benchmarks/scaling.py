@@ -58,10 +58,12 @@ def worker(spec: dict, process_id: int) -> dict:
   from wdmjax.configs import load_config
   from wdmjax.train import setup
   from wdmjax.train.distributed import initialize
+  from wdmjax.train.host_memory import keep_host_memory
   from wdmjax.train.loop import init_state
   from wdmjax.train.sharding import batch_axes, make_mesh
   from wdmjax.train.step import make_train_step
 
+  keep_host_memory()  # as the CLI does, before JAX starts
   if spec["processes"] > 1:
     initialize(spec["coordinator"], spec["processes"], process_id, heartbeat_timeout=30)
   m = MODELS[spec["model"]]

@@ -13,6 +13,8 @@ alternated (the machine is noisy, compare only inside one run):
   python benchmarks/train_step.py --quick --model dit  # tiny smoke test
   python benchmarks/train_step.py --model dit --device cuda --dtype bfloat16  # GPU, bf16
 XLA flags to try go in the environment: XLA_FLAGS=... python benchmarks/train_step.py
+The run keeps freed host memory for reuse (`wdmjax.train.host_memory`, as the CLI does), for
+both frameworks alike; WDMJAX_HOST_MEMORY=off measures glibc's defaults.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from jax.sharding import PartitionSpec as P
 from wdmjax.diffusion import ddim_sample, diffusion_loss, make_schedule, respaced_timesteps
 from wdmjax.models import build_model, count_params, init_params
 from wdmjax.train import create_train_state, make_optimizer, make_train_step
+from wdmjax.train.host_memory import keep_host_memory
 from wdmjax.train.plan import matmul_flops
 from wdmjax.train.sharding import make_mesh
 
@@ -512,6 +515,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   global TORCH_DEVICE
   args = parse_args(argv)
+  # Process-wide, so both frameworks run with it; WDMJAX_HOST_MEMORY=off runs without.
+  host_memory = keep_host_memory()
   TORCH_DEVICE = args.device
   if torch is not None and args.device == "cpu":
     torch.set_num_threads(2)
@@ -520,7 +525,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   env = dict(platform=platform.platform(), cpu_count=os.cpu_count(), jax=jax.__version__,
              backend=jax.default_backend(), xla_flags=os.environ.get("XLA_FLAGS", ""),
              torch=None if torch is None else torch.__version__,
-             torch_threads=None if torch is None else torch.get_num_threads())
+             torch_threads=None if torch is None else torch.get_num_threads(),
+             host_memory=host_memory)
   print("env: " + ", ".join(f"{k}={v}" for k, v in env.items()), flush=True)
 
   def measure_peak() -> dict[str, float]:

@@ -41,6 +41,7 @@ from wdmjax.cli.watermark import add_parsers as add_watermark_parsers
 from wdmjax.errors import Interrupted, WdmjaxError
 from wdmjax.train.compilation import enable_compilation_cache
 from wdmjax.train.distributed import exit_run
+from wdmjax.train.host_memory import keep_host_memory
 
 # Library parameter names whose flag is spelled differently.
 _FLAG_OF = {"overrides": "set", "strategy": "peft", "guidance_scale": "guidance",
@@ -232,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   _quiet_libraries()
   enable_compilation_cache()  # before the first compilation, or JAX ignores it
+  keep_host_memory()  # before JAX starts its threads, or it does nothing
   try:
     if hasattr(args, "coordinator"):
       connect(args)
