@@ -21,6 +21,12 @@ for _name, _value in (("JAX_COMPILATION_CACHE_DIR",
   os.environ.setdefault(_name, _value)
 
 
+# Single-device programs keep their scratch memory from call to call, as under the CLI
+# (`wdmjax.train.host_memory`); it has to run before JAX starts in this process.
+from wdmjax.train.host_memory import keep_host_memory  # noqa: E402
+
+keep_host_memory()
+
 # The README runs the suite on 2 workers (pytest-xdist, `--dist loadfile`: a file's tests
 # share one worker and its module fixtures). Workers take files in collection order, so the
 # longest files go first (cold-cache minutes on 2 cores, measured with --durations=0) and
