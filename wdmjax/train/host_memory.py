@@ -36,7 +36,8 @@ _ASYNC_ENV = "JAX_CPU_ENABLE_ASYNC_DISPATCH"  # a user's own choice is left as i
 
 
 def _backends_started() -> bool:
-  try:  # private, so a JAX that moved it must not break the import of this module
+  try:
+    # private: a JAX that moved it must not break the import of this module
     from jax._src import xla_bridge
     return bool(xla_bridge.backends_are_initialized())
   except (ImportError, AttributeError):  # a JAX without it: assume the early call it needs
