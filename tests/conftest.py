@@ -6,6 +6,14 @@ import os
 import subprocess
 
 import pytest
+from hypothesis import settings
+
+# Hypothesis draws the same examples on every run and machine (a random draw never decides
+# whether the suite passes); `HYPOTHESIS_PROFILE=explore` draws new ones to look for bugs,
+# and whatever it finds is kept as an `@example` of its test.
+settings.register_profile("derandomized", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "derandomized"))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DIT = os.path.join(ROOT, "tests", "configs", "tiny_dit.py")

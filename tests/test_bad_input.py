@@ -14,7 +14,7 @@ import uuid
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -377,6 +377,7 @@ CONFIG_KEYS = ["train.steps", "train.batch_size", "train.lr", "train.warmup_step
     st.one_of(NUMBERS.map(repr), NUMBERS.map(str), TEXT,
               st.sampled_from(["None", "True", "[1, 2]", "{}", "'x'", "()", "1e999",
                                "-0.0", "2**70", "((((", "{[]: 1}"]))), max_size=3))
+@example(overrides=["sample.guidance_scale={}"])  # an empty ConfigDict's repr ends in "\n"
 def test_overrides_validate_or_fail_in_one_line(overrides):
   from wdmjax.configs import apply_override, load_config, validate
   from wdmjax.configs.schema import default_config, merge

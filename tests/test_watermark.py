@@ -51,6 +51,7 @@ from wdmjax.watermark import (
   wdp_moments,
   wdp_q_sample,
 )
+from wdmjax.watermark.robust import thief_optimizer
 from wdmjax.watermark.wdp import decoy_triggers
 
 
@@ -715,7 +716,7 @@ def test_inner_finetune_matches_a_plain_loop_of_the_same_updates(tiny_models):
   chex.assert_trees_all_close(got, plain_loop(sgd, p0), atol=1e-6)
   # The thief's AdamW: its first updates are lr * g / (|g| + eps), so a gradient entry at
   # float-rounding level (~1e-9) may take either sign in two compilations; all others match.
-  tx = make_optimizer(1e-3, 0, 0.0, 1.0)
+  tx = thief_optimizer(1e-3, 1.0)
   got = jax.jit(lambda p: inner_finetune(task, tx, p, batch, rng, 3))(p0)
   diff = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel() for a, b in zip(
     jax.tree.leaves(got), jax.tree.leaves(plain_loop(tx, p0)), strict=True)])
@@ -737,9 +738,34 @@ def test_inner_finetune_matches_a_plain_loop_of_the_same_updates(tiny_models):
   want = jax.tree.map(jnp.add, jax.jit(jax.grad(lambda q: joint(q, batch, r_now)[0]))(p0),
                       jax.jit(jax.grad(lambda q: wm_only(q, batch, r_after)[0]))(moved))
   chex.assert_trees_all_close(grads["first"], want, atol=1e-5)
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads["full"]))
   diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
     jax.tree.leaves(grads["first"]), jax.tree.leaves(grads["full"]), strict=True))
   assert diff > 1e-6  # second order: the path through the updates counts
+
+
+def test_full_order_gradient_is_finite_where_the_thief_sees_exact_zero_gradients():
+  """Some CPUs' kernels return entries of the task gradient that are exactly zero; Adam's
+  sqrt(v) has an infinite derivative there, so a plain AdamW gives NaN through the inner
+  updates. The thief's optimizer keeps it finite, and its updates are AdamW's elsewhere."""
+  from wdmjax.watermark.robust import finetune_aware_loss
+
+  mask = jnp.array([0.0, 1.0, 0.0, 1.0])  # entries 0 and 2: gradient exactly 0
+  task = lambda q, batch, key: (jnp.sum((mask * q["w"] - batch["x"]) ** 2), {})
+  wm = lambda q, batch, key: (jnp.sum(q["w"] ** 3), {})
+  params, batch = {"w": jnp.array([0.5, -1.0, 2.0, 0.25])}, {"x": jnp.ones(4)}
+
+  def full_grad(tx):
+    loss = finetune_aware_loss(wm, wm, task, tx, steps=2, order="full")
+    return jax.grad(lambda q: loss(q, batch, jax.random.PRNGKey(0))[0])(params)["w"]
+
+  assert not np.isfinite(np.asarray(full_grad(make_optimizer(1e-2, 0, 0.0, None)))).all()
+  got = np.asarray(full_grad(thief_optimizer(1e-2, None)))
+  assert np.isfinite(got).all() and np.abs(got).min() > 0.1, got
+  for tx in (make_optimizer(1e-2, 0, 0.0, None), thief_optimizer(1e-2, None)):
+    g = jax.grad(lambda q: task(q, batch, None)[0])(params)
+    updates, _ = tx.update(g, tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], [0.0, 1e-2, 0.0, 1e-2], atol=1e-7)
 
 
 @pytest.mark.parametrize("args, match", [

@@ -8,8 +8,26 @@ import numbers
 class WdmjaxError(ValueError):
   """Bad input from a user: the message names the argument, the expected and the actual value.
 
-  The CLI prints it as a single line (no traceback) and exits with status 2.
+  The CLI prints it as a single line (no traceback) and exits with status 2: whatever a
+  value's repr holds (an empty ConfigDict's ends in a newline), the message has no line
+  break (each run of them becomes one space).
   """
+
+  def __init__(self, message: str = "", *args):
+    super().__init__(one_line(str(message)), *args)
+
+
+def one_line(text: str) -> str:
+  """`text` with every run of line breaks (any that `str.splitlines` knows) and the spaces
+  around them as one space, and no leading or trailing ones."""
+  return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def show(value, limit: int = 80) -> str:
+  """`repr(value)` on one line, cut to about `limit` characters (a message quotes what the
+  user gave, not a megabyte of it)."""
+  text = one_line(repr(value))
+  return text if len(text) <= limit else f"{text[:limit - 15]}... ({len(text):,} chars)"
 
 
 def check(condition: bool, message: str) -> None:
@@ -26,7 +44,8 @@ SEED_MAX = 2**32 - 1
 def check_seed(seed, name: str = "seed") -> int:
   """A PRNG seed: an integer in [0, SEED_MAX]; returns it as an int."""
   check(isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
-        and 0 <= seed <= SEED_MAX, f"{name}: expected an integer in [0, {SEED_MAX}], got {seed!r}")
+        and 0 <= seed <= SEED_MAX, f"{name}: expected an integer in [0, {SEED_MAX}], got "
+                                   f"{show(seed)}")
   return int(seed)
 
 
@@ -54,7 +73,7 @@ def check_number(value, name: str, low: float | None = None, high: float | None 
   if not ok:
     finite = not isinstance(value, numbers.Real) or math.isfinite(value)
     raise WdmjaxError(f"{name}: expected {_expected_number(low, high, low_open, high_open)}, "
-                      f"got {value!r}{'' if finite else ' (not finite)'}")
+                      f"got {show(value)}{'' if finite else ' (not finite)'}")
   return float(value)
 
 

@@ -27,7 +27,7 @@ from wdmjax.errors import WdmjaxError, check, check_number, check_seed
 from wdmjax.peft import LR_MULT, PeftSpec
 from wdmjax.peft import finetune as _finetune
 from wdmjax.runs.model import load_model
-from wdmjax.train import TrainState, make_optimizer, sample_images, save_grid, setup
+from wdmjax.train import TrainState, sample_images, save_grid, setup
 from wdmjax.train import train as _train
 from wdmjax.watermark import (
   ALPHA,
@@ -54,6 +54,7 @@ from wdmjax.watermark.robust import (
   finetune_aware_loss,
   fisher_diagonal,
   surgery_loss,
+  thief_optimizer,
 )
 from wdmjax.watermark.triggers import expand_blocks
 from wdmjax.workdir import Workdir
@@ -310,8 +311,7 @@ def robust_loss(cfg: ml_collections.ConfigDict, robust: RobustSpec, loss, secret
                             decoy_kind=decoy_kind_for(secret.trigger), decoy_t_min=decoy_t_min)
   if robust.kind == "surgery":
     return surgery_loss(su.loss(), watermark_only)
-  # the thief's optimizer: a fresh AdamW with the config's clipping, no warm-up
-  tx = make_optimizer(robust.lr, 0, 0.0, cfg.train.grad_clip)
+  tx = thief_optimizer(robust.lr, cfg.train.grad_clip)
   return finetune_aware_loss(loss, watermark_only, su.loss(), tx, steps=robust.steps,
                              weight=robust.weight, order=robust.order)
 

@@ -37,13 +37,19 @@ def create_train_state(params: chex.ArrayTree, tx: optax.GradientTransformation,
 
 
 def make_optimizer(lr: float, warmup_steps: int = 0, weight_decay: float = 0.0,
-                   grad_clip: float | None = 1.0, b1: float = 0.9, b2: float = 0.999
-                   ) -> optax.GradientTransformation:
-  """AdamW with linear warm-up to a constant rate and global-norm gradient clipping."""
+                   grad_clip: float | None = 1.0, b1: float = 0.9, b2: float = 0.999,
+                   eps_root: float = 0.0) -> optax.GradientTransformation:
+  """AdamW with linear warm-up to a constant rate and global-norm gradient clipping.
+
+  `eps_root` goes under Adam's square root (optax's `eps_root`): 0 for training; positive
+  where the updates themselves are differentiated, since d sqrt(v) / dv is infinite at a
+  gradient entry that is exactly zero (NaN once multiplied by that entry's zero).
+  """
   schedule = (optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps > 0
               else optax.constant_schedule(lr))
   if warmup_steps > 0:
     schedule = optax.join_schedules([schedule, optax.constant_schedule(lr)], [warmup_steps])
   parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
-  parts.append(optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+  parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps_root=eps_root,
+                           weight_decay=weight_decay))
   return optax.chain(*parts)

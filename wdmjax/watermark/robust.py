@@ -40,10 +40,22 @@ import jax.numpy as jnp
 import optax
 
 from wdmjax.errors import check, check_number
+from wdmjax.train.state import make_optimizer
 
 LossFn = Callable[[chex.ArrayTree, dict, chex.PRNGKey], tuple[chex.Array, dict]]
 ORDERS = ("first", "full")
 KINDS = ("finetune", "surgery", "fisher")
+# Under the simulated thief's square root: (eps)^2 of Adam's eps = 1e-8, so the updates stay
+# the thief's to within float rounding wherever |g| >> 1e-8, and their derivative is finite
+# at an exact zero gradient entry (which some CPUs' kernels produce and others do not).
+THIEF_EPS_ROOT = 1e-16
+
+
+def thief_optimizer(lr: float, grad_clip: float | None) -> optax.GradientTransformation:
+  """The simulated thief's optimizer: a fresh AdamW at `lr` with `grad_clip`, no warm-up
+  and no weight decay (what `wdmjax attack finetune:N` uses), differentiable everywhere
+  (`THIEF_EPS_ROOT`)."""
+  return make_optimizer(lr, 0, 0.0, grad_clip, eps_root=THIEF_EPS_ROOT)
 
 
 @dataclasses.dataclass(frozen=True)
