@@ -2,7 +2,8 @@
 imports only from the parts below it, no two packages import each other, and function-local
 imports say why they are local.
 
-    1 pure     errors, files, version < stats, diffusion, augment, imaging < models < metrics
+    1 pure     errors, files, locks, records, keys, version
+               < stats, diffusion, augment, imaging < models < metrics
     2 engine   configs < workdir < data < train        (trains any loss; knows no method)
     3 methods  watermark, signature, noisemark, serial, ood, peft, robustness, attacks
                (none imports another: what two methods share moves down)
@@ -22,7 +23,8 @@ from tests.conftest import ROOT
 PACKAGE = os.path.join(ROOT, "wdmjax")
 
 RANK = {
-  "__init__": 1.0, "errors": 1.0, "files": 1.0, "version": 1.0,  # importing wdmjax is light
+  "__init__": 1.0, "errors": 1.0, "files": 1.0, "version": 1.0, "locks": 1.0,
+  "records": 1.0, "keys": 1.0,  # importing wdmjax is light
   "stats": 1.1, "diffusion": 1.1, "augment": 1.1, "imaging": 1.1,
   "models": 1.2, "metrics": 1.3,
   "configs": 2.0, "workdir": 2.1, "data": 2.2, "train": 2.3,

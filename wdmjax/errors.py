@@ -86,3 +86,14 @@ class Interrupted(KeyboardInterrupt):
     super().__init__(f"stopped by signal {signum} at step {step}; checkpoint saved in "
                      f"{directory}, rerun the same command to resume")
     self.signum, self.step, self.directory = signum, step, directory
+
+
+class Terminated(KeyboardInterrupt):
+  """SIGTERM outside a training loop (which saves its step and raises `Interrupted`): the
+  command stops where it is, undoes what it had not finished (`Workdir.undo_on_failure`)
+  and keeps what it had saved; the CLI exits with status 128 + the signal's number."""
+
+  def __init__(self, signum: int):
+    super().__init__(f"stopped by signal {signum}; what was saved is kept, rerun the same "
+                     f"command to go on")
+    self.signum = signum

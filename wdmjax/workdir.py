@@ -28,6 +28,7 @@ import ml_collections
 from wdmjax.configs import from_json, to_json
 from wdmjax.errors import WdmjaxError, check
 from wdmjax.files import atomic_write, check_dir_path, read_json, write_json
+from wdmjax.locks import LOCK_NAME, directory_lock
 
 # The config sections that fix the parameters' shapes and meaning: a workdir never mixes two.
 _FIXED = {"model": None, "diffusion": None, "data": ("resolution", "channels")}
@@ -149,34 +150,44 @@ class Workdir:
   # ------------------------------------------------------------------ failures
 
   @contextlib.contextmanager
-  def undo_on_failure(self, enabled: bool = True) -> Iterator[None]:
-    """Leaves the workdir as it was when the block fails before its first checkpoint: every
-    file or folder the block created goes again (the workdir too, if it is new). Once a
-    checkpoint exists the block has made progress that a rerun resumes, and nothing is
-    removed. `enabled=False` (the other processes of a multi-host run): only process 0
-    writes, so only it cleans up."""
-    existed = os.path.isdir(self.path)
-    before = set(os.listdir(self.path)) if existed else set()
-    had_checkpoint = self._has_progress()
-    try:
+  def lock(self, enabled: bool = True) -> Iterator[None]:
+    """Holds the workdir's writer lock for the block (`wdmjax.locks.directory_lock`): a
+    second writing command gets one line naming this one's pid. `enabled=False`: a no-op
+    (the processes of a multi-host run other than 0 write nothing)."""
+    with directory_lock(self.path, "workdir", enabled):
       yield
-    except BaseException:
-      if enabled and not had_checkpoint and not self._has_progress():
-        self._remove_new(existed, before)
-      raise
+
+  @contextlib.contextmanager
+  def undo_on_failure(self, enabled: bool = True) -> Iterator[None]:
+    """Holds the workdir's writer lock (`lock`) and leaves the workdir as it was when the
+    block fails before its first checkpoint: every file or folder the block created goes
+    again (the workdir too, if it is new). Once a checkpoint exists the block has made
+    progress that a rerun resumes, and nothing is removed. `enabled=False` (the other
+    processes of a multi-host run): only process 0 writes, so only it locks and cleans up.
+    The lock comes first: a command refused because another one writes here undoes nothing
+    of what that one made."""
+    existed = os.path.isdir(self.path)
+    with self.lock(enabled):
+      before = set(os.listdir(self.path)) if existed else set()
+      had_checkpoint = self._has_progress()
+      try:
+        yield
+      except BaseException:
+        if enabled and not had_checkpoint and not self._has_progress():
+          self._remove_new(before)
+        raise
 
   def _has_progress(self) -> bool:
     """A checkpoint, or one moved aside (`<step>.diverged`, `<step>.corrupt`): never undone."""
     d = self.checkpoint_dir
     return os.path.isdir(d) and any(n[:1].isdigit() for n in os.listdir(d))
 
-  def _remove_new(self, existed: bool, before: set[str]) -> None:
+  def _remove_new(self, before: set[str]) -> None:
+    """Removes what is in the workdir but not in `before`, the lock aside (a new workdir,
+    left empty, goes when its lock is released)."""
     if not os.path.isdir(self.path):
       return
-    if not existed:
-      shutil.rmtree(self.path, ignore_errors=True)
-      return
-    for name in set(os.listdir(self.path)) - before:
+    for name in set(os.listdir(self.path)) - before - {LOCK_NAME}:
       path = self.file(name)
       if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)

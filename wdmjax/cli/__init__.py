@@ -1,6 +1,6 @@
 """The `wdmjax` command: diffusion models, their watermarks and the tools around them.
 
-Subcommands: train, sample, embed, extract, verify, attack, finetune, params, plan, latents,
+Subcommands: train, sample, keygen, embed, extract, verify, attack, finetune, params, plan, latents,
 demo, augment preview, classifier, autoencoder train, autoencoder generate,
 signature pretrain/embed/generate/detect/identify,
 serial teacher/issue/eval/lock/sample, ood score/eval, evaluate. Each calls one
@@ -13,6 +13,9 @@ line names the flag that set it (`--steps: expected ...`). A failure of the syst
 `wdmjax: error: PATH: STRERROR`, with exit status 1. A run (train, embed, finetune, demo)
 stopped by SIGTERM or Ctrl-C saves its last step and exits with status 128 + the signal's
 number (143 for SIGTERM, 130 for Ctrl-C): not finished, rerun the same command to resume.
+Every other command stopped by SIGTERM exits with 143 too, after undoing what it had not
+finished. Every writing command holds its workdir's lock (`wdmjax.locks`): a second one on
+the same workdir is refused in one line naming the first one's pid.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 
 import jax
 
@@ -38,7 +43,7 @@ from wdmjax.cli.peft import add_parsers as add_peft_parsers
 from wdmjax.cli.serial import add_parsers as add_serial_parsers
 from wdmjax.cli.signature import add_parsers as add_signature_parsers
 from wdmjax.cli.watermark import add_parsers as add_watermark_parsers
-from wdmjax.errors import Interrupted, WdmjaxError
+from wdmjax.errors import Interrupted, Terminated, WdmjaxError
 from wdmjax.train.compilation import enable_compilation_cache
 from wdmjax.train.distributed import exit_run
 from wdmjax.train.host_memory import keep_host_memory
@@ -98,6 +103,13 @@ def _cmd_plan(args) -> int:
   return 0
 
 
+def _cmd_keygen(args) -> int:
+  kid = runs.keygen(args.path)
+  print(f"owner key {kid} written to {args.path} (mode 600): keep it safe and private; "
+        f"pass it with --key-file or $WDMJAX_KEY_FILE")
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="wdmjax", description=__doc__.splitlines()[0])
   sub = p.add_subparsers(dest="command", required=True)
@@ -145,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
   pl.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation")
   pl.add_argument("--json", action="store_true")
   pl.set_defaults(func=_cmd_plan)
+
+  kg = sub.add_parser("keygen", help="write a new owner key file (mode 600) for signature "
+                      "and serial")
+  kg.add_argument("path", help="the new key file (an existing file is never overwritten)")
+  kg.set_defaults(func=_cmd_keygen)
 
   add_watermark_parsers(sub)
   add_attack_parsers(sub)
@@ -228,7 +245,23 @@ def _quiet_libraries() -> None:
       logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+def _raise_terminated(signum, frame):
+  raise Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+  """Every command: SIGTERM stops it as Ctrl-C does (a training loop saves its step first,
+  any other command undoes what it had not finished), with exit status 143."""
+  if threading.current_thread() is threading.main_thread():
+    old = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+      return _main(argv)
+    finally:
+      signal.signal(signal.SIGTERM, old)
+  return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   _quiet_libraries()
@@ -254,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
   except Interrupted as e:  # saved and resumable: a distinct status, not a success
     if jax.process_index() == 0:
       print(f"wdmjax: {e}", file=sys.stderr)
+    code = 128 + e.signum
+    if hasattr(args, "coordinator"):
+      exit_run(code)
+    return code
+  except Terminated as e:
+    print(f"wdmjax: {e}", file=sys.stderr)
     code = 128 + e.signum
     if hasattr(args, "coordinator"):
       exit_run(code)

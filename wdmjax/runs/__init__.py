@@ -25,6 +25,7 @@ from wdmjax.runs.autoencoder import (
 from wdmjax.runs.demo import DEMO_SECRET, DemoResult, base_workdir, demo
 from wdmjax.runs.evaluate import BenchmarkReport
 from wdmjax.runs.evaluate import evaluate as benchmark  # `wdmjax evaluate`
+from wdmjax.runs.keys import keygen
 from wdmjax.runs.model import Model, load_model
 from wdmjax.runs.ood import Scorer, load_scorer
 from wdmjax.runs.ood import evaluate as ood_eval
@@ -93,5 +94,5 @@ __all__ = [
   "load_teacher", "locked_samples", "read_lock", "read_serials", "serial_eval", "serial_issue",
   "serial_lock", "serial_sample", "serial_teacher",
   "Scorer", "load_scorer", "ood_eval", "ood_score",
-  "BenchmarkReport", "benchmark",
+  "BenchmarkReport", "benchmark", "keygen",
 ]
