@@ -3,6 +3,10 @@
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +15,7 @@ import optax
 import pytest
 
 from tests.conftest import TINY_DIT, run_cli
+from wdmjax.locks import LOCK_NAME, holds_lock
 from wdmjax.train import Checkpointer, load_trained, setup
 from wdmjax.train.checkpoint import SEAL
 from wdmjax.train.state import create_train_state
@@ -217,3 +222,70 @@ def test_a_write_failing_half_way_leaves_no_temporary_file(tmp_path, monkeypatch
     with pytest.raises(OSError):
       write()
   assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- one writer
+
+_HOLDER = """
+import os, sys, time
+from wdmjax.locks import directory_lock
+with directory_lock(sys.argv[1]):
+  open(os.path.join(sys.argv[1], "first.txt"), "w").write("mine")
+  print("holding", flush=True)
+  sys.stdin.readline()  # until the test says go on
+  open(os.path.join(sys.argv[1], "second.txt"), "w").write("still mine")
+"""
+
+
+def _holder(workdir):
+  p = subprocess.Popen([sys.executable, "-c", _HOLDER, workdir], stdin=subprocess.PIPE,
+                       stdout=subprocess.PIPE, text=True)
+  assert p.stdout.readline().strip() == "holding"
+  return p
+
+
+def test_a_second_writer_is_refused_in_one_line_and_the_first_finishes_unharmed(tmp_path):
+  """Two writers on one workdir: the one that comes second exits 2 naming the first one's
+  pid and removes nothing (the first made the workdir, so the second's undo must not take
+  it); the first goes on. A lock whose holder was killed is taken over."""
+  w = str(tmp_path / "w")
+  first = _holder(w)
+  r = run_cli("train", "--config", TINY_DIT, "--workdir", w, *FAST)
+  _one_error_line(r, "--workdir", f"in use by pid {first.pid}")
+  first.communicate("go\n", timeout=60)
+  assert first.returncode == 0
+  assert sorted(os.listdir(w)) == ["first.txt", "second.txt"]  # the lock went with it
+
+  killed = _holder(w)
+  killed.kill()
+  killed.wait()
+  assert os.path.exists(os.path.join(w, LOCK_NAME))  # stale: its holder is dead
+  with Workdir(w).lock():  # taken over
+    assert holds_lock(w)
+  assert not os.path.exists(os.path.join(w, LOCK_NAME)) and not holds_lock(w)
+
+
+def test_a_refused_writer_on_a_new_workdir_leaves_nothing_and_the_lock_is_reentrant(tmp_path):
+  w = str(tmp_path / "new" / "w")
+  with pytest.raises(KeyError), Workdir(w).undo_on_failure():
+    with Workdir(w).lock():  # the same process again (demo runs embed): no deadlock
+      Workdir(w).write_json("x.json", {})
+    raise KeyError
+  assert not os.path.exists(w)
+
+
+def test_sigterm_stops_any_command_with_143_in_one_line(monkeypatch):
+  """Not only the training loop: every command turns SIGTERM into a clean stop."""
+  from wdmjax import runs
+
+  def killed(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)  # the handler interrupts it
+    raise AssertionError("SIGTERM did not stop the command")
+
+  monkeypatch.setattr(runs, "plan", killed)
+  before = signal.getsignal(signal.SIGTERM)
+  r = run_cli("plan", "--config", TINY_DIT, "--devices", "1")
+  assert r.returncode == 143, r.stderr
+  assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "stopped by signal 15" in r.stderr
+  assert signal.getsignal(signal.SIGTERM) is before  # restored for the caller
