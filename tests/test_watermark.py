@@ -692,8 +692,7 @@ def _digits_batch_and_task(model, sched):
 
 def test_inner_finetune_matches_a_plain_loop_of_the_same_updates(tiny_models):
   """The lax.scan of fine-tuning updates is the thief's loop: the same optimizer, batch and
-  keys, step by step; the first-order loss's gradient is grad L(theta) + grad L_wm(theta_k)
-  and the full one differs from it."""
+  keys, step by step; the first-order loss's gradient is grad L(theta) + grad L_wm(theta_k)."""
   from wdmjax.watermark.robust import finetune_aware_loss, inner_finetune
 
   model, sched, secret, trigger, _, params = tiny_models
@@ -704,10 +703,10 @@ def test_inner_finetune_matches_a_plain_loop_of_the_same_updates(tiny_models):
   task_grad = jax.jit(jax.grad(lambda q, key: task(q, batch, key)[0]))  # one compile, not eager
 
   def plain_loop(tx, p):
-    state = tx.init(p)
+    state, update = tx.init(p), jax.jit(tx.update)  # jitted: eager Adam is op by op
     for key in jax.random.split(rng, 3):
       g = task_grad(p, key)
-      updates, state = tx.update(g, state, p)
+      updates, state = update(g, state, p)
       p = jax.tree.map(lambda a, u: a + u, p, updates)
     return p
 
@@ -730,18 +729,15 @@ def test_inner_finetune_matches_a_plain_loop_of_the_same_updates(tiny_models):
             null_label=-1, num_classes=10)
   joint = wdp_loss(apply_fn_for(model), sched, "eps", **kw)
   wm_only = wdp_loss(apply_fn_for(model), sched, "eps", task=False, **kw)
-  grads = {o: jax.jit(jax.grad(lambda q, o=o: finetune_aware_loss(
-    joint, wm_only, task, tx, steps=2, order=o)(q, batch, rng)[0]))(p0)
-    for o in ("first", "full")}
+  # The first-order gradient; that the full one differs (and stays finite) is checked on a
+  # toy loss below: its second-order compilation of the DiT would cost most of this test.
+  got = jax.jit(jax.grad(lambda q: finetune_aware_loss(
+    joint, wm_only, task, tx, steps=1, order="first")(q, batch, rng)[0]))(p0)
   r_now, r_inner, r_after = jax.random.split(rng, 3)
-  moved = inner_finetune(task, tx, p0, batch, r_inner, 2)
+  moved = jax.jit(lambda p: inner_finetune(task, tx, p, batch, r_inner, 1))(p0)
   want = jax.tree.map(jnp.add, jax.jit(jax.grad(lambda q: joint(q, batch, r_now)[0]))(p0),
                       jax.jit(jax.grad(lambda q: wm_only(q, batch, r_after)[0]))(moved))
-  chex.assert_trees_all_close(grads["first"], want, atol=1e-5)
-  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads["full"]))
-  diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
-    jax.tree.leaves(grads["first"]), jax.tree.leaves(grads["full"]), strict=True))
-  assert diff > 1e-6  # second order: the path through the updates counts
+  chex.assert_trees_all_close(got, want, atol=1e-5)
 
 
 def test_full_order_gradient_is_finite_where_the_thief_sees_exact_zero_gradients():
@@ -755,13 +751,17 @@ def test_full_order_gradient_is_finite_where_the_thief_sees_exact_zero_gradients
   wm = lambda q, batch, key: (jnp.sum(q["w"] ** 3), {})
   params, batch = {"w": jnp.array([0.5, -1.0, 2.0, 0.25])}, {"x": jnp.ones(4)}
 
-  def full_grad(tx):
-    loss = finetune_aware_loss(wm, wm, task, tx, steps=2, order="full")
-    return jax.grad(lambda q: loss(q, batch, jax.random.PRNGKey(0))[0])(params)["w"]
+  def grad(tx, order="full"):
+    loss = finetune_aware_loss(wm, wm, task, tx, steps=2, order=order)
+    return np.asarray(jax.grad(lambda q: loss(q, batch, jax.random.PRNGKey(0))[0])(params)["w"])
 
-  assert not np.isfinite(np.asarray(full_grad(make_optimizer(1e-2, 0, 0.0, None)))).all()
-  got = np.asarray(full_grad(thief_optimizer(1e-2, None)))
+  assert not np.isfinite(grad(make_optimizer(1e-2, 0, 0.0, None))).all()
+  got = grad(thief_optimizer(1e-2, None))
   assert np.isfinite(got).all() and np.abs(got).min() > 0.1, got
+  # second order: the path through the updates counts (Adam's first updates are nearly
+  # lr * sign(g), flat in the weights; SGD's move with the task's curvature)
+  sgd = optax.sgd(0.1)
+  assert np.abs(grad(sgd) - grad(sgd, "first")).max() > 0.1
   for tx in (make_optimizer(1e-2, 0, 0.0, None), thief_optimizer(1e-2, None)):
     g = jax.grad(lambda q: task(q, batch, None)[0])(params)
     updates, _ = tx.update(g, tx.init(params), params)
