@@ -130,7 +130,7 @@ def _flip(path, n=64):
   open(path, "wb").write(bytes(data))
 
 
-@pytest.mark.parametrize("fault", ["flip", "truncate", "delete"])
+@pytest.mark.parametrize("fault", ["flip", "truncate", "delete", "flip_and_unseal"])
 def test_a_damaged_newest_checkpoint_is_reported_and_the_newest_intact_one_used(
     base, tmp_path, capsys, fault):
   w = _copy(base, tmp_path)
@@ -140,8 +140,10 @@ def test_a_damaged_newest_checkpoint_is_reported_and_the_newest_intact_one_used(
   ckpt.close()
   capsys.readouterr()
   victim = _data_files(w, 20)[-1]  # the largest: array data
-  if fault == "flip":
+  if fault.startswith("flip"):
     _flip(victim)
+    if fault == "flip_and_unseal":  # the damage takes the seal along: the ledger has it
+      os.remove(os.path.join(w, "checkpoints", "20", SEAL))
   elif fault == "truncate":
     open(victim, "r+b").truncate(10)
   else:

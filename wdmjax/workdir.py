@@ -2,6 +2,7 @@
 
     config.json         the run's config (never the secret)
     checkpoints/<step>  Orbax checkpoints of the TrainState (whole or absent)
+    checkpoint_seals.json  the SHA-256 of each checkpoint's seal (`train.checkpoint`)
     metrics.jsonl       one JSON object per logged step
     train_summary.json  steps, seconds, processes and mesh of the last `train` call
     samples/*.png       sample grids

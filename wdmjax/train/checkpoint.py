@@ -10,7 +10,11 @@ is used instead; a run resuming from it moves the damaged ones aside (`<step>.co
 never deleted) so that it can save those steps again.
 
 A checkpoint without the seal (a run killed in the moment between Orbax's rename and the
-seal, or a checkpoint from an older wdmjax) is restored unverified, and said so.
+seal, or a checkpoint from an older wdmjax) is restored unverified, and said so. Damage that
+takes the seal with it is not mistaken for that: `checkpoint_seals.json` beside
+`checkpoints/` (the ledger) records the SHA-256 of every seal written, so a checkpoint whose
+seal is in the ledger but no longer in its directory (or differs from it) is damaged. A step
+leaves the ledger when it is saved again or moved aside.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from wdmjax.files import write_json
 from wdmjax.workdir import Workdir
 
 SEAL = "wdmjax_checksums.json"
+LEDGER = "checkpoint_seals.json"  # in the workdir: {step: sha256 of its seal file}
 _CHUNK = 1 << 22
 
 
@@ -57,16 +62,57 @@ def file_checksums(directory: str) -> dict[str, list]:
   return out
 
 
+def _sha256_file(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def _ledger_path(directory: str) -> str:
+  return os.path.join(os.path.dirname(os.path.abspath(directory)), LEDGER)
+
+
+def read_ledger(directory: str) -> dict[str, str]:
+  """The ledger of the checkpoints directory `directory` ({step: seal sha256}); an unreadable
+  one counts as empty (it can only make a checkpoint 'unverified', never accept damage)."""
+  try:
+    with open(_ledger_path(directory)) as f:
+      ledger = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  if not isinstance(ledger, dict):
+    return {}
+  return {k: v for k, v in ledger.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def _update_ledger(directory: str, step: int, digest: str | None) -> None:
+  ledger = read_ledger(directory)
+  if digest is None and str(step) not in ledger:
+    return
+  if digest is None:
+    del ledger[str(step)]
+  else:
+    ledger[str(step)] = digest
+  write_json(_ledger_path(directory), ledger)
+
+
 def seal(step_dir: str) -> str:
-  """Writes the checksums of a complete checkpoint directory into it; returns the seal."""
-  return write_json(os.path.join(step_dir, SEAL), {"files": file_checksums(step_dir)})
+  """Writes the checksums of a complete checkpoint directory into it and records the seal in
+  its directory's ledger; returns the seal."""
+  path = write_json(os.path.join(step_dir, SEAL), {"files": file_checksums(step_dir)})
+  parent, step = os.path.split(os.path.normpath(step_dir))
+  _update_ledger(parent, int(step), _sha256_file(path))
+  return path
 
 
 def damage(step_dir: str) -> str | None:
-  """What is wrong with a sealed checkpoint directory (None: intact, or not sealed)."""
+  """What is wrong with a sealed checkpoint directory (None: intact, or never sealed)."""
   path = os.path.join(step_dir, SEAL)
+  parent, step = os.path.split(os.path.normpath(step_dir))
+  recorded = read_ledger(parent).get(step)
   if not os.path.exists(path):
-    return None
+    return None if recorded is None else f"its {SEAL} was removed (the ledger has it)"
+  if recorded is not None and _sha256_file(path) != recorded:
+    return f"its {SEAL} differs from the one written (the ledger's)"
   try:
     with open(path) as f:
       want = json.load(f)
@@ -124,6 +170,8 @@ class Checkpointer:
       return
     self._seal_finished()  # the previous (async) save, once it has completed
     self._check_space(step, state)
+    if jax.process_index() == 0:  # a step saved again is not the one the ledger sealed
+      _update_ledger(self.directory, step, None)
     self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
     self._unsealed.append(step)
     if not self.async_save:
@@ -192,6 +240,7 @@ class Checkpointer:
       while os.path.exists(target):
         target, n = f"{self.step_dir(step)}.{why}{n}", n + 1
       os.rename(self.step_dir(step), target)
+      _update_ledger(self.directory, step, None)
       if say:
         self.log(f"moved checkpoint {step} to {target}")
     if multi:
