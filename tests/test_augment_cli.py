@@ -46,6 +46,11 @@ BAD = [
   (["classifier", "--ops", "rotate,twirl"], "--ops"),
   (["classifier", "--magnitude", "2"], "--magnitude"),
   (["classifier", "--out", "x.txt"], "--out"),
+  (["augment", "preview", "--ops", "rotate,rotate"], "--ops"),  # duplicates
+  (["augment", "preview", "--out", "g.txt"], "--out"),  # not a .png
+  (["augment", "preview", "--C", "5000"], "--C"),  # bounded
+  (["classifier", "--batch-size", "1000000000"], "--batch-size"),
+  (["classifier", "--steps", "1000000000"], "--steps"),
 ]
 
 

@@ -177,6 +177,61 @@ def test_a_failed_training_leaves_nothing(ae, tmp_path, monkeypatch):
   assert not os.path.exists(tmp_path / "w")
 
 
+def test_a_rerun_after_a_kill_during_encoding_rebuilds_the_latent_set(ae, tmp_path,
+                                                                     monkeypatch):
+  """A SIGKILL while the latent set was being built leaves its shards, a part of the TFDS
+  folder, perhaps the params, and no JSON (nor a released lock): the same command cleans
+  them up and finishes, where it used to refuse the workdir forever."""
+  import wdmjax.runs.autoencoder as mod
+
+  params = runs.load_autoencoder(ae.workdir).params
+  monkeypatch.setattr(mod, "_train_autoencoder", lambda *a, **k: (params, []))  # no compile
+  w = tmp_path / "w"
+  torn = w / "tfds" / "ae_latents" / "mnist5k" / "1.0.0.incomplete_ABC"
+  torn.mkdir(parents=True)
+  (torn / "ae_latents-train.array_record-00000-of-00001").write_bytes(b"torn")
+  (w / "tfds" / "downloads").mkdir()
+  (w / ".latent_shards_abc").mkdir()
+  (w / ".latent_shards_abc" / "latents_000.npz").write_bytes(b"torn")
+  (w / AUTOENCODER_NPZ).write_bytes(b"torn")
+  (w / ".wdmjax.lock").write_text("999999\nwdmjax autoencoder train\n")  # its holder died
+  r = runs.train_autoencoder(str(w), "mnist5k", steps=1, channels=CHANNELS, progress=False)
+  assert r.num_latents == 5000
+  assert sorted(os.listdir(w)) == [AUTOENCODER_JSON, AUTOENCODER_NPZ, RECONSTRUCTIONS, "tfds"]
+  latents, _ = data.load_arrays("ae_latents/mnist5k", data_dir=r.latents_data_dir)
+  assert latents.shape == (5000, 7, 7, 4)
+  assert runs.load_autoencoder(str(w)).scale == pytest.approx(r.scale)
+  # A tfds/ that the command did not make is someone else's: refused, left alone.
+  other = tmp_path / "other"
+  (other / "tfds" / "mnist").mkdir(parents=True)
+  with pytest.raises(WdmjaxError, match=r"^workdir: .* holds a tfds/ that `autoencoder train` "
+                                        r"did not make \(mnist\)"):
+    runs.train_autoencoder(str(other), "mnist5k", steps=1, progress=False)
+  assert os.listdir(other / "tfds") == ["mnist"]
+
+
+def test_latents_that_are_not_finite_or_overflow_float16_are_refused(tmp_path, monkeypatch):
+  for name, value, says in [("nan", np.nan, r"finite values, got NaN or inf in example 1"),
+                            ("big", 1e5, r"values within float16's range \(\|x\| <= "
+                                         r"65504\), got 100000")]:
+    z, y = _shards(tmp_path / name, 3)
+    z[1, 0, 0, 0] = value
+    np.savez(tmp_path / name / "a.npz", latents=z, labels=y)
+    with pytest.raises(WdmjaxError, match=rf"a.npz: array `latents`: expected {says}"):
+      prepare_ae_latents(str(tmp_path / name), "mnist5k", str(tmp_path / "d"))
+  assert not os.path.exists(tmp_path / "d")
+  shards = tmp_path / "imagenet"  # the `latents` command: one line naming shard and array
+  shards.mkdir()
+  z = np.zeros((2, 32, 32, 4), np.float32)
+  z[0, 1, 2, 3] = np.inf
+  np.savez(shards / "s0.npz", latents=z, labels=np.zeros(2, np.int64))
+  monkeypatch.chdir(tmp_path)
+  r = run_cli("latents", "--npz-dir", shards, "--data-dir", tmp_path / "out")
+  assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+  assert "s0.npz: array `latents`: expected finite values" in r.stderr
+  assert not os.path.exists(tmp_path / "out")
+
+
 def test_an_ldm_workdir_needs_ae_latents_in_an_autoencoder_workdir(tmp_path, ae):
   wd = Workdir(tmp_path / "pixels")
   wd.write_config(load_config(TINY_DIT))  # a pixel-space model: no autoencoder
@@ -246,6 +301,8 @@ def test_photos32_is_a_fixed_grid_of_rgb_crops_of_the_bundled_photos():
     (["autoencoder", "train", "--workdir", "ae", "--steps", "0"], "--steps"),
     (["autoencoder", "generate", "--ldm", "nowhere", "--num", "4"], "--ldm"),
     (["autoencoder", "generate", "--ldm", "nowhere", "--out", "g.jpg"], "--out"),
+    (["autoencoder", "generate", "--ldm", "nowhere", "--num", "0"], "--num"),
+    (["autoencoder", "train", "--workdir", "ae", "--steps", "100000000000"], "--steps"),
 ])
 def test_cli_bad_input_is_one_line_naming_the_flag(args, flag, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)

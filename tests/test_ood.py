@@ -239,6 +239,7 @@ def test_cli_score_images_and_bad_input(tiny, tmp_path):
   for i, im in enumerate(x):
     Image.fromarray(np.uint8((im[..., 0] + 1) * 127.5)).save(d / f"{i}.png")
   Image.fromarray(np.zeros((8, 8), np.uint8) + 255).save(d / "white.png")
+  os.mkfifo(d / "fifo.png")  # skipped, never opened (opening it would block)
   args = ("--t", "20,60", "--draws", "1", "--val-n", "40", "--val", "digits:train[:300]")
   r = run_cli("ood", "score", "--workdir", wd, "--images", d, *args)
   assert r.returncode == 0, r.stderr
@@ -256,6 +257,9 @@ def test_cli_score_images_and_bad_input(tiny, tmp_path):
   wrong = tmp_path / "wrong"
   wrong.mkdir()
   Image.fromarray(np.zeros((28, 28), np.uint8)).save(wrong / "big.png")
+  fifos = tmp_path / "fifos"
+  fifos.mkdir()
+  os.mkfifo(fifos / "b.png")
   r = run_cli("ood", "score", "--workdir", wd, "--data", "uniform", "--n", "4", "--val-n", "8",
               "--draws", "1")  # default steps: 10%, ..., 90% of this model's T = 100
   assert r.returncode == 0 and "over t=10,30,50,70,90" in r.stdout, r.stderr
@@ -266,6 +270,11 @@ def test_cli_score_images_and_bad_input(tiny, tmp_path):
       (("--data", "uniform", "--t", "101"), r"--t: expected steps in [1, 100]"),
       (("--data", "nothing_here"), "--data: expected an embedded data set"),
       (("--data", "uniform", "--fpr", "1.5"), "--fpr: expected a number in (0, 1)"),
+      (("--images", fifos), "--images: expected .png or .jpg files in"),
+      (("--data", "uniform", "--t", "10,10"), "--t: expected distinct steps"),
+      (("--data", "uniform", "--show", "-1"), "--show: expected a number of rows >= 0"),
+      (("--data", "uniform", "--n", "10000000000"), "--n: expected an integer in [1, "),
+      (("--data", "uniform", "--data-dir", d / "0.png"), "--data-dir: expected a directory"),
   ]:
     before = sorted(os.listdir(tmp_path))
     r = run_cli("ood", "score", "--workdir", wd, *argv)

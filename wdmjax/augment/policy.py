@@ -47,11 +47,14 @@ def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
 
 
 def check_ops(ops: Any) -> tuple[str, ...]:
-  """A non-empty sequence of transformation names -> a tuple of them."""
+  """A non-empty sequence of distinct transformation names -> a tuple of them."""
   check(isinstance(ops, Sequence) and not isinstance(ops, str) and len(ops) > 0,
         f"ops: expected a non-empty list of names from {', '.join(FAMILY)}, got {ops!r}")
   bad = [o for o in ops if not isinstance(o, str) or o not in TRANSFORMS]
   check(not bad, f"ops: expected names from {', '.join(FAMILY)}, got {(bad or [None])[0]!r}")
+  twice = [o for i, o in enumerate(ops) if o in ops[:i]]
+  check(not twice, f"ops: expected distinct names (a repeated one is drawn more often), got "
+                   f"{(twice or [None])[0]!r} more than once")
   return tuple(ops)
 
 

@@ -98,7 +98,9 @@ def add_parser(sub) -> None:
                  "needed for the method stable_signature")
   e.add_argument("--signature-user", type=int, default=0,
                  help="whose decoder generates the signed images")
-  e.add_argument("--out", required=True, help="directory for benchmark.json/.md, samples.png")
+  e.add_argument("--out", required=True, help="directory for benchmark.json/.md, samples.png "
+                 "(each finished row is saved there as it goes: rerun the same command after "
+                 "an interruption to resume; a finished report is never overwritten)")
   e.add_argument("--workdir", default=None,
                  help="a trained pixel-space diffusion workdir (default: the shipped demo DiT)")
   e.add_argument("--num", type=int, default=64, help="watermarked images per method")

@@ -7,6 +7,7 @@ import argparse
 import json
 
 from wdmjax import runs
+from wdmjax.errors import check
 from wdmjax.ood import AGGREGATIONS, OOD_SETS
 from wdmjax.runs.ood import DEFAULT_DRAWS, DEFAULT_T, DEFAULT_VAL
 
@@ -28,6 +29,7 @@ def _val_line(rep: dict) -> str:
 
 
 def cmd_score(args) -> int:
+  check(args.show >= 0, f"show: expected a number of rows >= 0, got {args.show}")
   rep = runs.ood_score(args.workdir, images=args.images, data=args.data, t=args.t,
                        draws=args.draws, seed=args.seed, fpr=args.fpr, val=args.val,
                        val_n=args.val_n, n=args.n, ddim_steps=args.ddim_steps,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import stat
 import zipfile
 
 import numpy as np
@@ -29,6 +30,7 @@ from wdmjax.errors import WdmjaxError
 
 LATENT_CHANNELS = 4
 NUM_CLASSES = 1000
+F16_MAX = float(np.finfo(np.float16).max)  # 65504: the sets store float16
 
 
 class LatentConfig(tfds.core.BuilderConfig):
@@ -123,10 +125,38 @@ def _shard_examples(manual_dir: str, r: int, num_classes: int):
 
 
 def latent_shards(directory: str) -> list[str]:
-  paths = sorted(glob.glob(os.path.join(directory, '*.npz')))
+  """The *.npz shards in `directory`, sorted; each a regular file (a FIFO would block the
+  reader forever)."""
+  if not os.path.isdir(directory):
+    raise WdmjaxError(f'--npz-dir: expected a directory of *.npz latent shards, got '
+                      f'{directory!r}')
+  paths = sorted(glob.glob(os.path.join(glob.escape(directory), '*.npz')))
   if not paths:
     raise WdmjaxError(f'--npz-dir: expected *.npz latent shards in {directory!r}, found none')
+  for path in paths:
+    try:
+      regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+      regular = False
+    if not regular:
+      raise WdmjaxError(f'{path}: expected a regular .npz file of latents, got a special file '
+                        f'or a broken link')
   return paths
+
+
+def _check_values(path: str, latents: np.ndarray) -> None:
+  """Refuses latents that are NaN, infinite, or beyond float16 (the set stores float16: they
+  would become inf), naming the shard, the array and the first bad example."""
+  bad = np.flatnonzero(~np.all(np.isfinite(latents.reshape(len(latents), -1)), axis=1))
+  if bad.size:
+    raise WdmjaxError(f'{path}: array `latents`: expected finite values, got NaN or inf in '
+                      f'example {bad[0]} ({bad.size} examples in all)')
+  big = np.flatnonzero(np.abs(latents.reshape(len(latents), -1)).max(axis=1, initial=0.0)
+                       > F16_MAX)
+  if big.size:
+    raise WdmjaxError(f'{path}: array `latents`: expected values within float16\'s range '
+                      f'(|x| <= {F16_MAX:g}), got {np.abs(latents[big[0]]).max():g} in example '
+                      f'{big[0]} ({big.size} examples in all)')
 
 
 def _array_header(zf: zipfile.ZipFile, name: str) -> tuple[tuple, np.dtype]:
@@ -140,8 +170,10 @@ def _array_header(zf: zipfile.ZipFile, name: str) -> tuple[tuple, np.dtype]:
 
 
 def check_shards(paths: list[str], r: int, num_classes: int = NUM_CLASSES) -> None:
-  """Reads every shard's array headers and labels (not the latents) and raises WdmjaxError
-  naming the first bad shard, so that a bad one fails before any data set file is written."""
+  """Reads every shard's array headers, labels and latents (one shard at a time) and raises
+  WdmjaxError naming the first bad shard and array, so that a bad one fails before any data
+  set file is written: wrong shapes or dtypes, labels out of range, latents that are not
+  finite or overflow float16."""
   for path in paths:
     try:
       with zipfile.ZipFile(path) as zf:
@@ -152,12 +184,13 @@ def check_shards(paths: list[str], r: int, num_classes: int = NUM_CLASSES) -> No
         shape, dtype = _array_header(zf, 'latents')
       with np.load(path, allow_pickle=False) as z:
         labels = z['labels']
-    except (zipfile.BadZipFile, ValueError, EOFError, KeyError) as e:
+        _check_shard(path, shape, dtype, labels, r, num_classes)
+        _check_values(path, z['latents'])
+    except (zipfile.BadZipFile, ValueError, EOFError, KeyError, OSError) as e:
       if isinstance(e, WdmjaxError):
         raise
       raise WdmjaxError(f'{path}: expected a .npz file of latents and labels, got an unreadable '
-                        f'file ({e})') from None
-    _check_shard(path, shape, dtype, labels, r, num_classes)
+                        f'file ({type(e).__name__}: {str(e)[:200]})') from None
 
 
 def _check_shard(path: str, shape: tuple, dtype: np.dtype, labels: np.ndarray, r: int,

@@ -47,13 +47,13 @@ from wdmjax.ood.reconstruction import (
     reconstruction_losses,
     reconstruction_score,
 )
-from wdmjax.ood.sets import OOD_SETS, class_split, fit_images, load_images
+from wdmjax.ood.sets import OOD_SETS, class_split, fit_images, load_images, may_share_images
 
 __all__ = [
     "AGGREGATIONS", "METRICS", "OOD_SETS", "Detector", "Mahalanobis", "aggregate", "aupr",
     "auroc", "calibrate", "candidates", "class_split", "detection_report", "elbo_score",
     "elbo_steps", "energy_score", "far95", "far_at_tpr", "fit_gaussian", "fit_images",
-    "fit_mahalanobis", "lenet_outputs", "load_images", "mahalanobis_score", "msp_score",
-    "proxy_outliers", "reconstruct", "reconstruction_losses", "reconstruction_score", "select",
-    "threshold_at_fpr", "tpr_at_fpr",
+    "fit_mahalanobis", "lenet_outputs", "load_images", "mahalanobis_score", "may_share_images",
+    "msp_score", "proxy_outliers", "reconstruct", "reconstruction_losses",
+    "reconstruction_score", "select", "threshold_at_fpr", "tpr_at_fpr",
 ]

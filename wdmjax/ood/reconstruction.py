@@ -42,8 +42,8 @@ DEFAULT_BATCH = 128
 
 
 def check_steps_t(t, num_timesteps: int, name: str = "t") -> tuple[int, ...]:
-  """t: one step or a non-empty sequence of steps, each an integer in [1, T]; returns a
-  tuple of ints."""
+  """t: one step or a non-empty sequence of distinct steps, each an integer in [1, T];
+  returns a tuple of ints."""
   ts = (t,) if isinstance(t, int | np.integer) else t
   ok = isinstance(ts, Sequence | np.ndarray) and len(ts) >= 1 and all(
       isinstance(v, int | np.integer) and not isinstance(v, bool) for v in ts)
@@ -52,7 +52,11 @@ def check_steps_t(t, num_timesteps: int, name: str = "t") -> tuple[int, ...]:
   bad = [int(v) for v in ts if not 1 <= int(v) <= num_timesteps]
   check(not bad, f"{name}: expected steps in [1, {num_timesteps}] (T = {num_timesteps}), "
                  f"got {bad[:1]}")
-  return tuple(int(v) for v in ts)
+  ts = tuple(int(v) for v in ts)
+  twice = sorted({v for v in ts if ts.count(v) > 1})
+  check(not twice, f"{name}: expected distinct steps (a repeated step counts its losses "
+                   f"twice), got {twice[0] if twice else None} more than once in {list(ts)}")
+  return ts
 
 
 def _check_images(x, model_shape: tuple[int, ...] | None) -> jax.Array:

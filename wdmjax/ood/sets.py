@@ -144,6 +144,29 @@ def _classes(text: str) -> list[int]:
   return out
 
 
+def may_share_images(a: str, b: str) -> bool:
+  """Whether the data specs `a` and `b` may hold the same images: the same built-in set, or
+  the same data set and split whose class filters overlap (no filter: every class). Two
+  different slices of one split (`train[:300]`, `train[300:]`) count as disjoint, a slice and
+  its whole split (`train`, `train[:300]`) as overlapping."""
+  if a in OOD_SETS or b in OOD_SETS:
+    return a == b
+  ma, mb = _SPEC.match(a), _SPEC.match(b)
+  if ma is None or mb is None:
+    return a == b
+  if ma["name"] != mb["name"]:
+    return False
+  sa, sb = (m["split"] or "train" for m in (ma, mb))
+  if sa.split("[")[0] != sb.split("[")[0] or ("[" in sa and "[" in sb and sa != sb):
+    return False
+  if ma["classes"] is None or mb["classes"] is None:
+    return True
+  try:
+    return bool(set(_classes(ma["classes"])) & set(_classes(mb["classes"])))
+  except WdmjaxError:  # a malformed filter: load_images says so
+    return False
+
+
 def load_images(spec: str, shape: ImageShape, *, n: int | None = None, seed: int = 0,
                 data_dir: str | None = None, name: str = "data") -> np.ndarray:
   """The images of `spec` (see the module docstring) as float32 [N, H, W, C] in [-1, 1],

@@ -19,14 +19,17 @@ from PIL import Image, ImageDraw
 from wdmjax.augment import DIGIT_FAMILY, POLICIES, Augmentation, augment_candidates, shifted
 from wdmjax.data import labelled_split
 from wdmjax.errors import check, check_seed
-from wdmjax.files import atomic_open, check_file_path, write_json
+from wdmjax.files import atomic_open, check_dir_path, check_file_path, write_json
 from wdmjax.metrics.classifier import classifier_accuracy, train_classifier
-from wdmjax.models.layers import check_positive_int
 from wdmjax.models.lenet import pretrained_lenet
 from wdmjax.models.params_io import save_params_npz
+from wdmjax.runs.arguments import MAX_DRAWS, MAX_STEPS, check_count
 from wdmjax.train.images import to_uint8
 
 _KEPT = (40, 170, 60)     # frame of a kept candidate
+# The digit classifier's activations, gradients and optimiser traffic per example, in units
+# of the input image's bytes: a generous estimate (its conv stages are 16 and 32 wide).
+_ACTIVATIONS = 256
 _DROPPED = (200, 200, 200)
 
 
@@ -58,9 +61,16 @@ class ClassifierResult:
 
 def _augmentation(policy: str, L: int, C: int, S: int, magnitude: float,
                   ops: Sequence[str] | None, selection: str) -> Augmentation:
+  check_count("L", L, MAX_DRAWS)
+  check_count("C", C, MAX_DRAWS)
   return Augmentation(policy=policy, L=L, C=C, S=S, magnitude=magnitude,
                       ops=tuple(ops) if ops is not None else DIGIT_FAMILY,
                       selection=selection)
+
+
+def _check_data_dir(data_dir) -> None:
+  if data_dir is not None:
+    check_dir_path(data_dir, "data_dir")
 
 
 def _scorer(data: str, images: np.ndarray, labels: np.ndarray, seed: int):
@@ -137,11 +147,16 @@ def preview(data: str = "mnist5k", policy: str = "uncertainty", out: str = "grid
   check(policy in ("random", "uncertainty"),
         f"policy: expected one of random, uncertainty, got {policy!r}")
   aug = _augmentation(policy, L, C, S, magnitude, ops, selection)
-  check_positive_int("num", num)
+  check_count("num", num)
   seed = check_seed(seed)
+  check(str(out).lower().endswith(".png"), f"out: expected a .png path, got {out!r}")
   check_file_path(out, "out")
+  _check_data_dir(data_dir)
   x, y, _, _ = labelled_split(data, seed=0, data_dir=data_dir)
   pick = np.random.default_rng(seed).choice(len(y), size=min(num, len(y)), replace=False)
+  # The candidates, their flattened copy and the classifier's activations on them.
+  check_count("C", aug.C, bytes_each=_ACTIVATIONS * x[0].nbytes * len(pick),
+              what=f"a candidate of {len(pick)} images")
   num_classes = int(y.max()) + 1
   images = jnp.asarray(x[pick])
   targets = jax.nn.one_hot(y[pick], num_classes)
@@ -198,10 +213,17 @@ def classifier(data: str = "mnist5k", augment: str = "uncertainty", *, steps: in
   seed = check_seed(seed)
   check(isinstance(shift, float | int) and 0.0 <= shift <= 1.0,
         f"shift: expected a number in [0, 1], got {shift!r}")
+  check_count("steps", steps, MAX_STEPS)
+  check_count("batch_size", batch_size)
   if out is not None:
     check(str(out).endswith(".npz"), f"out: expected a path ending in .npz, got {out!r}")
     check_file_path(out, "out")
+  _check_data_dir(data_dir)
   x, y, xh, yh = labelled_split(data, seed=0, data_dir=data_dir)
+  # A step holds batch_size * C candidates (C for "uncertainty") and their activations.
+  per_step = aug.C if aug.policy == "uncertainty" else 1
+  check_count("batch_size", batch_size, bytes_each=_ACTIVATIONS * x[0].nbytes * per_step,
+              what=f"an example{f' ({per_step} candidates)' if per_step > 1 else ''}")
   t0 = time.perf_counter()
   model, params = train_classifier(x, y, jax.random.key(seed), steps=steps,
                                    batch_size=batch_size, lr=lr, num_classes=int(y.max()) + 1,

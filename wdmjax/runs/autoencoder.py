@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import tempfile
 import time
 
@@ -25,7 +26,7 @@ import jax
 import numpy as np
 
 from wdmjax.data import load_arrays
-from wdmjax.data.latents import AeLatents, prepare_ae_latents
+from wdmjax.data.latents import F16_MAX, AeLatents, prepare_ae_latents
 from wdmjax.diffusion.guidance import MAX_GUIDANCE
 from wdmjax.errors import WdmjaxError, check, check_number, check_seed
 from wdmjax.files import check_dir_path, check_file_path
@@ -37,8 +38,9 @@ from wdmjax.models.autoencoder import (
   init_autoencoder,
   latent_shape,
 )
-from wdmjax.models.layers import check_int_sequence, check_positive_int
+from wdmjax.models.layers import check_int_sequence
 from wdmjax.models.params_io import load_params_npz, save_params_npz
+from wdmjax.runs.arguments import MAX_STEPS, check_count, renamed
 from wdmjax.runs.model import load_model
 from wdmjax.train.autoencoder import decode, encode, latent_scale, sample_latents
 from wdmjax.train.autoencoder import train_autoencoder as _train_autoencoder
@@ -48,6 +50,7 @@ from wdmjax.train.sampling import sample_labels
 from wdmjax.workdir import Workdir
 
 AUTOENCODER_DATA = ("mnist5k", "photos32")
+_IMAGE_SHAPES = {"mnist5k": (28, 28, 1), "photos32": (32, 32, 3)}  # (H, W, C) of each
 # Tuned on a 2-core CPU: ~29 dB held-out PSNR on mnist5k in about 1.5 minutes of training.
 AUTOENCODER_CHANNELS = (16, 32)
 LATENT_CHANNELS = 4
@@ -57,6 +60,7 @@ AUTOENCODER_JSON = "autoencoder.json"
 AUTOENCODER_NPZ = "autoencoder.npz"
 RECONSTRUCTIONS = "reconstructions.png"
 TFDS_DIR = "tfds"
+_SHARDS = ".latent_shards_"  # the latents' temporary shards, inside the workdir
 _SHOWN = 16  # held-out images in the reconstruction picture
 
 
@@ -108,63 +112,106 @@ def train_autoencoder(workdir: str | Workdir, data: str = "mnist5k", *, steps: i
   """
   check(data in AUTOENCODER_DATA, f"data: expected one of {list(AUTOENCODER_DATA)}, "
                                   f"got {data!r}")
-  check_positive_int("steps", steps)
-  check_positive_int("batch_size", batch_size)
+  check_count("steps", steps, MAX_STEPS)
   check_number(lr, "lr", 0, low_open=True)
   check_number(kl_weight, "kl_weight", 0)
   check_int_sequence("channels", channels, allow_empty=False)
   seed = check_seed(seed)
   wd = Workdir(workdir)
   check_dir_path(wd.path, "workdir", writable=True)
+  _check_new(wd)
+  if data_dir is not None:
+    check_dir_path(data_dir, "data_dir")
+  channels = tuple(int(c) for c in channels)
+  # A training step keeps each level's activations for the backward pass (encoder and
+  # decoder, about 32 tensors of the level's size per example, float32): `batch_size`
+  # examples of them must fit in memory, or XLA dies with an out-of-memory traceback.
+  h, w, _ = _IMAGE_SHAPES[data]
+  check_count("batch_size", batch_size, bytes_each=32 * 4 * h * w * sum(channels),
+              what=f"an example's activations at {w}x{h}")
+  t0 = time.time()
+  # The lock first (a second writer is refused and undoes nothing); under it the checks
+  # again (the first may have finished meanwhile) and what an interrupted run left goes.
+  with wd.lock():
+    _check_new(wd)
+    _remove_interrupted(wd)
+    images, labels = load_arrays(data, data_dir=data_dir)
+    x = np.asarray(images, np.float32) / 127.5 - 1.0
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_held = max(1, int(round(HELD_OUT * len(x))))
+    train_x, held_x = x[order[:-n_held]], x[order[-n_held:]]
+    with wd.undo_on_failure():
+      params, history = _train_autoencoder(
+          train_x, jax.random.key(seed), steps=steps, batch_size=batch_size, lr=lr,
+          kl_weight=kl_weight, channels=channels, latent_channels=LATENT_CHANNELS,
+          progress=progress, log_every=max(1, steps // 100))
+      encoder, decoder = autoencoder_modules(x.shape[1:], channels, LATENT_CHANNELS)
+      recon = decode(decoder, params["decoder"],
+                     encode(encoder, params["encoder"], held_x, 1.0), 1.0)
+      value = float(np.mean(psnr(recon, held_x)))
+      scale = latent_scale(encoder, params, train_x)
+      check(np.isfinite(scale) and scale > 0,
+            f"lr: the training diverged (latent scale {scale}); expected a smaller --lr, "
+            f"got {lr}")
+      latents = encode(encoder, params["encoder"], x, scale)
+      check(bool(np.all(np.isfinite(latents))) and float(np.abs(latents).max()) <= F16_MAX,
+            f"lr: the training diverged (latents beyond float16's range); expected a "
+            f"smaller --lr, got {lr}")
+      # The shards in the workdir, under a name a rerun cleans (`_remove_interrupted`).
+      with tempfile.TemporaryDirectory(prefix=_SHARDS, dir=wd.path) as shards:
+        np.savez(os.path.join(shards, "latents_000.npz"), latents=latents,
+                 labels=np.asarray(labels, np.int64))
+        builder = prepare_ae_latents(shards, data, wd.file(TFDS_DIR))
+      num_latents = int(builder.info.splits["train"].num_examples)
+      save_params_npz(params, wd.file(AUTOENCODER_NPZ), dtype=np.float32)
+      shown = slice(0, min(_SHOWN, n_held))
+      pictures = save_panels(
+          [("held-out images", make_grid(held_x[shown], nrow=_SHOWN, upscale=2)),
+           (f"reconstructions ({value:.1f} dB PSNR)",
+            make_grid(recon[shown], nrow=_SHOWN, upscale=2))],
+          wd.file(RECONSTRUCTIONS), per_row=1)
+      seconds = time.time() - t0
+      # Written last: an autoencoder workdir is complete when it has its JSON.
+      wd.write_json(AUTOENCODER_JSON, {
+          "data": data, "image_shape": list(x.shape[1:]), "channels": list(channels),
+          "latent_channels": LATENT_CHANNELS, "scale": scale, "kl_weight": kl_weight,
+          "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "psnr": value,
+          "held_out": n_held, "seconds": seconds, "latents": f"{AeLatents.name}/{data}",
+          "num_latents": num_latents, "history": history})
+  return AutoencoderResult(wd.abspath, steps, seconds, value, scale, f"{AeLatents.name}/{data}",
+                           os.path.abspath(wd.file(TFDS_DIR)), num_latents,
+                           os.path.abspath(pictures))
+
+
+def _check_new(wd: Workdir) -> None:
+  """Refuses a workdir that holds a finished autoencoder or a diffusion model's run."""
   check(not wd.exists(AUTOENCODER_JSON),
         f"workdir: {wd.path!r} already holds an autoencoder ({AUTOENCODER_JSON}); use a new "
         f"workdir")
   check(not wd.has_config(), f"workdir: {wd.path!r} holds a diffusion model's run; use a new "
                              f"workdir for the autoencoder")
-  latents_dir = os.path.join(wd.path, TFDS_DIR, AeLatents.name, data)
-  check(not os.path.exists(latents_dir),
-        f"workdir: {wd.path!r} already holds a latent set ({latents_dir}); use a new workdir")
-  images, labels = load_arrays(data, data_dir=data_dir)
-  x = np.asarray(images, np.float32) / 127.5 - 1.0
-  order = np.random.default_rng(seed).permutation(len(x))
-  n_held = max(1, int(round(HELD_OUT * len(x))))
-  train_x, held_x = x[order[:-n_held]], x[order[-n_held:]]
-  channels = tuple(int(c) for c in channels)
-  t0 = time.time()
-  with wd.undo_on_failure():
-    params, history = _train_autoencoder(
-        train_x, jax.random.key(seed), steps=steps, batch_size=batch_size, lr=lr,
-        kl_weight=kl_weight, channels=channels, latent_channels=LATENT_CHANNELS,
-        progress=progress, log_every=max(1, steps // 100))
-    encoder, decoder = autoencoder_modules(x.shape[1:], channels, LATENT_CHANNELS)
-    recon = decode(decoder, params["decoder"], encode(encoder, params["encoder"], held_x, 1.0),
-                   1.0)
-    value = float(np.mean(psnr(recon, held_x)))
-    scale = latent_scale(encoder, params, train_x)
-    latents = encode(encoder, params["encoder"], x, scale)
-    with tempfile.TemporaryDirectory(prefix="wdmjax_ae_latents_") as shards:
-      np.savez(os.path.join(shards, "latents_000.npz"), latents=latents,
-               labels=np.asarray(labels, np.int64))
-      builder = prepare_ae_latents(shards, data, wd.file(TFDS_DIR))
-    num_latents = int(builder.info.splits["train"].num_examples)
-    save_params_npz(params, wd.file(AUTOENCODER_NPZ), dtype=np.float32)
-    shown = slice(0, min(_SHOWN, n_held))
-    pictures = save_panels(
-        [("held-out images", make_grid(held_x[shown], nrow=_SHOWN, upscale=2)),
-         (f"reconstructions ({value:.1f} dB PSNR)",
-          make_grid(recon[shown], nrow=_SHOWN, upscale=2))],
-        wd.file(RECONSTRUCTIONS), per_row=1)
-    seconds = time.time() - t0
-    # Written last: an autoencoder workdir is complete when it has its JSON.
-    wd.write_json(AUTOENCODER_JSON, {
-        "data": data, "image_shape": list(x.shape[1:]), "channels": list(channels),
-        "latent_channels": LATENT_CHANNELS, "scale": scale, "kl_weight": kl_weight,
-        "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "psnr": value,
-        "held_out": n_held, "seconds": seconds, "latents": f"{AeLatents.name}/{data}",
-        "num_latents": num_latents, "history": history})
-  return AutoencoderResult(wd.abspath, steps, seconds, value, scale, f"{AeLatents.name}/{data}",
-                           os.path.abspath(wd.file(TFDS_DIR)), num_latents,
-                           os.path.abspath(pictures))
+  tfds_dir = wd.file(TFDS_DIR)
+  other = (sorted(set(os.listdir(tfds_dir)) - {"downloads", AeLatents.name})
+           if os.path.isdir(tfds_dir) and not os.path.islink(tfds_dir) else [])
+  check(not os.path.lexists(tfds_dir) or (os.path.isdir(tfds_dir) and not other
+                                          and not os.path.islink(tfds_dir)),
+        f"workdir: {wd.path!r} holds a {TFDS_DIR}/ that `autoencoder train` did not make "
+        f"({', '.join(other) or 'not a directory'}); use a new workdir")
+
+
+def _remove_interrupted(wd: Workdir) -> None:
+  """Removes what an interrupted `train_autoencoder` left in `wd` (no JSON yet: it never
+  finished): its latent shards, a latent set built in part or in full, its parameters and
+  picture. The caller holds the lock and has checked `_check_new`: these names are its own."""
+  if not os.path.isdir(wd.path) or wd.exists(AUTOENCODER_JSON):
+    return
+  for name in os.listdir(wd.path):
+    path = wd.file(name)
+    if name.startswith(_SHARDS) or name == TFDS_DIR:
+      shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else \
+        os.remove(path)
+    elif name in (AUTOENCODER_NPZ, RECONSTRUCTIONS):
+      os.remove(path)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -266,9 +313,11 @@ def load_autoencoder(workdir: str | Workdir) -> Autoencoder:
 def ldm_autoencoder(ldm_workdir: str | Workdir) -> Autoencoder:
   """The autoencoder of a latent DiT workdir: its config's data is `ae_latents/<data>` in
   data.data_dir = <autoencoder workdir>/tfds."""
-  wd = Workdir(ldm_workdir)
-  check(wd.has_config(), f"ldm_workdir: no trained run in {wd.path!r} (no {Workdir.CONFIG})")
-  cfg = wd.read_config()
+  with renamed("workdir", "ldm_workdir"):  # Workdir's messages name its own argument
+    wd = Workdir(ldm_workdir)
+    check(wd.has_config(), f"ldm_workdir: no trained run in {wd.path!r} (no "
+                           f"{Workdir.CONFIG})")
+    cfg = wd.read_config()
   name, data_dir = cfg.data.name, cfg.data.data_dir
   base, _, data = name.partition("/")
   check(base == AeLatents.name,
@@ -280,7 +329,8 @@ def ldm_autoencoder(ldm_workdir: str | Workdir) -> Autoencoder:
   check(os.path.isfile(os.path.join(ae_dir, AUTOENCODER_JSON)),
         f"ldm_workdir: expected data.data_dir = <autoencoder workdir>/tfds, got {data_dir!r}, "
         f"whose parent holds no autoencoder ({AUTOENCODER_JSON})")
-  ae = load_autoencoder(ae_dir)
+  with renamed("workdir", "ldm_workdir"):
+    ae = load_autoencoder(ae_dir)
   check(ae.data == data, f"ldm_workdir: its data {name!r} is not the autoencoder's data "
                          f"{ae.data!r} in {ae_dir!r}")
   want = (cfg.data.resolution, cfg.data.resolution, cfg.data.channels)
@@ -319,18 +369,23 @@ def generate(ldm_workdir: str | Workdir, num: int, *, seed: int = 0,
     batch_size: latents per sampling and decoding batch.
     out: a .png to draw the images into, or None.
   """
-  check_positive_int("num", num)
+  check_count("num", num)
   seed = check_seed(seed)
-  check_positive_int("batch_size", batch_size)
-  check(steps is None or (isinstance(steps, int) and steps >= 1),
-        f"steps: expected a positive integer, got {steps!r}")
+  check_count("batch_size", batch_size)
+  if steps is not None:
+    check_count("steps", steps, MAX_STEPS)
   if guidance is not None:
     check_number(guidance, "guidance", -MAX_GUIDANCE, MAX_GUIDANCE)
   if out is not None:
     check(str(out).lower().endswith(".png"), f"out: expected a .png path, got {out!r}")
     check_file_path(out, "out")
   ae = ldm_autoencoder(ldm_workdir)
-  cfg, params = load_model(ldm_workdir)
+  # The images, their latents and a decoded batch's activations (about 64 images' worth).
+  image = 4 * int(np.prod(ae.image_shape))
+  check_count("num", num, bytes_each=3 * image, what="an image and its latent")
+  check_count("batch_size", batch_size, bytes_each=64 * image, what="a decoded image")
+  with renamed("workdir", "ldm_workdir"):
+    cfg, params = load_model(ldm_workdir)
   k = setup(cfg).num_classes
   if labels is not None:
     check(k > 0, f"labels: expected None for the unconditional model of {ldm_workdir!r}, "

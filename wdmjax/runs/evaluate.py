@@ -39,7 +39,9 @@ attack on unwatermarked images); returns the report. A refused argument leaves O
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import time
@@ -55,13 +57,15 @@ from wdmjax.attacks.spec import parse_attack
 from wdmjax.diffusion.inversion import generate, invert, regenerate
 from wdmjax.errors import WdmjaxError, check, check_seed
 from wdmjax.files import atomic_write, check_dir_path, write_json
+from wdmjax.locks import directory_lock
 from wdmjax.metrics import frechet_distance_from_features
 from wdmjax.metrics.quality import psnr, ssim
-from wdmjax.models.layers import check_positive_int
 from wdmjax.models.lenet import pretrained_lenet
 from wdmjax.noisemark import gaussian_shading as gs
 from wdmjax.noisemark import tree_ring as tr
 from wdmjax.ood.baselines import lenet_outputs
+from wdmjax.records import field, read_json_file, read_npz_file
+from wdmjax.runs.arguments import MAX_STEPS, check_count, renamed
 from wdmjax.runs.attack import attack_model
 from wdmjax.runs.autoencoder import ldm_autoencoder
 from wdmjax.runs.demo import DEMO_SECRET, base_workdir
@@ -171,6 +175,19 @@ class _Bench:
   # every test's per-image log10 p ("test|null", "test|attack", "test|attack|null"): saved
   # as scores.npz, so any rate of the report can be recomputed without rerunning
   scores: dict = dataclasses.field(default_factory=dict)
+  # what is finished, saved as it goes (set by `evaluate` once the report exists)
+  journal: _Journal | None = None
+  report: dict | None = None
+  panels: list | None = None
+
+  def finished(self, key: str) -> bool:
+    """Whether an earlier, interrupted run with the same arguments finished unit `key`."""
+    return self.journal is not None and self.journal.finished(key)
+
+  def commit(self, key: str) -> None:
+    """Saves the report, the scores and the panels so far: unit `key` is finished."""
+    if self.journal is not None:
+      self.journal.save(key, self.report, self.scores, self.panels)
 
   def attack_all(self, images: np.ndarray, root, offset: int) -> dict[str, np.ndarray]:
     """Every attack on `images` (attack i keyed fold_in(root, offset + i)), the edits of
@@ -216,6 +233,65 @@ class _Bench:
     return row | extra
 
 
+PROGRESS_JSON = "progress.json"
+PROGRESS_NPZ = "progress.npz"
+
+
+class _Journal:
+  """What an evaluation has finished, saved in OUT as it goes: after every unit of work (a
+  method under one attack) the report so far, every score and every panel, atomically
+  (progress.npz first, then progress.json, which names the units done and so commits
+  them). A rerun with the same arguments restores them and skips the units done; every
+  unit is a function of the arguments alone (its keys folded from the seed), so the report
+  is the one an uninterrupted run writes. Removed once the report is written."""
+
+  def __init__(self, out: str, args: dict):
+    self.out, self.args = out, args
+    self.done: list[str] = []
+    self.report: dict | None = None
+    self.scores: dict[str, np.ndarray] = {}
+    self.panels: list = []
+    path = os.path.join(out, PROGRESS_JSON)
+    if not os.path.lexists(path):
+      return
+    what = f"out: {path}"
+    saved = read_json_file(path, what)
+    check(field(saved, "args", "dict", what) == args,
+          f"out: expected the arguments of the unfinished evaluation in {out!r}, got others "
+          f"({', '.join(k for k in args if saved['args'].get(k) != args[k]) or 'a change'});"
+          f" rerun it with the same arguments to resume, or use a new --out")
+    self.done = [str(k) for k in field(saved, "done", "list", what)]
+    self.report = field(saved, "report", "dict", what)
+    titles = field(saved, "panels", "list", what)
+    arrays = read_npz_file(os.path.join(out, PROGRESS_NPZ), None,
+                           f"out: {os.path.join(out, PROGRESS_NPZ)}", finite=False)
+    missing = [f"panel_{i}" for i in range(len(titles)) if f"panel_{i}" not in arrays]
+    check(not missing, f"{what}: expected the panels it names in {PROGRESS_NPZ}, got none "
+                       f"of {missing[:3]}")
+    self.panels = [(str(t), arrays[f"panel_{i}"]) for i, t in enumerate(titles)]
+    self.scores = {k[len("score|"):]: v for k, v in arrays.items() if k.startswith("score|")}
+
+  def finished(self, key: str) -> bool:
+    return key in self.done
+
+  def save(self, key: str, report: dict, scores: dict, panels: list) -> None:
+    """Commits the unit `key`: everything so far."""
+    self.done.append(key)
+    arrays = {f"score|{k}": v for k, v in scores.items()}
+    arrays.update({f"panel_{i}": np.asarray(p) for i, (_, p) in enumerate(panels)})
+    path = os.path.join(self.out, PROGRESS_NPZ)
+    np.savez(path + ".tmp.npz", **arrays)
+    os.replace(path + ".tmp.npz", path)
+    write_json(os.path.join(self.out, PROGRESS_JSON),
+               {"args": self.args, "done": self.done, "report": report,
+                "panels": [t for t, _ in panels]})
+
+  def remove(self) -> None:
+    for name in (PROGRESS_JSON, PROGRESS_NPZ):
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(self.out, name))
+
+
 def evaluate(out: str, methods: Sequence[str] = PIXEL_DEFAULT,
              attacks: Sequence[str] = DEFAULT_ATTACKS, *, workdir: str | None = None,
              num: int = 64, num_null: int = 256, steps: int = 20, inversion_iters: int = 2,
@@ -227,7 +303,24 @@ def evaluate(out: str, methods: Sequence[str] = PIXEL_DEFAULT,
              progress: bool = True, log=None) -> BenchmarkReport:
   """Benchmarks `methods` under `attacks` (`wdmjax.attacks.image` names) and, for the
   model watermarks, `model_attacks` (`wdmjax.attacks.spec` names) on a model; see the module
-  docstring. Returns the report and writes it to `out`."""
+  docstring. Returns the report and writes it to `out`.
+
+  Holds `out`'s writer lock (a second evaluation there is refused in one line), refuses an
+  `out` that holds a finished report, and saves each finished unit as it goes: a rerun with
+  the same arguments after a crash or a kill resumes where it stopped (see `_Journal`)."""
+  kwargs = dict(locals())
+  check_dir_path(out, "out", writable=True)
+  out_existed = os.path.exists(out)
+  with directory_lock(out, "out"):
+    return _evaluate(**kwargs, out_existed=out_existed)
+
+
+def _evaluate(out: str, methods: Sequence[str], attacks: Sequence[str], *, workdir, num,
+              num_null, steps, inversion_iters, fprs, seed, batch_size, wdm_workdir,
+              wdm_secret, model_attacks, wdm_group, wdm_null, regen_workdir, regen_steps,
+              signature_workdir, signature_user, progress, log, out_existed: bool
+              ) -> BenchmarkReport:
+  """`evaluate` under `out`'s lock; `out_existed`: whether `out` was there before it."""
   log = log or (lambda *_: None)
   t_start = time.time()
   methods = _check_methods(methods)
@@ -251,10 +344,10 @@ def evaluate(out: str, methods: Sequence[str] = PIXEL_DEFAULT,
       raise WdmjaxError(str(e).replace("attack:", "model_attacks:", 1)) from None
     check(parsed_model_attacks[-1].name not in ("raw", "steps", "dropout"),
           f"model_attacks: expected attacks on the weights or fine-tuning, got {a!r}")
-  for name, v in (("num", num), ("num_null", num_null), ("steps", steps),
-                  ("batch_size", batch_size), ("wdm_group", wdm_group),
-                  ("wdm_null", wdm_null)):
-    check_positive_int(name, v)
+  for name, v in (("num", num), ("num_null", num_null), ("batch_size", batch_size),
+                  ("wdm_group", wdm_group), ("wdm_null", wdm_null)):
+    check_count(name, v)
+  check_count("steps", steps, MAX_STEPS)
   check(isinstance(inversion_iters, int) and 0 <= inversion_iters <= 20,
         f"inversion_iters: expected an integer in [0, 20], got {inversion_iters!r}")
   check(len(fprs) >= 1 and all(0 < f < 1 for f in fprs),
@@ -264,7 +357,7 @@ def evaluate(out: str, methods: Sequence[str] = PIXEL_DEFAULT,
         "wdm_workdir: only with the method wdm")
   if wdm_workdir is not None:
     check(os.path.isdir(wdm_workdir), f"wdm_workdir: no such directory {wdm_workdir!r}")
-  check_positive_int("regen_steps", regen_steps)
+  check_count("regen_steps", regen_steps, MAX_STEPS)
   check(("stable_signature" in methods) == (signature_workdir is not None),
         "signature_workdir: expected a signature workdir (wdmjax signature pretrain / embed) "
         "exactly when the methods include stable_signature")
@@ -273,16 +366,28 @@ def evaluate(out: str, methods: Sequence[str] = PIXEL_DEFAULT,
           f"signature_workdir: no such directory {signature_workdir!r}")
     check(isinstance(signature_user, int) and signature_user >= 0,
           f"signature_user: expected a non-negative integer, got {signature_user!r}")
-  check_dir_path(out, "out", writable=True)
-  out_existed = os.path.exists(out)
+  report_path = os.path.join(out, "benchmark.json")
+  check(not os.path.lexists(report_path),
+        f"out: expected a directory without a finished report, got {out!r}, which holds "
+        f"{report_path!r}; use a new --out (or remove the report to run again)")
+  # What the report is a function of (progress and log aside), as JSON reads it back.
+  args = json.loads(json.dumps({
+      "methods": list(methods), "attacks": list(attacks), "workdir": workdir, "num": num,
+      "num_null": num_null, "steps": steps, "inversion_iters": inversion_iters,
+      "fprs": list(fprs), "seed": seed, "batch_size": batch_size, "wdm_workdir": wdm_workdir,
+      "wdm_secret": wdm_secret, "model_attacks": list(model_attacks), "wdm_group": wdm_group,
+      "wdm_null": wdm_null, "regen_workdir": regen_workdir, "regen_steps": regen_steps,
+      "signature_workdir": signature_workdir, "signature_user": signature_user}))
   try:
+    journal = _Journal(out, args)
     if workdir is None:
       workdir = base_workdir(os.path.join(out, "base")).path
     model = load_model(workdir)
     cfg, params = model.cfg, model.params
     su = setup(cfg)
     shape = tuple(su.image_shape)  # what the model diffuses: images or latents
-    ae = None if shape[-1] in (1, 3) else ldm_autoencoder(workdir)
+    with renamed("ldm_workdir", "workdir"):
+      ae = None if shape[-1] in (1, 3) else ldm_autoencoder(workdir)
     image_shape_ = shape if ae is None else tuple(ae.image_shape)
     check(ae is None or "wdm" not in methods,
           "methods: wdm is benchmarked on pixel-space models here; drop it for a latent model")
@@ -291,9 +396,18 @@ def evaluate(out: str, methods: Sequence[str] = PIXEL_DEFAULT,
           f"pixel-space model {workdir!r}")
     check(steps <= cfg.diffusion.num_timesteps,
           f"steps: expected an integer in [1, {cfg.diffusion.num_timesteps}], got {steps}")
+    # Images held at once: the null and its inversions, each method's images under every
+    # attack (and the attacked null), a batch's activations.
+    image = 4 * int(np.prod(image_shape_)) + 4 * int(np.prod(shape))
+    check_count("num_null", num_null, bytes_each=4 * image, what="an unwatermarked image")
+    check_count("num", num, bytes_each=(2 * len(chains) + 4) * image,
+                what=f"an image under {len(chains)} attacks")
+    check_count("wdm_null", wdm_null, bytes_each=4 * image, what="an extracted sample")
+    check_count("batch_size", batch_size, bytes_each=64 * image, what="a batch's image")
     regen = None
     if regen_workdir is not None:
-      rm = load_model(regen_workdir)
+      with renamed("workdir", "regen_workdir"):
+        rm = load_model(regen_workdir)
       rsu = setup(rm.cfg)
       check(tuple(rsu.image_shape) == image_shape_,
             f"regen_workdir: expected a pixel-space model of images {image_shape_}, got "
@@ -365,14 +479,26 @@ def evaluate(out: str, methods: Sequence[str] = PIXEL_DEFAULT,
     "calibration": {}, "rows": [], "quality": {}, "cost": {},
   }
   panels = []
-  if noise_methods:
+  if journal.report is not None:  # a rerun: what the interrupted one finished
+    check(set(journal.report) == set(report) and all(
+        isinstance(journal.report[k], type(v)) for k, v in report.items() if v is not None),
+          f"out: {os.path.join(out, PROGRESS_JSON)}: expected the report of an evaluation, "
+          f"got fields {sorted(journal.report)[:12]}")
+    log(f"resuming: {len(journal.done)} finished units in {out}")
+    report, panels = journal.report, journal.panels
+    b.scores.update(journal.scores)
+  b.journal, b.report, b.panels = journal, report, panels
+  if noise_methods and not journal.finished("noise_marks"):
     _noise_marks(b, report, panels, noise_methods, num, inversion_iters, seed, log)
-  if "wdm" in methods:
+    b.commit("noise_marks")
+  if "wdm" in methods and not journal.finished("wdm"):
     _wdm(b, report, panels, num, out, wdm_workdir, wdm_secret, parsed_model_attacks,
          wdm_group, wdm_null, seed, progress, log)
-  if "stable_signature" in methods:
+    b.commit("wdm")
+  if "stable_signature" in methods and not journal.finished("stable_signature"):
     _stable_signature(b, report, panels, num, signature_workdir, signature_user,
                       parsed_model_attacks, seed, progress, log)
+    b.commit("stable_signature")
   bar.close()
   seconds = time.time() - t_start
   report["seconds"] = seconds
@@ -385,6 +511,7 @@ def evaluate(out: str, methods: Sequence[str] = PIXEL_DEFAULT,
            "markdown": atomic_write(os.path.join(out, "benchmark.md"), markdown(report)),
            "samples": save_panels(panels, os.path.join(out, "samples.png"),
                                   per_row=min(len(chains), 12))}
+  journal.remove()  # the report is written: nothing left to resume
   return BenchmarkReport(report, files, seconds)
 
 
@@ -440,6 +567,8 @@ def _noise_marks(b: _Bench, report: dict, panels: list, methods: list[str], num:
   b.bar.update()
   y = _labels(b.cfg, num)
   for mi, m in enumerate(methods):
+    if all(b.finished(f"{m}|{name}") for name in b.chains):
+      continue  # every row of m is in the report an interrupted run saved
     rk = jax.random.fold_in(b.root, 100 + mi)
     t0 = time.time()
     x_T = np.asarray(tr.watermark_noise(rk, tr_key, num, shape) if m == "tree_ring"
@@ -454,6 +583,8 @@ def _noise_marks(b: _Bench, report: dict, panels: list, methods: list[str], num:
                          "generate_seconds_per_image": b.gen_seconds,
                          "detect_seconds_per_image": detect_seconds}
     for name, attacked in b.attack_all(images, rk, 1000).items():
+      if b.finished(f"{m}|{name}"):
+        continue
       z = _batched(inv, b.from_images(attacked), y, b.batch_size)
       for variant, s in scores(z).items():
         if variant.startswith(m):
@@ -463,6 +594,7 @@ def _noise_marks(b: _Bench, report: dict, panels: list, methods: list[str], num:
                                        null_scores[variant]["log10_p"],
                                        attacked_null[name][variant]["log10_p"], **extra))
       panels.append((f"{m} {name}", make_grid(attacked[:4], nrow=2, upscale=2)))
+      b.commit(f"{m}|{name}")
       b.bar.update()
 
 
@@ -563,13 +695,18 @@ def _wdm(b: _Bench, report: dict, panels: list, num: int, out: str, wdm_workdir,
 
   attacked_null = b.attack_all(null_samples[:num], b.root, 9000)
   for name, attacked in b.attack_all(samples, b.root, 5000).items():
-    add_rows(name, attacked, attacked_null[name])
-    panels.append((f"wdm {name}", make_grid(attacked[:4], nrow=2, upscale=2)))
+    if not b.finished(f"wdm|{name}"):
+      add_rows(name, attacked, attacked_null[name])
+      panels.append((f"wdm {name}", make_grid(attacked[:4], nrow=2, upscale=2)))
+      b.commit(f"wdm|{name}")
     b.bar.update()
   for ai, a in enumerate(model_attacks):
+    if b.finished(f"wdm|model {a}"):
+      continue
     log(f"wdm: model attack {a}")
     cfg_a, params_a = attack_model(wm.cfg, wm.params, [a], seed=seed + ai, progress=progress)
     add_rows(f"model {a}", extract(cfg_a, params_a, num, seed + 8))
+    b.commit(f"wdm|model {a}")
     b.bar.update()
 
 
@@ -617,18 +754,25 @@ def _stable_signature(b: _Bench, report: dict, panels: list, num: int, sig_workd
   b.bar.update()
   attacked_null = b.attack_all(b.clean[:num], b.root, 9000)
   for name, attacked in b.attack_all(signed, b.root, 7000).items():
-    report["rows"].append(b.rows("stable_signature", name, log10_p(attacked)[0], null_lp,
-                                 log10_p(attacked_null[name])[0]))
-    panels.append((f"stable_signature {name}", make_grid(attacked[:4], nrow=2, upscale=2)))
+    if not b.finished(f"stable_signature|{name}"):
+      report["rows"].append(b.rows("stable_signature", name, log10_p(attacked)[0], null_lp,
+                                   log10_p(attacked_null[name])[0]))
+      panels.append((f"stable_signature {name}", make_grid(attacked[:4], nrow=2, upscale=2)))
+      b.commit(f"stable_signature|{name}")
     b.bar.update()
-  report["rows"].append(b.rows("stable_signature", "model decoder swap", log10_p(unsigned)[0],
-                               null_lp))
+  if not b.finished("stable_signature|model decoder swap"):
+    report["rows"].append(b.rows("stable_signature", "model decoder swap",
+                                 log10_p(unsigned)[0], null_lp))
+    b.commit("stable_signature|model decoder swap")
   for ai, a in enumerate(model_attacks):
+    if b.finished(f"stable_signature|model {a}"):
+      continue
     log(f"stable_signature: model attack {a} (on the latent DiT; the signed decoder stays)")
     _, params_a = attack_model(b.cfg, b.params, [a], seed=seed + ai, progress=progress)
     lat = _batched(lambda x, yy, p=params_a: b.gen(x, yy, p), x_T, y, b.batch_size)
     report["rows"].append(b.rows("stable_signature", f"model {a}",
                                  log10_p(b.to_images(lat, decoder))[0], null_lp))
+    b.commit(f"stable_signature|model {a}")
     b.bar.update()
 
 

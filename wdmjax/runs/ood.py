@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wdmjax.errors import check, check_number, check_seed
-from wdmjax.files import check_file_path, write_json
+from wdmjax.files import check_dir_path, check_file_path, write_json
 from wdmjax.ood import (
     AGGREGATIONS,
     Detector,
@@ -31,12 +31,14 @@ from wdmjax.ood import (
     candidates,
     detection_report,
     load_images,
+    may_share_images,
     proxy_outliers,
     reconstruct,
     reconstruction_losses,
     select,
 )
 from wdmjax.ood.reconstruction import DEFAULT_BATCH, check_steps_t
+from wdmjax.runs.arguments import MAX_DRAWS, check_count
 from wdmjax.runs.images import read_images
 from wdmjax.runs.model import load_model
 from wdmjax.train import Setup, setup
@@ -125,13 +127,18 @@ def training_spec(cfg) -> str:
 
 
 def _check_common(t, draws, fpr, val_n, ddim_steps, aggregation, batch_size, seed,
-                  num_timesteps) -> tuple[int, ...]:
+                  num_timesteps, image_shape) -> tuple[int, ...]:
   ts = default_steps(num_timesteps) if t is None else check_steps_t(t, num_timesteps)
-  for name, v in (("draws", draws), ("val_n", val_n), ("ddim_steps", ddim_steps),
-                  ("batch_size", batch_size)):
-    check(isinstance(v, int | np.integer) and not isinstance(v, bool) and v >= 1,
-          f"{name}: expected a positive integer, got {v!r}")
-  check(val_n >= 4, f"val_n: expected at least 4 validation images, got {val_n}")
+  image = 4 * int(np.prod(image_shape))  # bytes of one float32 image
+  # A batch holds batch_size * K * draws noised copies, their predictions and gradients-free
+  # intermediates (about 8 images' worth each); the validation set, its proxy and losses.
+  check_count("draws", draws, MAX_DRAWS)
+  check_count("batch_size", batch_size, bytes_each=8 * image * len(ts) * draws,
+              what=f"{len(ts)} steps x {draws} draws")
+  check_count("draws", draws, bytes_each=8 * image * len(ts) * batch_size,
+              what=f"{len(ts)} steps x a batch of {batch_size}")
+  check_count("val_n", val_n, low=4, bytes_each=4 * image, what="a validation image")
+  check_count("ddim_steps", ddim_steps, num_timesteps)
   check_number(fpr, "fpr", 0, 1, low_open=True, high_open=True)
   check(aggregation is None or aggregation in AGGREGATIONS,
         f"aggregation: expected one of {list(AGGREGATIONS)} (or none: chosen on validation "
@@ -140,6 +147,18 @@ def _check_common(t, draws, fpr, val_n, ddim_steps, aggregation, batch_size, see
         f"aggregation: expected at least 2 steps t for {aggregation!r}, got {list(ts)}")
   check_seed(seed)
   return ts
+
+
+def _check_n(n, image_shape) -> int | None:
+  """`n` images at most (None: all), bounded by memory (each image and two working copies)."""
+  if n is None:
+    return None
+  return check_count("n", n, bytes_each=3 * 4 * int(np.prod(image_shape)), what="an image")
+
+
+def _check_data_dir(data_dir) -> None:
+  if data_dir is not None:
+    check_dir_path(data_dir, "data_dir")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,17 +225,17 @@ def score(workdir: str | Workdir, images: str | np.ndarray | None = None,
   check((images is None) != (data is None),
         "images: expected either images (a directory, file or array) or data (a data set "
         "name), not both and not neither")
-  check(n is None or (isinstance(n, int) and not isinstance(n, bool) and n >= 1),
-        f"n: expected a positive integer, got {n!r}")
   check(n is None or data is not None,
         f"n: expected only with data (every given image is scored), got {n!r}")
   check(out is None or str(out).lower().endswith(".json"),
         f"out: expected a .json path, got {out!r}")
   if out is not None:
     check_file_path(out, "out")
+  _check_data_dir(data_dir)
   scorer = load_scorer(workdir)
+  n = _check_n(n, scorer.image_shape)
   ts = _check_common(t, draws, fpr, val_n, ddim_steps, aggregation, batch_size, seed,
-                     scorer.num_timesteps)
+                     scorer.num_timesteps, scorer.image_shape)
   if data is not None:
     x = load_images(data, scorer.image_shape, n=n, seed=seed, data_dir=data_dir)
     names = [f"{data}#{i}" for i in range(len(x))]
@@ -276,11 +295,16 @@ def evaluate(workdir: str | Workdir, id_data: str, ood_data: Sequence[str], *,
   check(len({id_data, *ood_data}) == len(ood_data) + 1,
         f"ood_data: expected data sets different from each other and from id_data, got "
         f"{list(ood_data)!r} against {id_data!r}")
-  check(n is None or (isinstance(n, int) and not isinstance(n, bool) and n >= 1),
-        f"n: expected a positive integer, got {n!r}")
+  for spec in ood_data:
+    check(not may_share_images(id_data, spec),
+          f"ood_data: expected data sets that share no images with id_data, got {spec!r} "
+          f"against {id_data!r} (the same set, split and classes: in- and "
+          f"out-of-distribution at once)")
+  _check_data_dir(data_dir)
   scorer = load_scorer(workdir)
+  n = _check_n(n, scorer.image_shape)
   ts = _check_common(t, draws, fpr, val_n, ddim_steps, aggregation, batch_size, seed,
-                     scorer.num_timesteps)
+                     scorer.num_timesteps, scorer.image_shape)
   sets = {spec: load_images(spec, scorer.image_shape, n=n, seed=seed, data_dir=data_dir,
                             name="id_data" if i == 0 else "ood_data")
           for i, spec in enumerate([id_data, *ood_data])}

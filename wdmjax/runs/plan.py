@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from wdmjax.configs import load_config
 from wdmjax.data.latents import prepare_latents
 from wdmjax.errors import check, check_number
+from wdmjax.files import check_dir_path
 from wdmjax.peft import PeftSpec, prepare
 from wdmjax.train.plan import CHIPS, plan_step
 
@@ -54,6 +55,8 @@ def latents(npz_dir: str, image_size: int = 256, data_dir: str | None = None) ->
   """Builds `imagenet_latents/<image_size>` (256 or 512) from shards of VAE latents
   (*.npz with latents [N, R, R, 4] and labels [N])."""
   check(image_size in (256, 512), f"image_size: expected 256 or 512, got {image_size!r}")
+  if data_dir is not None:  # the set is written there
+    check_dir_path(data_dir, "data_dir", writable=True)
   builder = prepare_latents(npz_dir, image_size, data_dir)
   return LatentsResult(f"imagenet_latents/{image_size}",
                        int(builder.info.splits["train"].num_examples), str(builder.data_dir))
