@@ -2,7 +2,9 @@
 diffusion model carry its user's 48 bits, detectably at FPR 1e-6, under image attacks and
 attacks on the model?
 
-  python experiments/stable_signature.py [--runs runs/stable_signature] [--users 100]
+  wdmjax keygen owner.key                          # the owner key the messages come from
+  python experiments/stable_signature.py --key-file owner.key [--runs runs/stable_signature] \
+      [--users 100]
   python experiments/stable_signature.py --data photos32 --users 20 --per-user 10 \
       --variants "uncertainty, 4x4 pooling" --ldm-steps 800 --pretrain-steps 1500 \
       --warmup-steps 1000                          # -> stable_signature_photos32.*
@@ -52,7 +54,7 @@ from wdmjax.files import read_json
 from wdmjax.metrics.classifier import classifier_features, train_classifier
 from wdmjax.metrics.frechet import frechet_distance_from_features
 from wdmjax.metrics.quality import psnr, ssim
-from wdmjax.runs.signature import REGISTRY
+from wdmjax.runs.signature import REGISTRY, read_registry
 from wdmjax.signature.detect import detect, identify_users, message_bits
 from wdmjax.signature.finetune import finetune_decoders, user_params
 from wdmjax.stats import threshold_for_fpr
@@ -106,7 +108,7 @@ def stage(path: str, make) -> None:
 
 
 def build(root: str, data: str, users: int, pre_steps: int, warmup: int, ldm_steps: int,
-          variants, embed: dict) -> dict:
+          variants, embed: dict, key_file: str | None = None) -> dict:
   ae = os.path.join(root, "ae")
   ldm = os.path.join(root, "ldm")
   stage(ae, lambda: runs.train_autoencoder(ae, data))
@@ -129,7 +131,8 @@ def build(root: str, data: str, users: int, pre_steps: int, warmup: int, ldm_ste
         for f in ("hidden.json", "encoder.npz", "extractor.npz"):
           shutil.copy(os.path.join(pre, f), sig)
     stage(os.path.join(sig, REGISTRY), lambda sig=sig: runs.signature_embed(
-      sig, ldm, users, steps=embed["steps"], lr=embed["lr"], image_weight=embed["image_weight"]))
+      sig, ldm, users, key_file=key_file, steps=embed["steps"], lr=embed["lr"],
+      image_weight=embed["image_weight"]))
     sigs[name] = sig
   return {"ae": ae, "ldm": ldm, "pres": pres, "sigs": sigs}
 
@@ -168,20 +171,15 @@ def tradeoff(sig: str, ldm: str, lat: np.ndarray, lr: float,
   return rows
 
 
-def messages(sig: str) -> np.ndarray:
-  import json  # the registry is JSON
-  with open(os.path.join(sig, REGISTRY)) as f:
-    reg = json.load(f)
-  return np.array([[int(c) for c in u["message"]] for u in reg["users"]], np.int32)
-
-
 def evaluate(sig: str, ldm: str, lat: np.ndarray, unsigned_lat: np.ndarray, eval_users: int,
-             key) -> dict:
+             key, key_file: str | None = None) -> dict:
   """lat: [eval_users * per_user, ...] latents of the latent DiT, decoded by user u's decoder
-  for the u-th block; unsigned_lat: latents decoded by the original decoder."""
-  ext = runs.load_extractor(sig)
+  for the u-th block; unsigned_lat: latents decoded by the original decoder. The messages and
+  the signing's whitening come from the registry, checked against the owner key."""
+  reg = read_registry(sig, key_file=key_file)
+  ext = runs.load_extractor(sig).with_whitening(reg.whitening)
   ae = runs.ldm_autoencoder(ldm)
-  msgs = messages(sig)
+  msgs = reg.messages
   n_users = len(msgs)
   per_user = len(lat) // eval_users
   num_unsigned = len(unsigned_lat)
@@ -426,6 +424,8 @@ def main() -> None:
   ap.add_argument("--image-weight", type=float, default=1.0)
   ap.add_argument("--tradeoff-steps", default=",".join(map(str, TRADEOFF_STEPS)))
   ap.add_argument("--results", default=RESULTS)
+  ap.add_argument("--key-file", default=None, help="the owner key the messages come from "
+                  "(`wdmjax keygen FILE`; default $WDMJAX_KEY_FILE or $WDMJAX_KEY)")
   ap.add_argument("--replot", action="store_true", help="redraw the figure and table from "
                   "the JSON only")
   a = ap.parse_args()
@@ -446,7 +446,7 @@ def main() -> None:
     raise SystemExit(f"--variants: expected names among {known}, got {a.variants!r}")
   embed = {"steps": a.embed_steps, "lr": a.embed_lr, "image_weight": a.image_weight}
   w = build(a.runs, a.data, a.users, a.pretrain_steps, a.warmup_steps, a.ldm_steps, variants,
-            embed)
+            embed, a.key_file)
   r = {"device": device_info(), "data": a.data, "users": a.users, "embed": embed,
        "extractors": {},
        "pretraining": {name: {k: v for k, v in meta.items() if k != "history"}
@@ -461,7 +461,7 @@ def main() -> None:
     lat, unsigned_lat = z["lat"], z["unsigned"]
   for sel, sig in w["sigs"].items():
     r["extractors"][sel] = evaluate(sig, w["ldm"], lat, unsigned_lat, a.eval_users,
-                                    jax.random.key(0))
+                                    jax.random.key(0), a.key_file)
     meta = Workdir(sig).read_json("hidden.json")
     r["extractors"][sel]["pretraining"] = {k: v for k, v in meta.items() if k != "history"}
   # The steps / image quality trade-off of every pre-trained extractor, one decoder each.

@@ -1,12 +1,20 @@
 """`wdmjax signature ...`: Stable Signature from the shell (pre-train the extractor, sign a
-latent diffusion model's decoder for N users, generate, detect, identify)."""
+latent diffusion model's decoder for N users, generate, detect, identify).
+
+`embed`, `detect` and `identify` need the owner key: `--key-file FILE` (made by `wdmjax
+keygen FILE`), or `$WDMJAX_KEY_FILE`, or the key itself in `$WDMJAX_KEY`. The key is never
+printed nor written into the workdir."""
 
 from __future__ import annotations
 
 import json
 
 from wdmjax import runs
+from wdmjax.runs.signature import CHECKPOINT_EVERY
 from wdmjax.signature.pretrain import SELECTIONS
+
+KEY_HELP = ("the owner key's file (`wdmjax keygen FILE`; default $WDMJAX_KEY_FILE, or the key "
+            "in $WDMJAX_KEY)")
 
 
 def cmd_pretrain(args) -> int:
@@ -14,17 +22,22 @@ def cmd_pretrain(args) -> int:
                               warmup_steps=args.warmup_steps, batch_size=args.batch_size,
                               lr=args.lr, selection=args.selection, candidates=args.candidates,
                               pool=args.pool, seed=args.seed, data_dir=args.data_dir,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress,
+                              checkpoint_every=args.checkpoint_every)
   accs = ", ".join(f"{k} {v:.3f}" for k, v in r.attacked_bit_accuracy.items())
-  print(f"extractor: {r.workdir} ({r.steps} steps, {r.selection}, {r.seconds:.0f} s)")
+  resumed = f", resumed from step {r.resumed_from}" if r.resumed_from else ""
+  print(f"extractor: {r.workdir} ({r.steps} steps, {r.selection}, {r.seconds:.0f} s{resumed})")
   print(f"held-out bit accuracy: {accs}")
   return 0
 
 
 def cmd_embed(args) -> int:
-  r = runs.signature_embed(args.workdir, args.ldm, args.users, seed=args.seed, steps=args.steps,
-                           batch_size=args.batch_size, lr=args.lr,
-                           image_weight=args.image_weight, progress=not args.no_progress)
+  r = runs.signature_embed(args.workdir, args.ldm, args.users, key_file=args.key_file,
+                           seed=args.seed, steps=args.steps, batch_size=args.batch_size,
+                           lr=args.lr, image_weight=args.image_weight,
+                           null_images=args.null_images, progress=not args.no_progress)
+  if r.cleaned:
+    print(f"removed what an interrupted signing left: {', '.join(r.cleaned)}")
   print(f"{r.users} signed decoders in {r.decoders} ({r.seconds:.0f} s); bit accuracy "
         f"{r.bit_accuracy:.3f} (worst user {r.worst_bit_accuracy:.3f})")
   return 0
@@ -40,7 +53,7 @@ def cmd_generate(args) -> int:
 
 def _detect(args, user) -> int:
   rep = runs.signature_detect(args.workdir, args.images, user=user, fpr=args.fpr,
-                              registry=args.registry)
+                              registry=args.registry, key_file=args.key_file)
   if args.json:
     print(json.dumps(rep))
     return 0
@@ -80,18 +93,26 @@ def add_parsers(sub) -> None:
                  "G: a G x G grid of cells (learns far faster, tolerates crops less)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--data-dir", default=None)
+  p.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY,
+                 help="save the state every N steps (a rerun of the same command resumes)")
   p.add_argument("--no-progress", action="store_true")
   p.set_defaults(func=cmd_pretrain)
 
-  e = ssub.add_parser("embed", help="fine-tune one decoder per user (messages from --seed)")
+  e = ssub.add_parser("embed", help="fine-tune one decoder per user (messages from the owner "
+                      "key)")
   e.add_argument("--workdir", required=True, help="the signature workdir (pre-trained)")
   e.add_argument("--ldm", required=True, help="the latent DiT's workdir")
   e.add_argument("--users", type=int, required=True)
-  e.add_argument("--seed", type=int, default=0, help="the key the messages are drawn from")
+  e.add_argument("--key-file", default=None, help=KEY_HELP)
+  e.add_argument("--seed", type=int, default=0, help="the fine-tuning's batches (the "
+                 "messages come from the owner key)")
   e.add_argument("--steps", type=int, default=100)
   e.add_argument("--batch-size", type=int, default=4)
   e.add_argument("--lr", type=float, default=5e-4)
   e.add_argument("--image-weight", type=float, default=0.2)
+  e.add_argument("--null-images", type=int, default=1000,
+                 help="unsigned images of the model the signing's whitening is fitted on, so "
+                 "that detection's false-positive rate holds on them (0: the extractor's)")
   e.add_argument("--no-progress", action="store_true")
   e.set_defaults(func=cmd_embed)
 
@@ -115,5 +136,6 @@ def add_parsers(sub) -> None:
                      help="test this user's message alone (default: identify among all)")
     d.add_argument("--fpr", type=float, default=1e-6)
     d.add_argument("--registry", default=None, help="the registry (default: the workdir's)")
+    d.add_argument("--key-file", default=None, help=KEY_HELP)
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=func)

@@ -6,25 +6,45 @@ A signature workdir holds:
     hidden.json           how the extractor was pre-trained (data, sizes, attacks, history)
     extractor.npz         the frozen HiDDeN extractor and its whitening
     encoder.npz           the HiDDeN encoder (only needed to pre-train further)
-    signature.json        the signed model: LDM, autoencoder, users, fine-tuning, results
-    registry.json         users -> messages and the key (owner-only, like secret.json)
+    pretrain_checkpoint.npz  an unfinished pre-training's last saved step (gone once done)
+    signature.json        the signed model: LDM, autoencoder, users, fine-tuning, decoder hashes
+    registry.json         users -> messages, sealed by the owner key (owner-only)
     decoders/user_NNNN.npz  each user's fine-tuned decoder
+
+Messages come from the owner's key (`wdmjax.keys`: `--key-file`, `$WDMJAX_KEY_FILE` or
+`$WDMJAX_KEY`), never from a default: user u's message is HMAC-derived from the key, a random
+id of the signing and u. The registry is sealed with the key (an HMAC over its contents) and
+every read checks the seal, so a registry whose messages were edited (say, to the bits the
+extractor reads from unsigned images) or one of another owner's key is refused in one line.
+Every file read back is checked field by field (`wdmjax.records`): a tampered, truncated or
+mistyped file is refused in one line naming the file and the field.
 
 Detection reads only the extractor and the registry: never a parameter of the suspect
 model. A registry records the hashes of the extractor and of the original decoder it was made
 for, so a registry of another signature workdir is refused.
+
+Faults: every writing command holds the workdir's lock. `pretrain` saves its state every
+`checkpoint_every` steps (and when stopped by SIGTERM or Ctrl-C) and a rerun with the same
+arguments continues from it, with the result of a run never stopped; other arguments are
+refused in one line (remove the checkpoint to start afresh). `embed` writes the registry
+last: a signing without a registry was interrupted, and a rerun removes what it left
+(decoders, temporary files) before signing again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,10 +52,10 @@ import numpy as np
 from flax import traverse_util
 from PIL import Image
 
+from wdmjax import keys, records
 from wdmjax.data import labelled_split
-from wdmjax.errors import check, check_number, check_seed
+from wdmjax.errors import WdmjaxError, check, check_number, check_seed, show
 from wdmjax.files import check_dir_path, save_npz
-from wdmjax.models.layers import check_positive_int
 from wdmjax.runs.autoencoder import generate as ldm_generate
 from wdmjax.runs.autoencoder import ldm_autoencoder
 from wdmjax.runs.images import read_images
@@ -43,18 +63,39 @@ from wdmjax.signature import Whitening, fit_whitening, whiten
 from wdmjax.signature.detect import detect as detect_bits
 from wdmjax.signature.detect import identify_users, message_bits
 from wdmjax.signature.finetune import finetune_decoders, user_params
+from wdmjax.signature.hidden import HiddenEncoder, HiddenExtractor
 from wdmjax.signature.noise import NOISE_LAYERS, apply_noise, check_noise_layers
-from wdmjax.signature.pretrain import SELECTIONS, Hidden, init_hidden, pretrain_hidden
+from wdmjax.signature.pretrain import (
+  SELECTIONS,
+  Hidden,
+  PretrainProgress,
+  init_hidden,
+  init_state,
+  make_optimizer,
+  pretrain_hidden,
+)
 from wdmjax.train.images import to_uint8
 from wdmjax.workdir import Workdir
 
 HIDDEN_JSON = "hidden.json"
 EXTRACTOR = "extractor.npz"
 ENCODER = "encoder.npz"
+CHECKPOINT = "pretrain_checkpoint.npz"
 SIGNATURE_JSON = "signature.json"
 REGISTRY = "registry.json"
 DECODERS = "decoders"
 MIN_SIDE = 8  # the smallest crop or downscale an extractor is asked to read
+
+# Bounds on what a user types or a file records (memory bounds are computed per call).
+MAX_USERS = 100_000     # a registry of 100,000 users is about 10 MB
+MAX_STEPS = 10_000_000
+MAX_BITS = 1024
+MAX_CHANNELS = 1024
+MAX_DEPTH = 64
+MAX_CANDIDATES = 64
+MAX_SIDE = 4096
+MAX_IMAGES = 999_999    # generated PNGs are named 000000.png ... 999999.png
+CHECKPOINT_EVERY = 200
 
 
 def _sha256(path: str) -> str:
@@ -84,9 +125,41 @@ def _unflat(arrays: dict[str, np.ndarray], prefix: str):
   return traverse_util.unflatten_dict(sub, sep="/")
 
 
-def _positive(name: str, v) -> int:
-  check_positive_int(name, v)
+def _count(name: str, v, high: int, why: str = "") -> int:
+  """A positive integer at most `high` (`why` says where the bound comes from)."""
+  check(isinstance(v, int | np.integer) and not isinstance(v, bool) and 1 <= v <= high,
+        f"{name}: expected an integer in [1, {high:,}]{why}, got {show(v)}")
   return int(v)
+
+
+def _memory_bytes() -> int:
+  """The host's physical memory in bytes (8 GiB when the system does not say)."""
+  try:
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+  except (ValueError, OSError, AttributeError):
+    return 8 * 2**30
+
+
+def _memory_bound(name: str, v: int, per_item: int, what: str) -> int:
+  """`v` items of `per_item` bytes each must fit in half the host's memory."""
+  memory = _memory_bytes()
+  high = max(1, memory // 2 // max(1, per_item))
+  return _count(name, v, high, f" ({what} of about {per_item / 2**20:,.1f} MiB each: at most "
+                               f"half of this host's {memory / 2**30:,.1f} GiB)")
+
+
+def _renamed(name: str, call: Callable, heads: tuple[str, ...] = ("workdir", "ldm_workdir")):
+  """`call()`, with a WdmjaxError that starts with one of the callee's parameters `heads`
+  (`workdir: ...`) renamed to `name`, the argument the user gave (or the file that named
+  the directory)."""
+  try:
+    return call()
+  except WdmjaxError as e:
+    text = str(e)
+    m = re.match(r"^([A-Za-z_][A-Za-z0-9_]*): ", text)
+    if m is None or m.group(1) not in heads:
+      raise
+    raise WdmjaxError(f"{name}: {text[m.end():]}") from None
 
 
 # ----------------------------------------------------------------------------- pre-training
@@ -94,13 +167,15 @@ def _positive(name: str, v) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class PretrainReport:
-  """The pre-trained extractor: held-out bit accuracy clean and under each noise layer."""
+  """The pre-trained extractor: held-out bit accuracy clean and under each noise layer;
+  `resumed_from`: the step an interrupted run was continued from (0: a fresh run)."""
   workdir: str
   steps: int
   seconds: float
   selection: str
   bit_accuracy: float
   attacked_bit_accuracy: dict[str, float]
+  resumed_from: int = 0
 
 
 def _bit_accuracy(hidden: Hidden, images: np.ndarray, key, strength: float,
@@ -123,71 +198,217 @@ def _bit_accuracy(hidden: Hidden, images: np.ndarray, key, strength: float,
   return out
 
 
+def _checkpoint_template(image_shape: tuple, args: dict):
+  """The structure and shapes of a pre-training state for `args` (no memory allocated)."""
+  def make():
+    h = init_hidden(jax.random.key(0), image_shape, args["num_bits"], args["channels"], 4,
+                    args["extractor_depth"], args["pool"])
+    return init_state(h, make_optimizer(1.0, 1))
+  return jax.eval_shape(make)
+
+
+def _save_checkpoint(wd: Workdir, args: dict, phase: str, p: PretrainProgress,
+                     warmup_history: list) -> None:
+  leaves = jax.tree.leaves(jax.device_get(p.state))
+  meta = {"args": args, "phase": phase, "step": p.step, "history": p.history,
+          "warmup_history": warmup_history, "counts": np.asarray(p.counts).tolist()}
+  arrays = {f"state/{i:05d}": np.asarray(a) for i, a in enumerate(leaves)}
+  arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+  save_npz(wd.file(CHECKPOINT), arrays)
+
+
+def _read_checkpoint(wd: Workdir, args: dict, image_shape: tuple) -> dict | None:
+  """The saved progress of an interrupted pre-training with these `args`: {phase, progress,
+  warmup_history}; None when there is none. Another run's checkpoint is refused."""
+  path = wd.file(CHECKPOINT)
+  if not os.path.lexists(path):
+    return None
+  arrays = records.read_npz_file(path, ["meta"])
+  try:
+    meta = json.loads(arrays["meta"].astype(np.uint8).tobytes().decode("utf-8"))
+  except (ValueError, TypeError) as e:
+    raise WdmjaxError(f"{path}: array 'meta': expected JSON text, got {type(e).__name__}") \
+      from None
+  old = records.field(meta, "args", "dict", path)
+  for k, v in args.items():
+    check(old.get(k) == v, f"{path}: holds an interrupted pre-training with other arguments "
+                           f"({k} {show(old.get(k), 40)}, not {show(v, 40)}); rerun it with "
+                           f"the same arguments to resume it, or remove the file to start "
+                           f"afresh")
+  phase = records.field(meta, "phase", "str", path, choices=("warmup", "attacks"))
+  total = args["warmup_steps"] if phase == "warmup" else args["steps"] - args["warmup_steps"]
+  step = records.field(meta, "step", "int", path, low=0, high=total)
+  history = records.field(meta, "history", "list", path)
+  warmup_history = records.field(meta, "warmup_history", "list", path)
+  n = len(args["attacks"]) if phase == "attacks" else 1
+  counts = records.field(meta, "counts", "list", path, low=n, high=n)
+  check(all(isinstance(c, int) and 0 <= c <= step for c in counts),
+        f"{path}: field 'counts': expected {n} counts in [0, {step}], got {show(counts, 60)}")
+  template = _checkpoint_template(image_shape, args)
+  want, treedef = jax.tree.flatten(template)
+  names = [f"state/{i:05d}" for i in range(len(want))]
+  check(set(arrays) == {*names, "meta"},
+        f"{path}: expected the {len(want)} arrays of this pre-training's state, got "
+        f"{len(arrays) - 1}")
+  for name, w in zip(names, want, strict=True):
+    check(arrays[name].shape == w.shape, f"{path}: array {name!r}: expected shape {w.shape}, "
+                                         f"got {arrays[name].shape}")
+  state = jax.tree.unflatten(treedef, [jnp.asarray(arrays[n], w.dtype)
+                                       for n, w in zip(names, want, strict=True)])
+  return {"phase": phase, "warmup_history": warmup_history,
+          "progress": PretrainProgress(step, state, history, np.asarray(counts, np.int64))}
+
+
 def pretrain(workdir: str | Workdir, data: str = "mnist5k", *, steps: int = 4000,
              warmup_steps: int = 2000, batch_size: int = 32, lr: float = 2e-3,
              selection: str = "uncertainty", candidates: int = 3, channels: int = 16,
              num_bits: int = 48, strength: float = 0.3, image_weight: float = 0.1,
              attacks: Sequence[str] = tuple(NOISE_LAYERS), extractor_depth: int = 8,
-             pool: int = 1, seed: int = 0, data_dir: str | None = None, progress: bool = True
-             ) -> PretrainReport:
+             pool: int = 1, seed: int = 0, data_dir: str | None = None, progress: bool = True,
+             checkpoint_every: int = CHECKPOINT_EVERY) -> PretrainReport:
   """Pre-trains a HiDDeN encoder and extractor on `data`'s training images, fits the
-  whitening on their clean logits and writes extractor.npz, encoder.npz and hidden.json.
+  whitening on the clean logits of its held-out images and writes extractor.npz, encoder.npz
+  and hidden.json. (`signature embed` whitens afresh on the signed model's own images.)
 
   The first `warmup_steps` train without attacks (the bits are learned first); the rest apply
   one noise layer per batch, chosen by `selection` ("uncertainty": the highest-loss of
   `candidates` drawn ones; "uniform": one drawn at random) from `attacks` (names of
   `wdmjax.signature.NOISE_LAYERS`). `pool` = 1 is the published extractor's global pooling;
   g > 1 pools over a g x g grid (see `HiddenExtractor`).
+
+  Resumable: the state is saved to pretrain_checkpoint.npz every `checkpoint_every` steps,
+  at the end of the warm-up and when the run is stopped (SIGTERM, Ctrl-C); the same call
+  again continues from it, with the result of a run never stopped. A checkpoint of other
+  arguments is refused (remove it to start afresh). `batch_size` is bounded by the training
+  images and by memory.
   """
   wd = Workdir(workdir)
   check_dir_path(wd.path, "workdir", writable=True)
   check(not wd.exists(EXTRACTOR), f"workdir: {wd.path!r} already holds an extractor "
                                   f"({EXTRACTOR}); use another directory")
-  _positive("steps", steps)
-  check(isinstance(warmup_steps, int) and 0 <= warmup_steps < steps,
-        f"warmup_steps: expected an integer in [0, steps = {steps}), got {warmup_steps!r}")
+  steps = _count("steps", steps, MAX_STEPS)
+  check(isinstance(warmup_steps, int) and not isinstance(warmup_steps, bool)
+        and 0 <= warmup_steps < steps,
+        f"warmup_steps: expected an integer in [0, steps = {steps}), got {show(warmup_steps)}")
   check(selection in SELECTIONS, f"selection: expected one of {SELECTIONS}, got "
-                                 f"{selection!r}")
+                                 f"{show(selection)}")
+  candidates = _count("candidates", candidates, MAX_CANDIDATES)
+  channels = _count("channels", channels, MAX_CHANNELS)
+  num_bits = _count("num_bits", num_bits, MAX_BITS)
+  extractor_depth = _count("extractor_depth", extractor_depth, MAX_DEPTH)
+  checkpoint_every = _count("checkpoint_every", checkpoint_every, MAX_STEPS)
+  check_number(lr, "lr", 0, low_open=True)
+  check_number(strength, "strength", 0, 1, low_open=True)
+  check_number(image_weight, "image_weight", 0)
   seed = check_seed(seed, "seed")
-  x, _, xh, _ = labelled_split(data, data_dir=data_dir)
-  key = jax.random.key(seed)
-  start = time.time()
   attacks = check_noise_layers(tuple(attacks))
+  check(isinstance(batch_size, int | np.integer) and not isinstance(batch_size, bool)
+        and batch_size >= 1, f"batch_size: expected a positive integer, got {show(batch_size)}")
+  x, _, xh, _ = labelled_split(data, data_dir=data_dir)
+  h, w, c = x.shape[1:]
+  check(len(xh) > num_bits, f"data: expected more held-out images than the {num_bits} bits "
+                            f"(the whitening is fitted on them), got {len(xh)} in {data!r}")
+  batch_size = _count("batch_size", batch_size, len(x),
+                      f" (the training images of {data!r})")
+  # Activations of the encoder, the extractor and the scored candidate attacks, kept for the
+  # backward pass: an estimate, within a small factor.
+  per_image = 4 * h * w * (channels * (4 + extractor_depth + 2) + num_bits + c) * (8 + candidates)
+  batch_size = _memory_bound("batch_size", batch_size, per_image, "images")
+  pool = _count("pool", pool, min(h, w), f" (the side of the {w}x{h} images of {data!r})")
+  args = {"data": data, "steps": steps, "warmup_steps": warmup_steps,
+          "batch_size": batch_size, "lr": float(lr), "selection": selection,
+          "candidates": candidates, "channels": channels, "num_bits": num_bits,
+          "strength": float(strength), "image_weight": float(image_weight),
+          "attacks": list(attacks), "extractor_depth": extractor_depth, "pool": pool,
+          "seed": seed}
+  key = jax.random.key(seed)
   common = dict(num_bits=num_bits, batch_size=batch_size, channels=channels,
                 extractor_depth=extractor_depth, pool=pool, strength=strength,
                 image_weight=image_weight, progress=progress)
-  history = []
-  hidden = None
-  if warmup_steps:
-    r = pretrain_hidden(x, jax.random.fold_in(key, 1), steps=warmup_steps, lr=lr,
-                        attacks=("identity",), selection="uniform", **common)
-    hidden, history = r.hidden, [dict(h, phase="warmup") for h in r.history]
-  r = pretrain_hidden(x, jax.random.fold_in(key, 2), steps=steps - warmup_steps,
-                      lr=lr / 2 if warmup_steps else lr, selection=selection,
-                      candidates=candidates, attacks=attacks, hidden=hidden, **common)
-  history += [dict(h, phase="attacks") for h in r.history]
-  hidden = r.hidden
-  logits = np.concatenate([np.asarray(hidden.extract(jnp.asarray(x[s:s + 500])))
-                           for s in range(0, len(x), 500)])
-  w = fit_whitening(logits)
-  accs = _bit_accuracy(hidden, xh, jax.random.fold_in(key, 3), strength,
-                       tuple(dict.fromkeys(("identity", *attacks))))
-  seconds = time.time() - start
-  with wd.undo_on_failure():
-    save_npz(wd.file(EXTRACTOR), {**_flat(hidden.extractor_vars, "vars"),
-                                  "whitening/mean": np.asarray(w.mean),
-                                  "whitening/matrix": np.asarray(w.matrix)}, compressed=True)
-    save_npz(wd.file(ENCODER), _flat(hidden.encoder_vars, "vars"), compressed=True)
-    wd.write_json(HIDDEN_JSON, {
-      "data": data, "image_shape": list(x.shape[1:]), "num_bits": num_bits,
-      "channels": channels, "encoder_depth": hidden.encoder.depth,
-      "extractor_depth": hidden.extractor.depth, "pool": hidden.extractor.pool,
-      "steps": steps,
-      "warmup_steps": warmup_steps, "batch_size": batch_size, "lr": lr,
-      "selection": selection, "candidates": candidates, "strength": strength,
-      "image_weight": image_weight, "seed": seed, "seconds": seconds,
-      "held_out_bit_accuracy": accs, "history": history})
-  return PretrainReport(wd.abspath, steps, seconds, selection, accs["identity"], accs)
+  with wd.lock():
+    check(not wd.exists(EXTRACTOR), f"workdir: {wd.path!r} already holds an extractor "
+                                    f"({EXTRACTOR}); use another directory")
+    saved = _read_checkpoint(wd, args, (h, w, c))
+    start = time.time()
+    resumed_from = 0 if saved is None else (
+      saved["progress"].step + (warmup_steps if saved["phase"] == "attacks" else 0))
+    latest: list = [None, None]  # the last progress reported, the last saved
+
+    def on_step(phase: str, warmup_history: list, p: PretrainProgress) -> None:
+      latest[0] = (phase, warmup_history, p)
+      total = warmup_steps if phase == "warmup" else steps - warmup_steps
+      if p.step % checkpoint_every == 0 or (phase == "warmup" and p.step == total):
+        _save_checkpoint(wd, args, phase, p, warmup_history)
+        latest[1] = latest[0]
+
+    history: list = []
+    hidden = None
+    try:
+      if warmup_steps and (saved is None or saved["phase"] == "warmup"):
+        r = pretrain_hidden(x, jax.random.fold_in(key, 1), steps=warmup_steps, lr=lr,
+                            attacks=("identity",), selection="uniform", **common,
+                            hidden=None if saved is None else _modules(x, key, common),
+                            start=None if saved is None else saved["progress"],
+                            on_step=lambda p: on_step("warmup", [], p))
+        hidden, history = r.hidden, [dict(h, phase="warmup") for h in r.history]
+      elif saved is not None and saved["phase"] == "attacks":
+        history, hidden = saved["warmup_history"], _modules(x, key, common)
+      r = pretrain_hidden(x, jax.random.fold_in(key, 2), steps=steps - warmup_steps,
+                          lr=lr / 2 if warmup_steps else lr, selection=selection,
+                          candidates=candidates, attacks=attacks, hidden=hidden, **common,
+                          start=saved["progress"] if saved and saved["phase"] == "attacks"
+                          else None,
+                          on_step=lambda p, wh=history: on_step("attacks", wh, p))
+    except KeyboardInterrupt:  # SIGTERM (Terminated) or Ctrl-C: keep what was done
+      if latest[0] is not None and latest[0] is not latest[1]:
+        phase, warmup_history, p = latest[0]
+        _save_checkpoint(wd, args, phase, p, warmup_history)
+      raise
+    history += [dict(h, phase="attacks") for h in r.history]
+    hidden = r.hidden
+    # Whitened on held-out images: unsigned images the extractor was not trained on.
+    logits = np.concatenate([np.asarray(_extract(hidden.extractor, hidden.extractor_vars,
+                                                 jnp.asarray(xh[s:s + 500])))
+                             for s in range(0, len(xh), 500)])
+    wh = fit_whitening(logits)
+    accs = _bit_accuracy(hidden, xh, jax.random.fold_in(key, 3), strength,
+                         tuple(dict.fromkeys(("identity", *attacks))))
+    seconds = time.time() - start
+    with wd.undo_on_failure():
+      save_npz(wd.file(EXTRACTOR), {**_flat(hidden.extractor_vars, "vars"),
+                                    "whitening/mean": np.asarray(wh.mean),
+                                    "whitening/matrix": np.asarray(wh.matrix)},
+               compressed=True)
+      save_npz(wd.file(ENCODER), _flat(hidden.encoder_vars, "vars"), compressed=True)
+      wd.write_json(HIDDEN_JSON, {
+        "data": data, "image_shape": [int(h), int(w), int(c)], "num_bits": num_bits,
+        "channels": channels, "encoder_depth": hidden.encoder.depth,
+        "extractor_depth": hidden.extractor.depth, "pool": hidden.extractor.pool,
+        "steps": steps, "warmup_steps": warmup_steps, "batch_size": batch_size, "lr": lr,
+        "selection": selection, "candidates": candidates, "strength": strength,
+        "image_weight": image_weight, "seed": seed, "seconds": seconds,
+        "resumed_from": resumed_from, "whitening": "held-out images",
+        "held_out_bit_accuracy": accs, "history": history})
+    wd.remove(CHECKPOINT)
+  return PretrainReport(wd.abspath, steps, seconds, selection, accs["identity"], accs,
+                        resumed_from)
+
+
+def _modules(x: np.ndarray, key, common: dict) -> Hidden:
+  """A fresh HiDDeN pair of this run's shapes: the modules a resumed phase trains (its
+  variables come from the checkpoint)."""
+  return init_hidden(jax.random.fold_in(jax.random.fold_in(key, 1), 1), x.shape[1:],
+                     common["num_bits"], common["channels"], 4, common["extractor_depth"],
+                     common["pool"])
+
+
+# ----------------------------------------------------------------------------- the extractor
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _extract(module: HiddenExtractor, variables, x: jax.Array) -> jax.Array:
+  """Logits [B, k] of images x [B, H, W, C] (compiled once per module and shape)."""
+  return module.apply(variables, x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,9 +429,7 @@ class Extractor:
           f"images: expected [N, h, w, {c}] with {MIN_SIDE} <= h <= {h} and {MIN_SIDE} <= w <= "
           f"{w} (the generated {w}x{h} images, or a crop or downscale of them), got shape "
           f"{x.shape}")
-    out = [np.asarray(whiten(self.whitening, self.hidden.extract(jnp.asarray(x[i:i + batch_size]))))
-           for i in range(0, len(x), batch_size)]
-    return np.concatenate(out) if out else np.zeros((0, self.whitening.mean.shape[0]))
+    return np.asarray(whiten(self.whitening, jnp.asarray(self.raw_logits(x, batch_size))))
 
   def logits_of(self, images: Sequence[np.ndarray]) -> np.ndarray:
     """Whitened logits [N, k] of N images [h, w, C] of any allowed sizes (grouped by size)."""
@@ -220,26 +439,158 @@ class Extractor:
       out[idx] = self.logits(np.stack([images[i] for i in idx]))
     return out
 
+  @property
+  def num_bits(self) -> int:
+    return int(self.whitening.mean.shape[0])
 
-def load_extractor(workdir: str | Workdir) -> Extractor:
-  wd = Workdir(workdir)
-  meta = wd.read_json(HIDDEN_JSON)
-  check(meta is not None and wd.exists(EXTRACTOR),
+  def raw_logits(self, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    """The extractor's logits [N, k] before whitening, of images [N, H, W, C] in [-1, 1]."""
+    x = np.asarray(images, np.float32)
+    out = [np.asarray(_extract(self.hidden.extractor, self.hidden.extractor_vars,
+                               jnp.asarray(x[i:i + batch_size])))
+           for i in range(0, len(x), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, self.num_bits), np.float32)
+
+  def with_whitening(self, whitening: Whitening) -> Extractor:
+    """This extractor with another whitening (a signing's: see `read_registry`)."""
+    return dataclasses.replace(self, whitening=whitening)
+
+
+def _hidden_meta(wd: Workdir) -> dict:
+  """hidden.json's fields that fix the modules' shapes, checked."""
+  path = wd.file(HIDDEN_JSON)
+  check(os.path.lexists(path) and os.path.lexists(wd.file(EXTRACTOR)),
         f"workdir: no extractor in {wd.path!r}; pre-train one with `wdmjax signature pretrain`")
-  shape = tuple(int(v) for v in meta["image_shape"])
-  hidden0 = init_hidden(jax.random.key(0), shape, int(meta["num_bits"]), int(meta["channels"]),
-                        int(meta["encoder_depth"]), int(meta["extractor_depth"]),
-                        int(meta.get("pool", 1)))
-  with np.load(wd.file(EXTRACTOR)) as z:
-    arrays = {k: z[k] for k in z.files}
-  ext_vars = _unflat(arrays, "vars")
-  w = Whitening(jnp.asarray(arrays["whitening/mean"]), jnp.asarray(arrays["whitening/matrix"]))
-  enc_vars = hidden0.encoder_vars
-  if wd.exists(ENCODER):
-    with np.load(wd.file(ENCODER)) as z:
-      enc_vars = _unflat({k: z[k] for k in z.files}, "vars")
-  hidden = Hidden(hidden0.encoder, hidden0.extractor, enc_vars, ext_vars)
-  return Extractor(hidden, w, shape, _sha256(wd.file(EXTRACTOR)))
+  meta = records.read_json_file(path)
+  shape = records.field(meta, "image_shape", "list", path, low=3, high=3)
+  check(all(isinstance(v, int) and not isinstance(v, bool) for v in shape)
+        and MIN_SIDE <= shape[0] <= MAX_SIDE and MIN_SIDE <= shape[1] <= MAX_SIDE
+        and shape[2] in (1, 3),
+        f"{path}: field 'image_shape': expected [H, W, C] with {MIN_SIDE} <= H, W <= "
+        f"{MAX_SIDE} and C 1 or 3, got {show(shape, 60)}")
+  out = {"image_shape": tuple(shape)}
+  for name, high in (("num_bits", MAX_BITS), ("channels", MAX_CHANNELS),
+                     ("encoder_depth", MAX_DEPTH), ("extractor_depth", MAX_DEPTH)):
+    out[name] = records.field(meta, name, "int", path, low=1, high=high)
+  out["pool"] = records.field(meta, "pool", "int", path, low=1, high=min(shape[:2]),
+                              optional=True, default=1)
+  return out
+
+
+def _read_vars(path: str, init: Callable, extra: dict[str, tuple]) -> tuple[dict, dict]:
+  """The variables that `init()` makes, from the .npz `path`, each array checked against
+  their shapes (`init` is only traced); and the `extra` arrays {name: shape}."""
+  want = traverse_util.flatten_dict(jax.eval_shape(init), sep="/")
+  want = {f"vars/{k}": v.shape for k, v in want.items()}
+  want.update(extra)
+  arrays = records.read_npz_file(path, sorted(want))
+  extras = sorted(set(arrays) - set(want))
+  check(not extras, f"{path}: expected the arrays of the module hidden.json describes, got "
+                    f"{len(extras)} others ({show(extras[:3], 60)})")
+  for k, shape in want.items():
+    check(arrays[k].shape == tuple(shape), f"{path}: array {k!r}: expected shape "
+                                           f"{tuple(shape)}, got {arrays[k].shape}")
+  arrays = {k: np.asarray(v, np.float32) for k, v in arrays.items()}
+  return _unflat(arrays, "vars"), {k: arrays[k] for k in extra}
+
+
+def load_extractor(workdir: str | Workdir, with_encoder: bool = False) -> Extractor:
+  """The frozen extractor (and its whitening) of a signature workdir, every array checked
+  against hidden.json. `with_encoder`: load the HiDDeN encoder too (else
+  `hidden.encoder_vars` is None: detection never needs it)."""
+  wd = Workdir(workdir)
+  meta = _hidden_meta(wd)
+  shape, k = meta["image_shape"], meta["num_bits"]
+  enc = HiddenEncoder(num_bits=k, channels=meta["channels"], depth=meta["encoder_depth"])
+  ext = HiddenExtractor(num_bits=k, channels=meta["channels"], depth=meta["extractor_depth"],
+                        pool=meta["pool"])
+  path = records.regular_file(wd.file(EXTRACTOR), max_bytes=records.MAX_NPZ_BYTES)
+  ext_vars, wa = _read_vars(
+    path, lambda: ext.init(jax.random.key(0), jnp.zeros((2, *shape))),
+    {"whitening/mean": (k,), "whitening/matrix": (k, k)})
+  w = Whitening(jnp.asarray(wa["whitening/mean"]), jnp.asarray(wa["whitening/matrix"]))
+  enc_vars = None
+  if with_encoder:
+    enc_vars, _ = _read_vars(
+      wd.file(ENCODER),
+      lambda: enc.init(jax.random.key(0), jnp.zeros((2, *shape)), jnp.zeros((2, k), jnp.int32)),
+      {})
+  return Extractor(Hidden(enc, ext, enc_vars, ext_vars), w, shape, _sha256(path))
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+@dataclasses.dataclass(frozen=True)
+class Registry:
+  """A signing's users and messages, as sealed by the owner key: `messages` [users, k] int32
+  in {0, 1}; `signing` the signing's random id; `whitening` the signing's whitening of the
+  extractor's logits (fitted on the model's unsigned images: see `embed`); `path` the
+  file."""
+  messages: np.ndarray
+  signing: str
+  whitening: Whitening
+  path: str
+
+
+def _read_whitening(reg: dict, k: int, path: str) -> Whitening:
+  wh = records.field(reg, "whitening", "dict", path)
+  what = f"{path}: field 'whitening'"
+  mean = records.field(wh, "mean", "list", what, low=k, high=k)
+  matrix = records.field(wh, "matrix", "list", what, low=k, high=k)
+  rows = [mean, *matrix]
+  check(all(isinstance(r, list) and len(r) == k for r in matrix)
+        and all(isinstance(v, float | int) and not isinstance(v, bool) and np.isfinite(v)
+                for r in rows for v in r),
+        f"{what}: expected 'mean' [{k}] and 'matrix' [{k}, {k}] of finite numbers")
+  return Whitening(jnp.asarray(mean, jnp.float32), jnp.asarray(matrix, jnp.float32))
+
+
+def _message(key: bytes, signing: str, user: int, num_bits: int) -> np.ndarray:
+  """User `user`'s secret message [num_bits] (int32 in {0, 1}) of the signing `signing`."""
+  return keys.derive_bits(key, f"stable signature {signing} user {user}", num_bits) \
+    .astype(np.int32)
+
+
+def read_registry(workdir: str | Workdir, registry: str | None = None,
+                  key_file: str | None = None, *, extractor: Extractor | None = None
+                  ) -> Registry:
+  """The registry of a signature workdir (or the file `registry`), checked field by field and
+  against its seal under the owner key (`key_file`, else the environment: see
+  `wdmjax.keys.owner_key`): a registry altered since it was sealed, or sealed by another
+  key, is refused in one line; so is one made for another extractor or another signing of
+  this workdir."""
+  wd = Workdir(workdir)
+  key = keys.owner_key(key_file)
+  extractor = extractor or load_extractor(wd)
+  path = registry if registry is not None else wd.file(REGISTRY)
+  if registry is None:
+    check(os.path.lexists(path), f"registry: no registry in {wd.path!r}; sign a model with "
+                                 f"`wdmjax signature embed`")
+  reg = records.read_json_file(path)
+  k = records.field(reg, "num_bits", "int", path, low=1, high=MAX_BITS)
+  signing = records.field(reg, "signing", "str", path, low=1, high=64)
+  records.field(reg, "extractor_sha256", "str", path, low=64, high=64)
+  users = records.field(reg, "users", "list", path, low=1, high=MAX_USERS)
+  msgs = np.zeros((len(users), k), np.int32)
+  for i, u in enumerate(users):
+    what = f"{path}: users[{i}]"
+    records.field(u, "user", "int", what, low=i, high=i)
+    m = records.field(u, "message", "str", what, low=k, high=k)
+    check(set(m) <= {"0", "1"}, f"{what}: field 'message': expected {k} characters 0 or 1, "
+                                f"got {show(m, 60)}")
+    msgs[i] = np.frombuffer(m.encode(), np.uint8) - ord("0")
+  whitening = _read_whitening(reg, k, path)
+  keys.check_seal(reg, key, path)
+  check(reg["extractor_sha256"] == extractor.sha256 and k == extractor.num_bits,
+        f"{path}: made for another extractor (another signature workdir or model), expected "
+        f"the registry of {wd.path!r}")
+  sig = wd.file(SIGNATURE_JSON)
+  if os.path.lexists(sig):
+    own = records.field(records.read_json_file(sig), "signing", "str", sig)
+    check(own == signing, f"{path}: expected the registry of the signing in {wd.path!r} "
+                          f"(signing {own}), got that of signing {signing}")
+  return Registry(msgs, signing, whitening, os.fspath(path))
 
 
 # ----------------------------------------------------------------------------- signing
@@ -253,88 +604,188 @@ class EmbedReport:
   bit_accuracy: float        # mean over users, last fine-tuning step
   worst_bit_accuracy: float  # the worst user's
   decoders: str
+  cleaned: list[str] = dataclasses.field(default_factory=list)  # an interrupted run's leftovers
 
 
-def _registry(wd: Workdir, extractor: Extractor, registry: str | None) -> dict:
-  path = registry or wd.file(REGISTRY)
-  check(os.path.isfile(path), f"registry: no registry {path!r}; sign a model with "
-                              f"`wdmjax signature embed`")
-  reg = Workdir(os.path.dirname(os.path.abspath(path))).read_json(os.path.basename(path))
-  check(isinstance(reg, dict) and "users" in reg and "extractor_sha256" in reg,
-        f"registry: expected the registry.json that wdmjax writes, got {path!r}")
-  check(reg["extractor_sha256"] == extractor.sha256,
-        f"registry: {path!r} was made for another extractor (another signature workdir or "
-        f"model), expected the registry of {wd.path!r}")
-  return reg
+def _leftovers(wd: Workdir) -> list[str]:
+  """What an interrupted `embed` (no registry written) leaves in a workdir: decoders, their
+  staging directory, signature.json, the temporary files of atomic writes."""
+  out = []
+  for name in sorted(os.listdir(wd.path)):
+    if (name in (DECODERS, SIGNATURE_JSON) or name.startswith(".decoders-")
+        or (name.endswith(".tmp") and name.startswith((f".{REGISTRY}.",
+                                                       f".{SIGNATURE_JSON}.")))):
+      out.append(name)
+  return out
 
 
-def _messages(reg: dict) -> np.ndarray:
-  return np.array([[int(c) for c in u["message"]] for u in reg["users"]], np.int32)
+def _remove(path: str) -> None:
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path)
+  else:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(path)
 
 
-def embed(workdir: str | Workdir, ldm: str | Workdir, users: int, *, seed: int = 0,
-          steps: int = 100, batch_size: int = 4, lr: float = 5e-4, image_weight: float = 0.2,
-          num_latents: int = 2000, progress: bool = True) -> EmbedReport:
+def null_seed(seed: int) -> int:
+  """The sampling seed of the unsigned images that `embed(seed=seed)` fits the signing's
+  whitening on (test the false-positive rate on images of other seeds)."""
+  return int(np.random.default_rng([seed, 0x5EED]).integers(2**32 - 1))
+
+
+def embed(workdir: str | Workdir, ldm: str | Workdir, users: int, *,
+          key_file: str | None = None, seed: int = 0, steps: int = 100, batch_size: int = 4,
+          lr: float = 5e-4, image_weight: float = 0.2, num_latents: int = 2000,
+          null_images: int = 1000, progress: bool = True) -> EmbedReport:
   """Fine-tunes one copy of the LDM's decoder per user so that every image it decodes
-  carries that user's message (messages drawn from `seed`, the owner's key). Writes
-  decoders/, registry.json (owner-only) and signature.json; the LDM and its autoencoder are
-  read, never written."""
+  carries that user's message. Messages are derived from the owner key (`key_file`, else
+  `$WDMJAX_KEY_FILE` or `$WDMJAX_KEY`) and a random id of this signing; `seed` draws the
+  fine-tuning's batches only. Writes decoders/, signature.json and, last, registry.json
+  (owner-only, sealed by the key); the LDM and its autoencoder are read, never written.
+
+  Calibration: the exact binomial test needs the bits of an unsigned image to be fair,
+  independent coins. The extractor's whitening (fitted on the training images) delivers that
+  on images like those only: on the LDM's own images, decoded by its autoencoder, the
+  logits' mean moves, the bits are biased and a fixed message can agree with most unsigned
+  images (84% flagged at a nominal 0.3 in the issue that found it). So the signing whitens
+  afresh on `null_images` unsigned images of the model itself (sampled with
+  `null_seed(seed)`, decoded by the original decoder): each bit centred and the bits
+  decorrelated on the images detection tests, kept sealed in the registry, used by the
+  fine-tuning and by detection. `null_images` = 0 keeps the extractor's whitening.
+
+  A workdir with a registry is refused; one without (an interrupted signing) is cleaned of
+  what that signing left before this one starts. `users` is bounded by memory (all users'
+  decoders are fine-tuned at once).
+  """
   wd = Workdir(workdir)
-  users = _positive("users", users)
+  key = keys.owner_key(key_file)
+  users = _count("users", users, MAX_USERS)
   seed = check_seed(seed, "seed")
-  _positive("num_latents", num_latents)
+  steps = _count("steps", steps, MAX_STEPS)
+  check(isinstance(num_latents, int) and not isinstance(num_latents, bool)
+        and num_latents >= 1, f"num_latents: expected a positive integer, got "
+                              f"{show(num_latents)}")
+  check_number(lr, "lr", 0, low_open=True)
+  check_number(image_weight, "image_weight", 0)
   extractor = load_extractor(wd)
-  check(not wd.exists(REGISTRY), f"workdir: {wd.path!r} already holds signed decoders "
-                                 f"({REGISTRY}); use another signature workdir")
-  ae = ldm_autoencoder(ldm)
+  k = extractor.num_bits
+  check(isinstance(null_images, int) and not isinstance(null_images, bool)
+        and (null_images == 0 or 4 * k <= null_images <= MAX_IMAGES),
+        f"null_images: expected 0 (the extractor's whitening) or an integer in [{4 * k}, "
+        f"{MAX_IMAGES:,}] (4 x the {k} bits: the covariance of the bits is fitted on them), "
+        f"got {show(null_images)}")
+  check(not os.path.lexists(wd.file(REGISTRY)),
+        f"workdir: {wd.path!r} already holds signed decoders ({REGISTRY}); use another "
+        f"signature workdir")
+  ae = _renamed("ldm", lambda: ldm_autoencoder(ldm))
   check(tuple(ae.image_shape) == extractor.image_shape,
         f"ldm: its images are {tuple(ae.image_shape)}, the extractor reads "
         f"{extractor.image_shape}")
   x, _, _, _ = labelled_split(ae.data)
-  latents = ae.encode(x[:num_latents])
-  msgs = np.asarray(message_bits(jax.random.key(seed), extractor.whitening.mean.shape[0],
-                                 num_users=users))
-
-  def decode(params, z):
-    return ae.decoder.apply({"params": params}, z / ae.scale)
-
-  start = time.time()
-  r = finetune_decoders(decode, lambda im: extractor.hidden.extract(im), extractor.whitening,
-                        ae.params["decoder"], latents, msgs, jax.random.key(seed + 1),
-                        steps=steps, batch_size=batch_size, lr=lr, image_weight=image_weight,
-                        progress=progress)
-  seconds = time.time() - start
+  num_latents = min(num_latents, len(x))
+  batch_size = _count("batch_size", batch_size, num_latents,
+                      f" (the latents fine-tuned on: {num_latents:,} images of {ae.data!r})")
+  decoder_size = sum(int(np.size(v)) for v in jax.tree.leaves(ae.params["decoder"]))
+  h, w, c = ae.image_shape
+  # Per user: the decoder, its gradient and AdamW's two moments and the update, and the
+  # activations of a batch through the decoder and the extractor (an estimate).
+  per_user = 4 * (5 * decoder_size + batch_size * h * w * (c + 256))
+  users = _memory_bound("users", users, per_user, "users' decoders")
+  if null_images:
+    _memory_bound("null_images", null_images, 4 * h * w * c * 4, "images")
   with wd.undo_on_failure():
-    os.makedirs(wd.file(DECODERS), exist_ok=True)
+    check(not os.path.lexists(wd.file(REGISTRY)),
+          f"workdir: {wd.path!r} already holds signed decoders ({REGISTRY}); use another "
+          f"signature workdir")
+    cleaned = _leftovers(wd)
+    for name in cleaned:
+      _remove(wd.file(name))
+    latents = ae.encode(x[:num_latents])
+    if null_images:
+      unsigned = _renamed("ldm", lambda: ldm_generate(ldm, null_images,
+                                                      seed=null_seed(seed)).images)
+      extractor = extractor.with_whitening(fit_whitening(extractor.raw_logits(unsigned)))
+    signing = secrets.token_hex(8)
+    msgs = np.stack([_message(key, signing, u, k) for u in range(users)])
+
+    def decode(params, z):
+      return ae.decoder.apply({"params": params}, z / ae.scale)
+
+    start = time.time()
+    r = finetune_decoders(decode, lambda im: extractor.hidden.extract(im), extractor.whitening,
+                          ae.params["decoder"], latents, msgs, jax.random.key(seed + 1),
+                          steps=steps, batch_size=batch_size, lr=lr, image_weight=image_weight,
+                          progress=progress)
+    seconds = time.time() - start
+    # The decoders appear whole (a staging directory renamed), then signature.json, then the
+    # registry: a workdir without a registry holds an interrupted signing.
+    staging = tempfile.mkdtemp(prefix=".decoders-", dir=wd.path)
+    hashes = []
     for u in range(users):
-      save_npz(wd.file(os.path.join(DECODERS, f"user_{u:04d}.npz")),
-               _flat(user_params(r.params, u), "params"), compressed=True)
+      path = os.path.join(staging, f"user_{u:04d}.npz")
+      save_npz(path, _flat(user_params(r.params, u), "params"), compressed=True)
+      hashes.append(_sha256(path))
+    os.chmod(staging, 0o755)
+    os.rename(staging, wd.file(DECODERS))
+    ldm_path = os.path.abspath(os.fspath(ldm))
+    if os.path.commonpath([ldm_path, wd.abspath]) == wd.abspath:
+      ldm_path = os.path.relpath(ldm_path, wd.abspath)  # inside: the workdir moves with it
     wd.write_json(SIGNATURE_JSON, {
-      "ldm": os.path.abspath(os.fspath(ldm)), "autoencoder": ae.path, "users": users,
-      "steps": steps, "batch_size": batch_size, "lr": lr, "image_weight": image_weight,
-      "seconds": seconds, "history": r.history})
-    wd.write_private(REGISTRY, json.dumps({
-      "key_seed": seed, "num_bits": int(msgs.shape[1]),
-      "extractor_sha256": extractor.sha256,
+      "ldm": ldm_path, "autoencoder": ae.path, "users": users, "signing": signing,
+      "key_id": keys.key_id(key), "decoder_sha256": _tree_sha256(ae.params["decoder"]),
+      "decoders_sha256": hashes, "steps": steps, "batch_size": batch_size, "lr": lr,
+      "image_weight": image_weight, "seed": seed, "null_images": null_images,
+      "null_seed": null_seed(seed) if null_images else None, "seconds": seconds,
+      "history": r.history})
+    wd.write_private(REGISTRY, json.dumps(keys.seal({
+      "signing": signing, "num_bits": k, "extractor_sha256": extractor.sha256,
       "decoder_sha256": _tree_sha256(ae.params["decoder"]),
+      "whitening": {"mean": np.asarray(extractor.whitening.mean, np.float64).tolist(),
+                    "matrix": np.asarray(extractor.whitening.matrix, np.float64).tolist()},
       "users": [{"user": u, "message": "".join(map(str, m))} for u, m in enumerate(msgs)]},
-      indent=2) + "\n")
+      key), indent=2) + "\n")
   last = r.history[-1]
   return EmbedReport(wd.abspath, users, seconds, last["bit_acc"], last["worst_bit_acc"],
-                     wd.file(DECODERS))
+                     wd.file(DECODERS), cleaned)
+
+
+def _signature_meta(wd: Workdir) -> dict:
+  """signature.json, checked: users, signing, the decoders' hashes, the LDM's path."""
+  path = wd.file(SIGNATURE_JSON)
+  check(os.path.lexists(path), f"workdir: no signed decoders in {wd.path!r}; run `wdmjax "
+                               f"signature embed` first")
+  meta = records.read_json_file(path)
+  users = records.field(meta, "users", "int", path, low=1, high=MAX_USERS)
+  records.field(meta, "signing", "str", path, low=1, high=64)
+  records.field(meta, "decoder_sha256", "str", path, low=64, high=64)
+  hashes = records.field(meta, "decoders_sha256", "list", path, low=users, high=users)
+  check(all(isinstance(h, str) and len(h) == 64 for h in hashes),
+        f"{path}: field 'decoders_sha256': expected {users} sha256 hex digests, got "
+        f"{show(hashes, 60)}")
+  ldm = records.field(meta, "ldm", "str", path, low=1)
+  meta["ldm"] = ldm if os.path.isabs(ldm) else records.inside(wd.path, ldm, f"{path}: field "
+                                                                            f"'ldm'")
+  return meta
 
 
 def load_user_decoder(workdir: str | Workdir, user: int):
+  """User `user`'s fine-tuned decoder parameters: the file `signature embed` wrote (its
+  hash is checked against signature.json; a link, even to another user's, is refused)."""
   wd = Workdir(workdir)
-  meta = wd.read_json(SIGNATURE_JSON)
-  check(meta is not None, f"workdir: no signed decoders in {wd.path!r}; run `wdmjax "
-                          f"signature embed` first")
-  check(isinstance(user, int | np.integer) and 0 <= user < meta["users"],
-        f"user: expected a user in [0, {meta['users']}), got {user!r}")
-  path = wd.file(os.path.join(DECODERS, f"user_{int(user):04d}.npz"))
-  check(os.path.isfile(path), f"user: the decoder of user {user} is missing ({path!r})")
-  with np.load(path) as z:
-    return _unflat({k: z[k] for k in z.files}, "params")
+  meta = _signature_meta(wd)
+  check(isinstance(user, int | np.integer) and not isinstance(user, bool)
+        and 0 <= user < meta["users"],
+        f"user: expected a user in [0, {meta['users']}), got {show(user)}")
+  name = os.path.join(DECODERS, f"user_{int(user):04d}.npz")
+  path = records.regular_file(records.inside(wd.path, name, wd.file(name)),
+                              max_bytes=records.MAX_NPZ_BYTES)
+  check(_sha256(path) == meta["decoders_sha256"][int(user)],
+        f"{path}: expected the decoder of user {user} that `signature embed` wrote (its "
+        f"sha256 is in {SIGNATURE_JSON}), got another file")
+  arrays = records.read_npz_file(path)
+  check(arrays and all(k.startswith("params/") for k in arrays),
+        f"{path}: expected the arrays 'params/...' of a decoder, got {show(sorted(arrays)[:3])}")
+  return _unflat(arrays, "params")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,16 +797,26 @@ class GenerateReport:
 def generate(workdir: str | Workdir, user: int | None, num: int, *, seed: int = 0,
              out: str | None = None) -> GenerateReport:
   """`num` images of the signed LDM through `user`'s decoder (None: the original, unsigned
-  decoder), written as PNGs into the directory `out` when given."""
+  decoder), written as PNGs into the directory `out` when given. The LDM is the one
+  signature.json names (a relative path is taken inside the workdir), and its decoder must be
+  the one that was signed. `num` is bounded by memory and by the PNGs' 6-digit names."""
   wd = Workdir(workdir)
-  meta = wd.read_json(SIGNATURE_JSON)
-  check(meta is not None, f"workdir: no signed decoders in {wd.path!r}")
+  num = _count("num", num, MAX_IMAGES)
+  seed = check_seed(seed, "seed")
+  meta = _signature_meta(wd)
   if out is not None:
     check_dir_path(out, "out", writable=True)
     check(not os.path.exists(out) or not os.listdir(out),
           f"out: expected a new or empty directory, got {out!r}")
   params = None if user is None else load_user_decoder(wd, user)
-  r = ldm_generate(meta["ldm"], _positive("num", num), seed=seed, decoder_params=params)
+  what = f"{wd.file(SIGNATURE_JSON)}: field 'ldm'"
+  ae = _renamed(what, lambda: ldm_autoencoder(meta["ldm"]))
+  check(_tree_sha256(ae.params["decoder"]) == meta["decoder_sha256"],
+        f"{what}: expected the LDM whose decoder was signed, got {meta['ldm']!r}, whose "
+        f"autoencoder's decoder is another")
+  h, w, c = ae.image_shape
+  num = _memory_bound("num", num, 4 * h * w * c * 4, "images")
+  r = _renamed(what, lambda: ldm_generate(meta["ldm"], num, seed=seed, decoder_params=params))
   if out is not None:
     write_pngs(r.images, out)
   return GenerateReport(r.images, out)
@@ -372,6 +833,7 @@ def write_pngs(images: np.ndarray, out: str) -> str:
     for i, im in enumerate(to_uint8(np.asarray(images))):
       Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(
         os.path.join(tmp, f"{i:06d}.png"))
+    os.chmod(tmp, 0o755)
     if os.path.isdir(out):
       os.rmdir(out)
     os.replace(tmp, out)
@@ -382,10 +844,13 @@ def write_pngs(images: np.ndarray, out: str) -> str:
 
 
 def detect(workdir: str | Workdir, images: np.ndarray | str, *, user: int | None = None,
-           fpr: float = 1e-6, registry: str | None = None) -> dict:
+           fpr: float = 1e-6, registry: str | None = None, key_file: str | None = None
+           ) -> dict:
   """Per image: the bits agreeing with the tested message, log10 p, detected at `fpr`, and
   the identified user. With `user`, tests that user's message alone (threshold at `fpr`);
-  without, identifies among all users (the best match tested at fpr / users).
+  without, identifies among all users (the best match tested at fpr / users). The registry
+  (the workdir's, or the file `registry`) must be sealed by the owner key (`key_file`, else
+  the environment); the logits are whitened as the signing's registry says (see `embed`).
 
   images: [N, h, w, C] in [-1, 1], or a directory (or file) of PNG/JPEG images: the
   generated size or a crop or downscale of it.
@@ -393,8 +858,12 @@ def detect(workdir: str | Workdir, images: np.ndarray | str, *, user: int | None
   wd = Workdir(workdir)
   check_number(fpr, "fpr", 0, 1, low_open=True, high_open=True)
   extractor = load_extractor(wd)
-  reg = _registry(wd, extractor, registry)
-  msgs = _messages(reg)
+  reg = read_registry(wd, registry, key_file, extractor=extractor)
+  msgs, extractor = reg.messages, extractor.with_whitening(reg.whitening)
+  if user is not None:
+    check(isinstance(user, int | np.integer) and not isinstance(user, bool)
+          and 0 <= user < len(msgs), f"user: expected a user in [0, {len(msgs)}), got "
+                                     f"{show(user)}")
   if isinstance(images, str | os.PathLike):
     x, names = read_images(os.fspath(images), extractor.image_shape, min_side=MIN_SIDE)
     logits = jnp.asarray(extractor.logits_of(x))
@@ -403,16 +872,14 @@ def detect(workdir: str | Workdir, images: np.ndarray | str, *, user: int | None
     names = [str(i) for i in range(len(logits))]
   rows = []
   if user is not None:
-    check(isinstance(user, int | np.integer) and 0 <= user < len(msgs),
-          f"user: expected a user in [0, {len(msgs)}), got {user!r}")
-    d = detect_bits(logits, jnp.asarray(msgs[user]), fpr)
+    d = jax.tree.map(np.asarray, detect_bits(logits, jnp.asarray(msgs[user]), fpr))
     for i, n in enumerate(names):
       rows.append({"image": n, "agreeing": int(d.agreeing[i]),
                    "log10_p": float(d.log10_p[i]), "detected": bool(d.detected[i]),
                    "user": int(user) if bool(d.detected[i]) else None})
     threshold = int(d.threshold)
   else:
-    ident = identify_users(logits, jnp.asarray(msgs), fpr)
+    ident = jax.tree.map(np.asarray, identify_users(logits, jnp.asarray(msgs), fpr))
     for i, n in enumerate(names):
       rows.append({"image": n, "agreeing": int(ident.agreeing[i]),
                    "log10_p": float(ident.log10_p[i]), "detected": bool(ident.identified[i]),
@@ -424,6 +891,6 @@ def detect(workdir: str | Workdir, images: np.ndarray | str, *, user: int | None
           "detected": int(sum(r["detected"] for r in rows)), "images": rows}
 
 
-__all__ = ["EmbedReport", "Extractor", "GenerateReport", "PretrainReport", "detect", "embed",
-           "generate", "load_extractor", "load_user_decoder", "pretrain", "read_images",
-           "write_pngs"]
+__all__ = ["EmbedReport", "Extractor", "GenerateReport", "PretrainReport", "Registry", "detect",
+           "embed", "generate", "load_extractor", "load_user_decoder", "null_seed", "pretrain",
+           "read_images", "read_registry", "write_pngs"]

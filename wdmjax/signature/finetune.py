@@ -115,15 +115,19 @@ def finetune_decoders(decode: Decode, extract: Extract, whitening: Whitening,
   opt = jax.vmap(tx.init)(stacked)
   m = jnp.asarray(msgs, jnp.int32)
 
-  def one(params, opt_state, lat_b, message):
+  def one(params, opt_state, lat_b, message, w):
     original = jax.lax.stop_gradient(decode(original_params, lat_b))
     (loss, aux), g = jax.value_and_grad(
-      lambda p: signature_loss(decode, extract, whitening, p, lat_b, original, message,
+      lambda p: signature_loss(decode, extract, w, p, lat_b, original, message,
                                image_weight), has_aux=True)(params)
     updates, opt_state = tx.update(g, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, aux
 
-  step = jax.jit(jax.vmap(one))
+  # The whitening is an argument, not a constant of the program: one compiled step serves
+  # every whitening (a signing's own, see wdmjax.runs.signature.embed).
+  step = jax.jit(jax.vmap(one, in_axes=(0, 0, 0, 0, None)))
+  w = Whitening(jnp.asarray(whitening.mean, jnp.float32),
+                jnp.asarray(whitening.matrix, jnp.float32))
   rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2**31 - 1)))
   history, it = [], range(steps)
   if progress:
@@ -131,7 +135,7 @@ def finetune_decoders(decode: Decode, extract: Extract, whitening: Whitening,
     it = tqdm(it, desc=f"decoders ({users} users)", unit="step")
   for i in it:
     idx = np.stack([rng.choice(len(lat), batch_size, replace=False) for _ in range(users)])
-    stacked, opt, aux = step(stacked, opt, jnp.asarray(lat[idx]), m)
+    stacked, opt, aux = step(stacked, opt, jnp.asarray(lat[idx]), m, w)
     if (i + 1) % log_every == 0 or i + 1 == steps:
       acc = np.asarray(aux["bit_acc"])
       row = {"step": i + 1, "bit_acc": float(acc.mean()), "worst_bit_acc": float(acc.min()),

@@ -61,6 +61,27 @@ class PretrainState(NamedTuple):
   opt_state: Any
 
 
+def make_optimizer(lr: float, steps: int) -> optax.GradientTransformation:
+  """Adam at `lr` with cosine decay over `steps` (to 5% of `lr`)."""
+  return optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.05))
+
+
+def init_state(hidden: Hidden, tx: optax.GradientTransformation) -> PretrainState:
+  """The training state of `hidden`'s variables with a fresh optimizer state."""
+  params = (hidden.encoder_vars["params"], hidden.extractor_vars["params"])
+  return PretrainState(*params, hidden.encoder_vars["batch_stats"],
+                       hidden.extractor_vars["batch_stats"], tx.init(params))
+
+
+class PretrainProgress(NamedTuple):
+  """Where a pre-training stands after `step` steps: enough to continue it exactly (the
+  batches and noise of each step are drawn from the key and the step's index)."""
+  step: int
+  state: PretrainState
+  history: list[dict]   # the rows logged so far
+  counts: np.ndarray    # [attacks] how often each attack was applied
+
+
 def _losses(enc, ext, params, stats, images, bits, noise_names, index, key, strength,
             image_weight, train: bool):
   """Per-image total loss [B], bit accuracy [B], the new BatchNorm stats."""
@@ -128,12 +149,19 @@ def pretrain_hidden(images: np.ndarray, key: Array, *, num_bits: int = 48, steps
                     attacks: Sequence[str] = tuple(NOISE_LAYERS),
                     selection: str = "uncertainty", candidates: int = 3,
                     strength: float = 0.2, image_weight: float = 1.0, log_every: int = 50,
-                    progress: bool = False, hidden: Hidden | None = None) -> PretrainResult:
+                    progress: bool = False, hidden: Hidden | None = None,
+                    start: PretrainProgress | None = None,
+                    on_step: Callable[[PretrainProgress], None] | None = None
+                    ) -> PretrainResult:
   """Trains a HiDDeN pair on `images` [N, H, W, C] in [-1, 1] for `steps` batches.
 
   One attack of `attacks` per batch, `selection` "uniform" (drawn at random) or "uncertainty"
   (the highest-loss of `candidates` drawn attacks). `strength` scales the encoder's tanh
   residual. Adam at `lr` with cosine decay. Continues from `hidden` when given.
+
+  `start`: resume this same run (same arguments and key) from the progress that `on_step`
+  reported, with the same result as a run never stopped; `start.state` must have the
+  structure of `init_state` (checked). `on_step` is called after every step.
   """
   x = np.asarray(images, np.float32)
   chex.assert_rank(x, 4)
@@ -152,31 +180,52 @@ def pretrain_hidden(images: np.ndarray, key: Array, *, num_bits: int = 48, steps
   if hidden is None:
     hidden = init_hidden(jax.random.fold_in(key, 1), x.shape[1:], num_bits, channels,
                          encoder_depth, extractor_depth, pool)
-  tx = optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.05))
-  params = (hidden.encoder_vars["params"], hidden.extractor_vars["params"])
-  state = PretrainState(*params, hidden.encoder_vars["batch_stats"],
-                        hidden.extractor_vars["batch_stats"], tx.init(params))
+  tx = make_optimizer(lr, steps)
+  state = init_state(hidden, tx)
+  if start is None:
+    done = PretrainProgress(0, state, [], np.zeros(len(names), np.int64))
+  else:
+    leaves, treedef = jax.tree.flatten(state)
+    got = jax.tree.leaves(start.state)
+    check(isinstance(start.step, int) and 0 <= start.step <= steps
+          and len(got) == len(leaves) and jax.tree.structure(start.state) == treedef
+          and all(np.shape(a) == np.shape(b) for a, b in zip(got, leaves, strict=True))
+          and np.shape(start.counts) == (len(names),),
+          f"start: expected the progress of this pre-training (step <= {steps}, "
+          f"{len(leaves)} arrays), got step {start.step!r} and {len(got)} arrays")
+    done = start._replace(state=jax.tree.unflatten(treedef, [
+      jnp.asarray(a, b.dtype) for a, b in zip(got, leaves, strict=True)]),
+      counts=np.asarray(start.counts, np.int64), history=list(start.history))
   step = make_pretrain_step(hidden, tx, names, selection, candidates, strength, image_weight)
   rng = np.random.default_rng(int(jax.random.randint(jax.random.fold_in(key, 2), (), 0,
                                                      2**31 - 1)))
-  history, it = [], range(steps)
+  for _ in range(done.step):  # the batches of the steps already done: drawn, not trained on
+    rng.choice(len(x), batch_size, replace=False)
+  it = range(done.step, steps)
   if progress:
     from tqdm.auto import tqdm  # only for interactive runs
-    it = tqdm(it, desc=f"HiDDeN ({selection})", unit="step")
-  counts = np.zeros(len(names), np.int64)
+    it = tqdm(it, desc=f"HiDDeN ({selection})", unit="step", initial=done.step, total=steps)
   for i in it:
     batch = jnp.asarray(x[rng.choice(len(x), batch_size, replace=False)])
-    state, m = step(state, batch, jax.random.fold_in(key, 1000 + i))
+    new, m = step(done.state, batch, jax.random.fold_in(key, 1000 + i))
+    counts = done.counts.copy()
     counts[int(m["attack"])] += 1
+    history = done.history
     if (i + 1) % log_every == 0 or i + 1 == steps:
       row = {k: float(v) for k, v in m.items() if k != "attack"}
       row.update(step=i + 1, attack=names[int(m["attack"])])
-      history.append(row)
+      history = [*history, row]
       if progress:
         it.set_postfix(bit_acc=f"{row['bit_acc']:.3f}", mse=f"{row['mse']:.4f}")
+    # One assignment: a signal between two statements never leaves a step half-recorded.
+    done = PretrainProgress(i + 1, new, history, counts)
+    if on_step is not None:
+      on_step(done)
+  state = done.state
   out = Hidden(hidden.encoder, hidden.extractor,
                {"params": state.enc_params, "batch_stats": state.enc_stats},
                {"params": state.ext_params, "batch_stats": state.ext_stats})
-  history.append({"step": steps, "attack_counts": dict(zip(names, counts.tolist(), strict=True))})
+  history = [*done.history, {"step": steps, "attack_counts": dict(
+    zip(names, done.counts.tolist(), strict=True))}]
   return PretrainResult(out, history)
 
