@@ -2,6 +2,13 @@
 attacks, and can a diffusion model be locked the same way?
 
   python experiments/serial_mnist5k.py [--runs runs/serial_mnist5k] [--customers 3]
+      [--key-file KEY]   (default: $WDMJAX_KEY_FILE or $WDMJAX_KEY, else RUNS/owner.key,
+                          made with `wdmjax keygen` when missing)
+
+The serial numbers are derived from the owner key and each workdir's nonce: with the same key
+file and runs folder the results reproduce; with another key the serials, hence the numbers,
+differ within the noise. The paper's setting is measured: 16-bit serials, which exhaustive
+search finds (part 4); wdmjax's default is 64 bits, too many to search.
 
 1. `serial teacher`: the private teacher (wdmjax's DigitClassifier) on the 4,000 training
    digits, evaluated on the 1,000 held out.
@@ -43,6 +50,7 @@ from wdmjax import runs, serial
 from wdmjax.attacks import prune
 from wdmjax.data import labelled_split
 from wdmjax.files import atomic_write, read_json
+from wdmjax.keys import KEY_ENV, KEY_FILE_ENV, owner_key
 from wdmjax.metrics import (
   classifier_accuracy,
   classifier_features,
@@ -50,10 +58,11 @@ from wdmjax.metrics import (
   frechet_distance_from_features,
   train_classifier,
 )
-from wdmjax.runs.serial import DSN_JSON, EVAL_SALT
+from wdmjax.runs.keys import keygen
+from wdmjax.runs.serial import DSN_JSON
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-KEY = 20201117  # the serial numbers' key (fixed here so the results reproduce)
+STAMP = serial.StampSpec(bits=16)  # the paper's size, searchable (the default is 64 bits)
 ABLATIONS = {
   "as issued (GRL 1, domain 0.1, SNNL 0.1)": {},
   "domain head not reversed (GRL -1)": {"grl_scale": -1.0},
@@ -87,9 +96,9 @@ def student_row(model, params, xh, yh, valid, spec, invalid) -> dict:
 def classifier_part(args, wd: str) -> dict:
   t0 = time.time()
   if not os.path.exists(os.path.join(wd, DSN_JSON)):
-    runs.serial_teacher(wd, steps=args.teacher_steps)
+    runs.serial_teacher(wd, steps=args.teacher_steps, stamp=STAMP)
   student = serial.StudentConfig(steps=args.student_steps)
-  rep = runs.serial_issue(wd, args.customers, key=KEY, config=student)
+  rep = runs.serial_issue(wd, args.customers, key_file=args.key_file, config=student)
   out = {"teacher": rep.teacher_accuracy, "customers": rep.customers,
          "issue_seconds": time.time() - t0, "student": dataclasses.asdict(student)}
   print(f"teacher {rep.teacher_accuracy:.4f}; customers {rep.customers}")
@@ -97,9 +106,10 @@ def classifier_part(args, wd: str) -> dict:
   dsn = read_json(os.path.join(wd, DSN_JSON))
   spec = serial.StampSpec.from_json(dsn["stamp"])
   x, y, xh, yh = labelled_split("mnist5k", seed=dsn["seed"])
-  reg = runs.read_serials(wd)
+  reg = runs.read_serials(wd, args.key_file)
+  key = owner_key(args.key_file)
   valid = np.stack([serial.parse_serial(c["serial"], spec.bits) for c in reg["customers"]])
-  invalid = serial.draw_invalid(jax.random.PRNGKey(KEY + EVAL_SALT), valid, 100)
+  invalid = serial.draw_invalid(serial.owner_prng(key, reg["nonce"], "invalid"), valid, 100)
   t_model, t_params = runs.load_teacher(wd)
   sn = valid[0]
 
@@ -113,7 +123,7 @@ def classifier_part(args, wd: str) -> dict:
       t1 = time.time()
       cfg = dataclasses.replace(student, **change)
       st = serial.distill_student(t_model, t_params, x, y, sn, spec,
-                                  jax.random.fold_in(jax.random.PRNGKey(KEY), 0), cfg,
+                                  serial.owner_prng(key, reg["nonce"], "student 0"), cfg,
                                   progress=True, desc=name)
       row = student_row(st.model, st.params, xh, yh, sn, spec, invalid)
       print(f"{name}: {row} ({time.time() - t1:.0f} s)")
@@ -121,7 +131,7 @@ def classifier_part(args, wd: str) -> dict:
 
     out["ablations"][name] = cached(args.runs, f"ablation {name} {student.steps}", ablation)
 
-  model, params, _ = runs.load_student(wd, 0)
+  model, params, _ = runs.load_student(wd, 0, args.key_file)
   out["attacks"] = cached(args.runs, f"attacks {student.steps}",
                           lambda: attack_student(model, params, x, y, xh, yh, sn, spec, invalid))
   out["serial_0"] = serial.format_serial(sn)
@@ -175,12 +185,14 @@ def diffusion_part(args, root: str) -> tuple[dict, dict]:
   base = runs.base_workdir(os.path.join(root, "base"), False, None, log=print).path
   locked_wd = os.path.join(root, "locked")
   if not os.path.exists(os.path.join(locked_wd, "train_summary.json")):
-    runs.serial_lock(locked_wd, base, steps=args.lock_steps, lr=3e-4, key=KEY, log=print)
+    runs.serial_lock(locked_wd, base, steps=args.lock_steps, lr=3e-4, stamp=STAMP,
+                     key_file=args.key_file, log=print)
   clean_finetune(base, os.path.join(root, "clean"), args.lock_steps)
-  lock = runs.read_lock(locked_wd)
+  lock = runs.read_lock(locked_wd, args.key_file)
   spec = serial.StampSpec.from_json(lock["stamp"])
   sn = serial.parse_serial(lock["serial"], spec.bits)
-  invalid = serial.draw_invalid(jax.random.PRNGKey(KEY + EVAL_SALT), sn[None], 5)
+  invalid = serial.draw_invalid(
+    serial.owner_prng(owner_key(args.key_file), lock["nonce"], "invalid"), sn[None], 5)
   near = serial.near_misses(sn)[:: max(1, spec.bits // 5)][:5]
   cfg, _ = runs.load_model(locked_wd)
   quality = TaskQuality(cfg)
@@ -388,8 +400,14 @@ def main() -> None:
   ap.add_argument("--num-fd", type=int, default=500, help="samples per diffusion row")
   ap.add_argument("--skip-diffusion", action="store_true")
   ap.add_argument("--results", default=RESULTS)
+  ap.add_argument("--key-file", default=None, help="the owner key (default: the environment, "
+                  "else RUNS/owner.key, made when missing)")
   args = ap.parse_args()
   os.makedirs(args.runs, exist_ok=True)
+  if args.key_file is None and not (os.environ.get(KEY_FILE_ENV) or os.environ.get(KEY_ENV)):
+    args.key_file = os.path.join(args.runs, "owner.key")
+    if not os.path.exists(args.key_file):
+      print(f"owner key {keygen(args.key_file)} written to {args.key_file}")
   res = {"device": device_info()}
   res["classifier"] = classifier_part(args, os.path.join(args.runs, "students"))
   grids = {}

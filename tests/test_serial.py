@@ -1,6 +1,7 @@
 """Deep Serial Number, the pure parts: the gradient-reversal layer, the soft nearest neighbour
-loss against numpy, stamps where and what the key says, invalid serials that never match,
-the locked diffusion loss's inputs, and bad inputs refused in one line."""
+loss against numpy, stamps where and what the key says, serials from the owner key, invalid
+serials that never match, the locked diffusion loss's inputs, and bad inputs refused in one
+line."""
 
 from __future__ import annotations
 
@@ -88,10 +89,33 @@ def test_stamps_are_exactly_where_and_what_the_key_says():
       np.testing.assert_array_equal(serial.read_stamp(out, spec)[..., 0],
                                     np.broadcast_to(want, (2, side, side)))
   # One serial per image.
-  spec = serial.StampSpec()
+  spec = serial.StampSpec(bits=16)
   out = np.asarray(serial.stamp(images, sn[:2], spec))
   for i in range(2):
     np.testing.assert_array_equal(out[i, 24:, 24:, 0], 2.0 * sn[i].reshape(4, 4) - 1.0)
+
+
+def test_serials_from_the_owner_key_are_balanced_distinct_and_prefix_stable():
+  """derive_serials is a function of the key and the nonce only: the same pair gives the
+  same serials, a longer draw starts with a shorter one, another key or nonce gives others;
+  the default stamp is 64 bits and fits a 28x28 digit, not an 8x8 one."""
+  key, nonce = b"an owner key of sixteen+ chars", "ab" * 16
+  sn = serial.derive_serials(key, nonce, 8, 64)
+  assert sn.shape == (8, 64) and sn.dtype == np.uint8
+  np.testing.assert_array_equal(sn[:3], serial.derive_serials(key, nonce, 3, 64))
+  assert len({r.tobytes() for r in sn}) == 8 and ((sn.sum(1) >= 16) & (sn.sum(1) <= 48)).all()
+  for other in (serial.derive_serials(b"another owner key, 16+ chars", nonce, 8, 64),
+                serial.derive_serials(key, "cd" * 16, 8, 64)):
+    assert not any((a == b).all() for a in sn for b in other)
+  # 4 bits: as many serials as the cap allows, all balanced and distinct.
+  small = serial.derive_serials(key, nonce, serial.max_serials(4), 4)
+  assert len({r.tobytes() for r in small}) == 8
+  assert ((small.sum(1) >= 1) & (small.sum(1) <= 3)).all()
+  a, b = (np.asarray(serial.owner_prng(key, nonce, p)) for p in ("student 0", "student 1"))
+  assert not np.array_equal(a, b)
+  np.testing.assert_array_equal(a, serial.owner_prng(key, nonce, "student 0"))
+  assert serial.StampSpec().bits == serial.SECURE_BITS == 64
+  serial.StampSpec().check_small(28, 28)  # an 8x8 px stamp on mnist5k
 
 
 def test_invalid_serials_never_match_and_near_misses_are_one_bit_away():
@@ -115,7 +139,7 @@ def test_invalid_serials_never_match_and_near_misses_are_one_bit_away():
 
 
 def test_locked_loss_stamps_only_the_valid_half():
-  spec = serial.StampSpec()
+  spec = serial.StampSpec(bits=16)
   sn = serial.draw_serials(jax.random.PRNGKey(0), 1, 16)[0]
   seen = []
 
@@ -148,10 +172,18 @@ def test_locked_loss_stamps_only_the_valid_half():
   (lambda: serial.StampSpec(bits=9), "bits: expected a perfect square that is a multiple"),
   (lambda: serial.StampSpec(corner="middle"), "corner: expected one of"),
   (lambda: serial.StampSpec(cell=0), "cell: expected a positive integer"),
-  (lambda: serial.stamp(jnp.zeros((1, 8, 8, 1)), np.ones(16), serial.StampSpec(cell=3)),
+  (lambda: serial.stamp(jnp.zeros((1, 8, 8, 1)), np.ones(16),
+                               serial.StampSpec(bits=16, cell=3)),
    "stamp: expected a stamp no larger than the image, got a 12x12 stamp"),
   (lambda: serial.stamp(jnp.zeros((1, 28, 28, 1)), np.ones(9), serial.StampSpec()),
-   r"bits: expected \[16\]"),
+   r"bits: expected \[64\]"),
+  (lambda: serial.StampSpec().check_small(8, 8),
+   r"stamp: expected a stamp of at most half the image's side \(4 px for 8x8 images\), got "
+   r"8x8 px \(64 bits of 1 px\); at most 16 bits fit"),
+  (lambda: serial.StampSpec(bits=4, cell=3).check_small(8, 8),
+   "no stamp fits with cells this large"),
+  (lambda: serial.derive_serials(b"k" * 16, "0" * 32, 9, 4),
+   "num: expected between 1 and 8 serials of 4 bits"),
   (lambda: serial.StudentConfig(batch_size=7), "batch_size: expected an even number"),
   (lambda: serial.StudentConfig(lr=0.0), "lr: expected"),
 ])

@@ -3,8 +3,12 @@
 A serial number of k bits (k a perfect square, a multiple of 4) is written as hex, k / 4
 digits ("9f3a" for 16 bits), and stamped into an image as a sqrt(k) x sqrt(k) grid of cells
 of `cell` x `cell` pixels in one corner: bit 1 -> +1 (white), bit 0 -> -1 (black), in every
-channel. The default, 16 bits of one pixel at the bottom right, covers 4 / 28 = 14% of an
-mnist5k digit's width (the paper: about 10%).
+channel. The default, 64 bits of one pixel at the bottom right, is an 8x8 px square: 29% of
+an mnist5k digit's width, 8% of its area (the paper: about 10% of the width). Shorter serials
+are found by trying them all (`attacks.search_serials`: 16 bits take minutes on a CPU; see
+`owner`); 64 bits are too many patterns to try. An issued stamp may cover at most half of
+the image's side (`StampSpec.check_small`): 64 bits fit 28x28 digits, not the 8x8 ones, whose
+16 bits at most can be searched.
 
 A valid serial number has between k / 4 and 3k / 4 one-bits, so it differs from a blank
 corner (all -1, which is what an unstamped digit shows) in at least k / 4 cells.
@@ -32,11 +36,12 @@ class StampSpec:
   """Where and how big a serial-number stamp is.
 
   Attributes:
-    bits: k, a perfect square and a multiple of 4 (the serial is k / 4 hex digits).
+    bits: k, a perfect square and a multiple of 4 (the serial is k / 4 hex digits); the
+      default 64 is too long to search exhaustively.
     cell: pixels per bit along each side.
     corner: one of CORNERS.
   """
-  bits: int = 16
+  bits: int = 64
   cell: int = 1
   corner: str = "bottom_right"
 
@@ -69,6 +74,19 @@ class StampSpec:
     row = 0 if self.corner.startswith("top") else height - self.side
     col = 0 if self.corner.endswith("left") else width - self.side
     return row, col
+
+  def check_small(self, height: int, width: int) -> None:
+    """Refuses, in one line naming `stamp`, a stamp longer than half the shorter side of
+    `height` x `width` images: a larger one covers most of the image (the whole of it at
+    64 bits on 8x8 digits), leaving the model little to classify or generate."""
+    most = min(height, width) // 2
+    grid = most // self.cell - (most // self.cell) % 2  # an even grid: bits a multiple of 4
+    fewer = (f"at most {grid * grid} bits fit with {self.cell} px cells" if grid else
+             "no stamp fits with cells this large")
+    check(self.side <= most,
+          f"stamp: expected a stamp of at most half the image's side ({most} px for {height}x"
+          f"{width} images), got {self.side}x{self.side} px ({self.bits} bits of {self.cell} px)"
+          f"; {fewer} (serials under 64 bits can be searched exhaustively)")
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
