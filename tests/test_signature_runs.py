@@ -385,9 +385,9 @@ def test_counts_are_bounded_and_named_by_their_flags(signed, tmp_path, monkeypat
   os.makedirs(fresh)
   for name in ("hidden.json", EXTRACTOR):
     shutil.copy(os.path.join(sig, name), fresh)
-  monkeypatch.setattr("wdmjax.runs.signature._memory_bytes", lambda: 2**26)
-  with pytest.raises(WdmjaxError, match=r"^users: expected an integer in \[1, [\d,]+\] \(users' "
-                                        r"decoders of about .* MiB each: at most half"):
+  monkeypatch.setattr("wdmjax.runs.arguments.host_memory_bytes", lambda: 2**26)
+  with pytest.raises(WdmjaxError, match=r"^users: expected an integer in \[1, [\d,]+\] \(about "
+                                        r".* MiB each for users' decoders, half of this host's"):
     runs.signature_embed(fresh, ldm, 5000, key_file=key, progress=False)
   assert sorted(os.listdir(fresh)) == ["extractor.npz", "hidden.json"]
 

@@ -56,6 +56,7 @@ from wdmjax import keys, records
 from wdmjax.data import labelled_split
 from wdmjax.errors import WdmjaxError, check, check_number, check_seed, show
 from wdmjax.files import check_dir_path, save_npz
+from wdmjax.runs.arguments import check_count
 from wdmjax.runs.autoencoder import generate as ldm_generate
 from wdmjax.runs.autoencoder import ldm_autoencoder
 from wdmjax.runs.images import read_images
@@ -130,22 +131,6 @@ def _count(name: str, v, high: int, why: str = "") -> int:
   check(isinstance(v, int | np.integer) and not isinstance(v, bool) and 1 <= v <= high,
         f"{name}: expected an integer in [1, {high:,}]{why}, got {show(v)}")
   return int(v)
-
-
-def _memory_bytes() -> int:
-  """The host's physical memory in bytes (8 GiB when the system does not say)."""
-  try:
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-  except (ValueError, OSError, AttributeError):
-    return 8 * 2**30
-
-
-def _memory_bound(name: str, v: int, per_item: int, what: str) -> int:
-  """`v` items of `per_item` bytes each must fit in half the host's memory."""
-  memory = _memory_bytes()
-  high = max(1, memory // 2 // max(1, per_item))
-  return _count(name, v, high, f" ({what} of about {per_item / 2**20:,.1f} MiB each: at most "
-                               f"half of this host's {memory / 2**30:,.1f} GiB)")
 
 
 def _renamed(name: str, call: Callable, heads: tuple[str, ...] = ("workdir", "ldm_workdir")):
@@ -313,7 +298,7 @@ def pretrain(workdir: str | Workdir, data: str = "mnist5k", *, steps: int = 4000
   # Activations of the encoder, the extractor and the scored candidate attacks, kept for the
   # backward pass: an estimate, within a small factor.
   per_image = 4 * h * w * (channels * (4 + extractor_depth + 2) + num_bits + c) * (8 + candidates)
-  batch_size = _memory_bound("batch_size", batch_size, per_image, "images")
+  batch_size = check_count("batch_size", batch_size, bytes_each=per_image, what="images")
   pool = _count("pool", pool, min(h, w), f" (the side of the {w}x{h} images of {data!r})")
   args = {"data": data, "steps": steps, "warmup_steps": warmup_steps,
           "batch_size": batch_size, "lr": float(lr), "selection": selection,
@@ -690,9 +675,9 @@ def embed(workdir: str | Workdir, ldm: str | Workdir, users: int, *,
   # Per user: the decoder, its gradient and AdamW's two moments and the update, and the
   # activations of a batch through the decoder and the extractor (an estimate).
   per_user = 4 * (5 * decoder_size + batch_size * h * w * (c + 256))
-  users = _memory_bound("users", users, per_user, "users' decoders")
+  users = check_count("users", users, bytes_each=per_user, what="users' decoders")
   if null_images:
-    _memory_bound("null_images", null_images, 4 * h * w * c * 4, "images")
+    check_count("null_images", null_images, bytes_each=4 * h * w * c * 4, what="images")
   with wd.undo_on_failure():
     check(not os.path.lexists(wd.file(REGISTRY)),
           f"workdir: {wd.path!r} already holds signed decoders ({REGISTRY}); use another "
@@ -815,7 +800,7 @@ def generate(workdir: str | Workdir, user: int | None, num: int, *, seed: int = 
         f"{what}: expected the LDM whose decoder was signed, got {meta['ldm']!r}, whose "
         f"autoencoder's decoder is another")
   h, w, c = ae.image_shape
-  num = _memory_bound("num", num, 4 * h * w * c * 4, "images")
+  num = check_count("num", num, bytes_each=4 * h * w * c * 4, what="images")
   r = _renamed(what, lambda: ldm_generate(meta["ldm"], num, seed=seed, decoder_params=params))
   if out is not None:
     write_pngs(r.images, out)
