@@ -46,8 +46,9 @@ def regular_file(path: str | os.PathLike, what: str | None = None,
                       f"{os.readlink(path)!r}")
   kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a special file"
   check(stat.S_ISREG(st.st_mode), f"{what}: expected a regular file, got {kind}")
-  check(max_bytes is None or st.st_size <= max_bytes,
-        f"{what}: expected at most {max_bytes:,} bytes, got {st.st_size:,}")
+  if max_bytes is not None:
+    check(st.st_size <= max_bytes,
+          f"{what}: expected at most {max_bytes:,} bytes, got {st.st_size:,}")
   return path
 
 
