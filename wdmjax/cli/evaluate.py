@@ -38,7 +38,7 @@ def cmd_evaluate(args) -> int:
                wdm_group=args.wdm_group, wdm_null=args.wdm_null,
                regen_workdir=args.regen_workdir, regen_steps=args.regen_steps,
                signature_workdir=args.signature_workdir, signature_user=args.signature_user,
-               progress=not args.json)
+               signature_key_file=args.signature_key_file, progress=not args.json)
   if args.json:
     print(json.dumps(r.report))
     return 0
@@ -96,6 +96,9 @@ def add_parser(sub) -> None:
   e.add_argument("--signature-workdir", default=None,
                  help="a Stable Signature workdir signed for --workdir (a latent model): "
                  "needed for the method stable_signature")
+  e.add_argument("--signature-key-file", default=None,
+                 help="the owner key of --signature-workdir's registry (default "
+                 "$WDMJAX_OWNER_KEY_FILE, or the key in $WDMJAX_OWNER_KEY)")
   e.add_argument("--signature-user", type=int, default=0,
                  help="whose decoder generates the signed images")
   e.add_argument("--out", required=True, help="directory for benchmark.json/.md, samples.png "

@@ -70,8 +70,8 @@ from wdmjax.runs.attack import attack_model
 from wdmjax.runs.autoencoder import ldm_autoencoder
 from wdmjax.runs.demo import DEMO_SECRET, base_workdir
 from wdmjax.runs.model import load_model
-from wdmjax.runs.signature import SIGNATURE_JSON, load_user_decoder
 from wdmjax.runs.signature import detect as signature_detect
+from wdmjax.runs.signature import load_user_decoder, signature_meta
 from wdmjax.runs.watermark import embed, extract_samples, image_shape, read_secret, resolve_secret
 from wdmjax.stats.binomial import binomial_log10_sf
 from wdmjax.stats.rates import clopper_pearson, rate_at
@@ -300,7 +300,8 @@ def evaluate(out: str, methods: Sequence[str] = PIXEL_DEFAULT,
              model_attacks: Sequence[str] = DEFAULT_MODEL_ATTACKS, wdm_group: int = 16,
              wdm_null: int = 1024, regen_workdir: str | None = None, regen_steps: int = 20,
              signature_workdir: str | None = None, signature_user: int = 0,
-             progress: bool = True, log=None) -> BenchmarkReport:
+             signature_key_file: str | None = None, progress: bool = True, log=None
+             ) -> BenchmarkReport:
   """Benchmarks `methods` under `attacks` (`wdmjax.attacks.image` names) and, for the
   model watermarks, `model_attacks` (`wdmjax.attacks.spec` names) on a model; see the module
   docstring. Returns the report and writes it to `out`.
@@ -318,7 +319,8 @@ def evaluate(out: str, methods: Sequence[str] = PIXEL_DEFAULT,
 def _evaluate(out: str, methods: Sequence[str], attacks: Sequence[str], *, workdir, num,
               num_null, steps, inversion_iters, fprs, seed, batch_size, wdm_workdir,
               wdm_secret, model_attacks, wdm_group, wdm_null, regen_workdir, regen_steps,
-              signature_workdir, signature_user, progress, log, out_existed: bool
+              signature_workdir, signature_user, signature_key_file, progress, log,
+              out_existed: bool
               ) -> BenchmarkReport:
   """`evaluate` under `out`'s lock; `out_existed`: whether `out` was there before it."""
   log = log or (lambda *_: None)
@@ -497,7 +499,7 @@ def _evaluate(out: str, methods: Sequence[str], attacks: Sequence[str], *, workd
     b.commit("wdm")
   if "stable_signature" in methods and not journal.finished("stable_signature"):
     _stable_signature(b, report, panels, num, signature_workdir, signature_user,
-                      parsed_model_attacks, seed, progress, log)
+                      signature_key_file, parsed_model_attacks, seed, progress, log)
     b.commit("stable_signature")
   bar.close()
   seconds = time.time() - t_start
@@ -711,13 +713,13 @@ def _wdm(b: _Bench, report: dict, panels: list, num: int, out: str, wdm_workdir,
 
 
 def _stable_signature(b: _Bench, report: dict, panels: list, num: int, sig_workdir: str,
-                      user: int, model_attacks: list, seed: int, progress: bool, log) -> None:
+                      user: int, key_file: str | None, model_attacks: list, seed: int,
+                      progress: bool, log) -> None:
   """Stable Signature: images of the latent model through the user's fine-tuned decoder;
   detection reads the bits with the extractor (`wdmjax signature detect`). Image attacks edit
   the images; model attacks edit the latent DiT (the signed decoder stays), and a decoder
   swap decodes the same latents with the original decoder."""
-  meta = Workdir(sig_workdir).read_json(SIGNATURE_JSON)
-  check(meta is not None, f"signature_workdir: no signed decoders in {sig_workdir!r}")
+  meta = signature_meta(sig_workdir)
   check(os.path.realpath(meta["ldm"]) == os.path.realpath(report["model"]["workdir"]),
         f"signature_workdir: signed for the model {meta['ldm']!r}, not for "
         f"{report['model']['workdir']!r}")
@@ -727,7 +729,7 @@ def _stable_signature(b: _Bench, report: dict, panels: list, num: int, sig_workd
   fpr_min = min(b.fprs)
 
   def log10_p(images: np.ndarray) -> np.ndarray:
-    r = signature_detect(sig_workdir, images, user=user, fpr=fpr_min)
+    r = signature_detect(sig_workdir, images, user=user, fpr=fpr_min, key_file=key_file)
     return np.asarray([row["log10_p"] for row in r["images"]], np.float64), r["num_bits"]
 
   null_lp, bits = log10_p(b.clean)

@@ -734,8 +734,10 @@ def embed(workdir: str | Workdir, ldm: str | Workdir, users: int, *,
                      wd.file(DECODERS), cleaned)
 
 
-def _signature_meta(wd: Workdir) -> dict:
-  """signature.json, checked: users, signing, the decoders' hashes, the LDM's path."""
+def signature_meta(wd: str | Workdir) -> dict:
+  """signature.json, checked: users, signing, the decoders' hashes, the LDM's path (made
+  absolute: a relative one is resolved inside the workdir)."""
+  wd = Workdir(wd)
   path = wd.file(SIGNATURE_JSON)
   check(os.path.lexists(path), f"workdir: no signed decoders in {wd.path!r}; run `wdmjax "
                                f"signature embed` first")
@@ -757,7 +759,7 @@ def load_user_decoder(workdir: str | Workdir, user: int):
   """User `user`'s fine-tuned decoder parameters: the file `signature embed` wrote (its
   hash is checked against signature.json; a link, even to another user's, is refused)."""
   wd = Workdir(workdir)
-  meta = _signature_meta(wd)
+  meta = signature_meta(wd)
   check(isinstance(user, int | np.integer) and not isinstance(user, bool)
         and 0 <= user < meta["users"],
         f"user: expected a user in [0, {meta['users']}), got {show(user)}")
@@ -788,7 +790,7 @@ def generate(workdir: str | Workdir, user: int | None, num: int, *, seed: int = 
   wd = Workdir(workdir)
   num = _count("num", num, MAX_IMAGES)
   seed = check_seed(seed, "seed")
-  meta = _signature_meta(wd)
+  meta = signature_meta(wd)
   if out is not None:
     check_dir_path(out, "out", writable=True)
     check(not os.path.exists(out) or not os.listdir(out),
