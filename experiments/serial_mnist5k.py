@@ -2,7 +2,7 @@
 attacks, and can a diffusion model be locked the same way?
 
   python experiments/serial_mnist5k.py [--runs runs/serial_mnist5k] [--customers 3]
-      [--key-file KEY]   (default: $WDMJAX_KEY_FILE or $WDMJAX_KEY, else RUNS/owner.key,
+      [--key-file KEY]   (default: $WDMJAX_OWNER_KEY_FILE or $WDMJAX_OWNER_KEY, else RUNS/owner.key,
                           made with `wdmjax keygen` when missing)
 
 The serial numbers are derived from the owner key and each workdir's nonce: with the same key

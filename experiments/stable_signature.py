@@ -425,7 +425,7 @@ def main() -> None:
   ap.add_argument("--tradeoff-steps", default=",".join(map(str, TRADEOFF_STEPS)))
   ap.add_argument("--results", default=RESULTS)
   ap.add_argument("--key-file", default=None, help="the owner key the messages come from "
-                  "(`wdmjax keygen FILE`; default $WDMJAX_KEY_FILE or $WDMJAX_KEY)")
+                  "(`wdmjax keygen FILE`; default $WDMJAX_OWNER_KEY_FILE or $WDMJAX_OWNER_KEY)")
   ap.add_argument("--replot", action="store_true", help="redraw the figure and table from "
                   "the JSON only")
   a = ap.parse_args()

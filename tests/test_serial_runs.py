@@ -55,8 +55,8 @@ def issued(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _no_key_in_environment(monkeypatch):
-  monkeypatch.delenv("WDMJAX_KEY", raising=False)
-  monkeypatch.delenv("WDMJAX_KEY_FILE", raising=False)
+  monkeypatch.delenv("WDMJAX_OWNER_KEY", raising=False)
+  monkeypatch.delenv("WDMJAX_OWNER_KEY_FILE", raising=False)
 
 
 def _mode(path: str) -> int:
@@ -107,7 +107,7 @@ def test_issue_resumes_without_retraining_and_keeps_serials(issued, monkeypatch)
   wd = issued["wd"]
   before = tree_hashes(os.path.join(wd, "students"))
   os.remove(os.path.join(wd, ISSUE_JSON))
-  monkeypatch.setenv("WDMJAX_KEY_FILE", issued["key"])  # the key from the environment
+  monkeypatch.setenv("WDMJAX_OWNER_KEY_FILE", issued["key"])  # the key from the environment
   rep = runs.serial_issue(wd, 2, config=STUDENT, invalid=5, progress=False)
   assert tree_hashes(os.path.join(wd, "students")) == before
   assert [c["serial"] for c in rep.customers] == [c["serial"] for c in issued["rep"].customers]
@@ -135,7 +135,7 @@ def test_no_file_others_can_read_holds_a_serial_and_a_wrong_key_learns_nothing(i
                      key_id(KEY.encode()))
     assert KEY not in line and OTHER_KEY not in line
   r = run_cli("serial", "issue", "--workdir", wd, "--customers", "1")  # no key at all
-  _one_line(r, "--key-file: expected the owner key's file", "WDMJAX_KEY")
+  _one_line(r, "--key-file: expected the owner key's file", "WDMJAX_OWNER_KEY")
   assert tree_hashes(wd) == before
   # A table shows the serials only when the owner asks.
   serials = [c["serial"] for c in issued["rep"].customers]

@@ -179,7 +179,7 @@ def test_evaluate_stable_signature_and_noise_marks_on_the_tiny_ldm(signed, tmp_p
                                                                    monkeypatch):
   """`runs.benchmark` on a latent model: Tree-Ring and Gaussian Shading mark the latents,
   Stable Signature the decoder; the decoder swap and a model attack are rows of their own."""
-  monkeypatch.setenv("WDMJAX_KEY_FILE", signed["key"])  # the owner key of the signing
+  monkeypatch.setenv("WDMJAX_OWNER_KEY_FILE", signed["key"])  # the owner key of the signing
   r = runs.benchmark(str(tmp_path / "bench"),
                      ["tree_ring", "gaussian_shading", "stable_signature"], ["none", "jpeg:50"],
                      workdir=signed["ldm"], signature_workdir=signed["sig"],
@@ -351,13 +351,13 @@ def test_messages_come_from_the_owner_key_which_is_never_written_or_printed(
   meta = json.load(open(os.path.join(sig, SIGNATURE_JSON)))
   assert meta["key_id"] == keys.key_id(secret) and "key_seed" not in meta
   # No key, no detection (and the message names the flag); the key is never printed.
-  for var in ("WDMJAX_KEY", "WDMJAX_KEY_FILE"):
+  for var in ("WDMJAX_OWNER_KEY", "WDMJAX_OWNER_KEY_FILE"):
     monkeypatch.delenv(var, raising=False)
   x = str(tmp_path / "x")
   write_pngs(np.zeros((1, 28, 28, 1), np.float32), x)
   err = _one_line_error(run_cli("signature", "identify", "--workdir", sig, "--images", x))
   assert err.startswith("wdmjax: error: --key-file: expected the owner key's file"), err
-  monkeypatch.setenv("WDMJAX_KEY_FILE", key)
+  monkeypatch.setenv("WDMJAX_OWNER_KEY_FILE", key)
   r = run_cli("signature", "identify", "--workdir", sig, "--images", x)
   assert r.returncode == 0, r.stderr
   assert secret.decode() not in r.stdout + r.stderr

@@ -1,8 +1,9 @@
 """Owner keys: the secret behind Stable Signature messages and Deep Serial Numbers.
 
 An owner key is at least 128 bits of secret text, read from a file only its owner can read
-(`--key-file`) or from the environment (`WDMJAX_KEY_FILE` names such a file; `WDMJAX_KEY`
-holds the key itself). It is never defaulted, printed or written to a workdir. From it:
+(`--key-file`) or from the environment (`WDMJAX_OWNER_KEY_FILE` names such a file;
+`WDMJAX_OWNER_KEY` holds the key itself; WDM's integer `WDMJAX_KEY` is another thing). It is
+never defaulted, printed or written to a workdir. From it:
 
     derive_bits(key, label, n)     n secret bits for one purpose (a user's message, ...)
     derive_int(key, label, high)   a secret integer in [0, high)
@@ -29,7 +30,10 @@ import numpy as np
 
 from wdmjax.errors import WdmjaxError, check
 
-KEY_ENV, KEY_FILE_ENV = "WDMJAX_KEY", "WDMJAX_KEY_FILE"
+KEY_ENV, KEY_FILE_ENV = "WDMJAX_OWNER_KEY", "WDMJAX_OWNER_KEY_FILE"
+# For a flag's help: where the key comes from.
+KEY_HELP = (f"the owner key's file (`wdmjax keygen FILE`; default ${KEY_FILE_ENV}, or the key "
+            f"itself in ${KEY_ENV})")
 MIN_KEY_CHARS = 16  # 128 bits as 32 hex digits, or at least 16 characters of a passphrase
 SEAL = "seal"
 
@@ -68,8 +72,8 @@ def read_key_file(path: str | os.PathLike, name: str = "key_file") -> bytes:
 
 
 def owner_key(key_file: str | os.PathLike | None = None, name: str = "key_file") -> bytes:
-  """The owner key: from `key_file`, else from the file `$WDMJAX_KEY_FILE`, else from
-  `$WDMJAX_KEY`; refused in one line naming `name` when there is none."""
+  """The owner key: from `key_file`, else from the file `$WDMJAX_OWNER_KEY_FILE`, else from
+  `$WDMJAX_OWNER_KEY`; refused in one line naming `name` when there is none."""
   if key_file is not None:
     return read_key_file(key_file, name)
   if os.environ.get(KEY_FILE_ENV):

@@ -106,7 +106,7 @@ def _cmd_plan(args) -> int:
 def _cmd_keygen(args) -> int:
   kid = runs.keygen(args.path)
   print(f"owner key {kid} written to {args.path} (mode 600): keep it safe and private; "
-        f"pass it with --key-file or $WDMJAX_KEY_FILE")
+        f"pass it with --key-file or $WDMJAX_OWNER_KEY_FILE")
   return 0
 
 
@@ -173,7 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
   add_serial_parsers(sub)
   add_ood_parsers(sub)
   add_evaluate_parser(sub)
+  _no_abbreviations(p)
   return p
+
+
+def _no_abbreviations(parser: argparse.ArgumentParser) -> None:
+  """Every flag must be typed in full: argparse would take `--key SECRET` for `--key-file
+  SECRET` (and quote the secret back as a missing file)."""
+  parser.allow_abbrev = False
+  for action in parser._actions:
+    if isinstance(action, argparse._SubParsersAction):
+      for child in action.choices.values():
+        _no_abbreviations(child)
 
 
 def _flags(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 
-from wdmjax import runs
+from wdmjax import keys, runs
 from wdmjax.runs.serial import SHORT_SERIAL_NOTE
 from wdmjax.serial import CORNERS, SECURE_BITS, StampSpec, StudentConfig
 
-KEY_HELP = ("the owner key's file (`wdmjax keygen FILE`; default: $WDMJAX_KEY_FILE, or the key "
-            "in $WDMJAX_KEY): serial numbers are derived from it and sealed by it")
+KEY_HELP = keys.KEY_HELP + ": serial numbers are derived from it and sealed by it"
 
 
 def _stamp(args) -> StampSpec | None:

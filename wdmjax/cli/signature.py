@@ -2,19 +2,17 @@
 latent diffusion model's decoder for N users, generate, detect, identify).
 
 `embed`, `detect` and `identify` need the owner key: `--key-file FILE` (made by `wdmjax
-keygen FILE`), or `$WDMJAX_KEY_FILE`, or the key itself in `$WDMJAX_KEY`. The key is never
-printed nor written into the workdir."""
+keygen FILE`), or `$WDMJAX_OWNER_KEY_FILE`, or the key itself in `$WDMJAX_OWNER_KEY`. The key
+is never printed nor written into the workdir."""
 
 from __future__ import annotations
 
 import json
 
 from wdmjax import runs
+from wdmjax.keys import KEY_HELP
 from wdmjax.runs.signature import CHECKPOINT_EVERY
 from wdmjax.signature.pretrain import SELECTIONS
-
-KEY_HELP = ("the owner key's file (`wdmjax keygen FILE`; default $WDMJAX_KEY_FILE, or the key "
-            "in $WDMJAX_KEY)")
 
 
 def cmd_pretrain(args) -> int:

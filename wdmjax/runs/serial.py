@@ -13,8 +13,8 @@ A serial workdir holds:
 A locked diffusion workdir is a training workdir (fine-tuned from a base) plus `lock.json`
 (sealed, owner-only: the nonce, the serial number, the stamp, the base, the lock weight).
 
-Serial numbers come from the owner key (`wdmjax.keys`: `key_file`, else `$WDMJAX_KEY_FILE` or
-`$WDMJAX_KEY`) and the workdir's nonce (`serial.derive_serials`); they are kept only in the
+Serial numbers come from the owner key (`wdmjax.keys`: `key_file`, else `$WDMJAX_OWNER_KEY_FILE` or
+`$WDMJAX_OWNER_KEY`) and the workdir's nonce (`serial.derive_serials`); they are kept only in the
 owner's sealed, private files and never printed unless asked for. Every file is read back
 through a typed loader (`wdmjax.records`): a tampered, truncated or mistyped one, a student
 or teacher that is not the file issued here (copied from another workdir, say), or a record

@@ -11,8 +11,8 @@ A signature workdir holds:
     registry.json         users -> messages, sealed by the owner key (owner-only)
     decoders/user_NNNN.npz  each user's fine-tuned decoder
 
-Messages come from the owner's key (`wdmjax.keys`: `--key-file`, `$WDMJAX_KEY_FILE` or
-`$WDMJAX_KEY`), never from a default: user u's message is HMAC-derived from the key, a random
+Messages come from the owner's key (`wdmjax.keys`: `--key-file`, `$WDMJAX_OWNER_KEY_FILE` or
+`$WDMJAX_OWNER_KEY`), never from a default: user u's message is HMAC-derived from the key, a random
 id of the signing and u. The registry is sealed with the key (an HMAC over its contents) and
 every read checks the seal, so a registry whose messages were edited (say, to the bits the
 extractor reads from unsigned images) or one of another owner's key is refused in one line.
@@ -624,7 +624,7 @@ def embed(workdir: str | Workdir, ldm: str | Workdir, users: int, *,
           null_images: int = 1000, progress: bool = True) -> EmbedReport:
   """Fine-tunes one copy of the LDM's decoder per user so that every image it decodes
   carries that user's message. Messages are derived from the owner key (`key_file`, else
-  `$WDMJAX_KEY_FILE` or `$WDMJAX_KEY`) and a random id of this signing; `seed` draws the
+  `$WDMJAX_OWNER_KEY_FILE` or `$WDMJAX_OWNER_KEY`) and a random id of this signing; `seed` draws the
   fine-tuning's batches only. Writes decoders/, signature.json and, last, registry.json
   (owner-only, sealed by the key); the LDM and its autoencoder are read, never written.
 
