@@ -412,7 +412,7 @@ def test_bad_latent_shards_are_refused_by_name(tmp_path):
   r = run_cli('latents', '--npz-dir', str(tmp_path / 'bad'), '--data-dir', str(tmp_path / 'd'))
   assert r.returncode == 2 and 'expected `latents` float [N, 32, 32, 4]' in r.stderr, r.stderr
   r = run_cli('latents', '--npz-dir', str(tmp_path / 'none'), '--data-dir', str(tmp_path / 'd'))
-  assert r.returncode == 2 and 'expected *.npz latent shards' in r.stderr, r.stderr
+  assert r.returncode == 2 and 'expected a directory of *.npz latent shards' in r.stderr, r.stderr
 
 
 def test_batch_rows_read_only_those_positions(data_dir):
