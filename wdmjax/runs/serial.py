@@ -302,12 +302,20 @@ class Serials:
             "teacher_sha256": self.teacher_sha256, "customers": list(self.customers)}
 
 
-def _read_serials(wd: Workdir, key: bytes) -> Serials:
-  what = wd.file(SERIALS)
-  check(os.path.lexists(what), f"workdir: {wd.path!r} has issued no students yet")
+def _sealed_record(wd: Workdir, name: str, key: bytes, missing: str) -> tuple[dict, str]:
+  """(the owner-only record `name` of the workdir, checked to be sealed by `key`; its path);
+  `missing`: the message when there is none."""
+  what = wd.file(name)
+  check(os.path.lexists(what), missing)
   rec = read_json_file(what)
   _private(what, what)
   check_seal(rec, key, what)
+  return rec, what
+
+
+def _read_serials(wd: Workdir, key: bytes) -> Serials:
+  rec, what = _sealed_record(wd, SERIALS, key, f"workdir: {wd.path!r} has issued no students "
+                                               f"yet")
   field(rec, "method", "str", what, choices=[METHOD])
   stamp = _stamp_field(rec, what)
   rows = field(rec, "customers", "list", what, high=MAX_CUSTOMERS)
@@ -617,11 +625,8 @@ def _lock_stamp(wd: Workdir, rec: dict | None = None) -> StampSpec:
 
 
 def _read_lock(wd: Workdir, key: bytes) -> dict:
-  what = wd.file(LOCK_JSON)
-  check(os.path.lexists(what), f"workdir: {wd.path!r} is not a locked model (no {LOCK_JSON})")
-  rec = read_json_file(what)
-  _private(what, what)
-  check_seal(rec, key, what)
+  rec, what = _sealed_record(wd, LOCK_JSON, key, f"workdir: {wd.path!r} is not a locked model "
+                                                 f"(no {LOCK_JSON})")
   stamp = _lock_stamp(wd, rec)
   nonce = _hex(rec, "nonce", what, 32)
   serial = field(rec, "serial", "str", what)
