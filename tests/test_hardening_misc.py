@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -182,9 +183,22 @@ def _assert_close(a, b, path="report"):
     assert a == b, path
 
 
-def test_an_interrupted_evaluate_resumes_to_the_same_report(tmp_path, monkeypatch):
-  """Killed after its first finished row, `evaluate` keeps it; the rerun with the same
-  arguments restores it, computes the rest, and writes the report an uninterrupted run
+_KILLED_AFTER_ONE_ROW = """
+import json, os, signal, sys
+from wdmjax.runs import evaluate as ev
+save = ev._Journal.save
+def save_then_die(self, key, *args):
+  save(self, key, *args)
+  os.kill(os.getpid(), signal.SIGKILL)
+ev._Journal.save = save_then_die
+kw = json.loads(sys.argv[2])
+ev.evaluate(sys.argv[1], *kw.pop("args"), **kw)
+"""
+
+
+def test_a_killed_evaluate_resumes_to_the_same_report(tmp_path):
+  """Killed (SIGKILL) after its first finished row, `evaluate` keeps it; the rerun with the
+  same arguments restores it, computes the rest, and writes the report an uninterrupted run
   writes. Other arguments are refused, and so is a rerun over the finished report."""
   from wdmjax import runs
   from wdmjax.runs import evaluate as ev
@@ -195,16 +209,11 @@ def test_an_interrupted_evaluate_resumes_to_the_same_report(tmp_path, monkeypatc
   methods, attacks = ["tree_ring", "gaussian_shading"], ["none", "jpeg:50"]
   whole = ev.evaluate(str(tmp_path / "whole"), methods, attacks, **kw)
 
-  save = ev._Journal.save
-  def killed_after_one(self, key, *args):
-    save(self, key, *args)
-    raise KeyboardInterrupt("killed")
-
-  monkeypatch.setattr(ev._Journal, "save", killed_after_one)
-  out = tmp_path / "out"
-  with pytest.raises(KeyboardInterrupt):
-    ev.evaluate(str(out), methods, attacks, **kw)
-  monkeypatch.setattr(ev._Journal, "save", save)
+  out = tmp_path / "out"  # a real SIGKILL, the moment its first row is saved
+  p = subprocess.run([sys.executable, "-c", _KILLED_AFTER_ONE_ROW, str(out),
+                      json.dumps({"args": [methods, attacks], **kw})],
+                     capture_output=True, text=True, timeout=600)
+  assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
   saved = json.loads((out / ev.PROGRESS_JSON).read_text())
   assert saved["done"] == ["tree_ring|none"] and not (out / "benchmark.json").exists()
   assert len(saved["report"]["rows"]) == 2  # tree_ring and tree_ring_published
