@@ -27,14 +27,14 @@ from train_step import CpuMonitor, alternate, clean_median
 
 from wdmjax.augment import DIGIT_FAMILY, Augmentation, augment_candidates
 from wdmjax.data import labelled_split
-from wdmjax.metrics.classifier import DigitClassifier, _init_params, _make_train_step
+from wdmjax.metrics.classifier import DigitClassifier, init_classifier_params, make_classifier_step
 
 
 def build(args: argparse.Namespace) -> dict:
   x, y, _, _ = labelled_split("mnist5k")
   images, labels = jnp.asarray(x), jnp.asarray(y)
   model = DigitClassifier()
-  params0 = _init_params(model, jax.random.key(0), tuple(x.shape[1:]))
+  params0 = init_classifier_params(model, jax.random.key(0), tuple(x.shape[1:]))
   fns = {}
   settings = {
     "plain": None,
@@ -43,7 +43,7 @@ def build(args: argparse.Namespace) -> dict:
     "uncertainty C=8": Augmentation("uncertainty", L=2, C=8, S=1, ops=DIGIT_FAMILY),
   }
   for name, aug in settings.items():
-    tx, step = _make_train_step(model, args.batch, 3e-3, 1000, aug)
+    tx, step = make_classifier_step(model, args.batch, 3e-3, 1000, aug)
     state = {"p": jax.tree.map(jnp.copy, params0), "o": tx.init(params0), "i": 0}
 
     def run(state=state, step=step):

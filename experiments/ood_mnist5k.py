@@ -40,9 +40,9 @@ from wdm_mnist5k import device_info, write_json_and_markdown  # noqa: E402
 from wdmjax import ood, runs  # noqa: E402
 from wdmjax.metrics.classifier import classifier_accuracy, train_classifier  # noqa: E402
 from wdmjax.models import LeNet  # noqa: E402
-from wdmjax.ood.reconstruction import DEFAULT_BATCH, _losses, reconstruction_losses  # noqa: E402
+from wdmjax.ood.reconstruction import DEFAULT_BATCH, reconstruction_losses, reconstruction_losses_at  # noqa: E402
 from wdmjax.peft import PeftSpec  # noqa: E402
-from wdmjax.runs.ood import DEFAULT_T, _unconditional  # noqa: E402
+from wdmjax.runs.ood import DEFAULT_T, unconditional_model  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 ID_CLASSES = tuple(range(9))
@@ -105,12 +105,12 @@ def throughput(scorer, key) -> dict:
   compilation timed on its own."""
   x = ood.load_images("mnist5k", SHAPE)
   x = np.concatenate([x, x])[:10_000]
-  fn = _unconditional(scorer.setup)
+  fn = unconditional_model(scorer.setup)
   kw = dict(t=DEFAULT_T, draws=DRAWS, objective=scorer.setup.cfg.diffusion.objective)
   # Compile first, ahead of time (the call below then finds the executable in jit's cache).
   t0 = time.time()
   padded = jnp.zeros((-(-len(x) // DEFAULT_BATCH) * DEFAULT_BATCH,) + SHAPE)  # as scored
-  _losses.lower(fn, scorer.params, scorer.setup.schedule, padded, key,
+  reconstruction_losses_at.lower(fn, scorer.params, scorer.setup.schedule, padded, key,
                 jnp.asarray(DEFAULT_T, jnp.int32) - 1, objective=kw["objective"], metric="x0",
                 draws=DRAWS, ddim_steps=1, clip=True, batch_size=DEFAULT_BATCH).compile()
   compile_s = time.time() - t0
@@ -206,7 +206,7 @@ def main() -> None:
           for i, (k, v) in enumerate(sets.items())}
   print(f"DDIM reconstructions: {time.time() - t0:.0f} s")
   t0 = time.time()
-  fn = _unconditional(scorer.setup)
+  fn = unconditional_model(scorer.setup)
   elbo = {k: np.asarray(ood.elbo_score(fn, scorer.params, scorer.setup.schedule, v,
                                        jax.random.fold_in(key, 300 + i), num_t=20,
                                        objective=scorer.setup.cfg.diffusion.objective))

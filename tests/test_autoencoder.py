@@ -286,12 +286,12 @@ def test_bad_ae_latent_shards_and_names_are_refused(tmp_path):
 
 
 def test_photos32_is_a_fixed_grid_of_rgb_crops_of_the_bundled_photos():
-  from wdmjax.data.builders import PHOTO_CROP, _photo, grid_crops
+  from wdmjax.data.builders import PHOTO_CROP, grid_crops, read_photo
 
   images, labels = data.load_arrays("photos32")
   assert images.shape == (2126, 32, 32, 3) and images.dtype == np.uint8
   assert data.load_source("photos32").num_classes == 1 and not labels.any()
-  china = _photo("sklearn", "china")  # 427 x 640: 13 x 20 crops, the grid centred
+  china = read_photo("sklearn", "china")  # 427 x 640: 13 x 20 crops, the grid centred
   np.testing.assert_array_equal(images[0], china[5:37, 0:32])
   np.testing.assert_array_equal(images[:260], grid_crops(china, PHOTO_CROP))
 

@@ -15,7 +15,7 @@ from tests.conftest import TINY_DIT, run_cli
 from wdmjax import ood, runs
 from wdmjax.errors import WdmjaxError
 from wdmjax.ood.reconstruction import reconstruction_losses
-from wdmjax.runs.ood import _unconditional
+from wdmjax.runs.ood import unconditional_model
 
 
 def _score_pairs():
@@ -95,7 +95,7 @@ def test_training_images_score_lower_than_noise(tiny):
 def test_scores_are_a_function_of_the_key_not_the_batching(tiny):
   _, sc = tiny
   x = _digits(20)
-  fn, params, schedule = _unconditional(sc.setup), sc.params, sc.setup.schedule
+  fn, params, schedule = unconditional_model(sc.setup), sc.params, sc.setup.schedule
   kw = dict(t=(10, 50), draws=2, objective=sc.setup.cfg.diffusion.objective)
   a = reconstruction_losses(fn, params, schedule, x, jax.random.PRNGKey(3), **kw)
   b = reconstruction_losses(fn, params, schedule, x, jax.random.PRNGKey(3), batch_size=7, **kw)
@@ -110,7 +110,7 @@ def test_scores_are_a_function_of_the_key_not_the_batching(tiny):
 def test_ddim_reconstruction_and_the_elbo_baseline(tiny):
   _, sc = tiny
   x = _digits(8)
-  fn, params, schedule = _unconditional(sc.setup), sc.params, sc.setup.schedule
+  fn, params, schedule = unconditional_model(sc.setup), sc.params, sc.setup.schedule
   obj = sc.setup.cfg.diffusion.objective
   one = reconstruction_losses(fn, params, schedule, x, jax.random.PRNGKey(0), t=40,
                               objective=obj)

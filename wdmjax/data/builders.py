@@ -130,7 +130,7 @@ PHOTOS = (('sklearn', 'china'), ('sklearn', 'flower'), ('skimage', 'astronaut'),
 PHOTO_CROP = 32
 
 
-def _photo(package: str, name: str) -> np.ndarray:
+def read_photo(package: str, name: str) -> np.ndarray:
   """One bundled photograph, uint8 [H, W, 3]."""
   if package == 'sklearn':
     from sklearn.datasets import load_sample_image  # only when the set is built (once)
@@ -166,7 +166,7 @@ def photo_crops() -> np.ndarray:
   its full-size crops, then that of its half-size copy."""
   out = []
   for package, name in PHOTOS:
-    image = _photo(package, name)
+    image = read_photo(package, name)
     out += [grid_crops(image, PHOTO_CROP), grid_crops(halve(image), PHOTO_CROP)]
   return np.concatenate(out)
 

@@ -146,9 +146,9 @@ def _soft_losses(model: nn.Module, params: chex.ArrayTree, x: Array, targets: Ar
 
 
 @functools.lru_cache(maxsize=16)
-def _make_train_step(model: DigitClassifier, batch_size: int, lr: float, steps: int,
-                     augment: Augmentation | None = None, num_classes: int | None = None
-                     ) -> tuple[optax.GradientTransformation, Callable[..., Any]]:
+def make_classifier_step(model: DigitClassifier, batch_size: int, lr: float, steps: int,
+                         augment: Augmentation | None = None, num_classes: int | None = None
+                         ) -> tuple[optax.GradientTransformation, Callable[..., Any]]:
   """The optimiser and the jitted step (params, opt_state, images, labels, key) ->
   (params, opt_state, loss).
 
@@ -188,8 +188,8 @@ def _make_train_step(model: DigitClassifier, batch_size: int, lr: float, steps: 
 
 
 @functools.partial(jax.jit, static_argnames=("model", "image_shape"))
-def _init_params(model: DigitClassifier, key: Array, image_shape: tuple[int, int, int]
-                 ) -> chex.ArrayTree:
+def init_classifier_params(model: DigitClassifier, key: Array,
+                           image_shape: tuple[int, int, int]) -> chex.ArrayTree:
   return model.init(key, jnp.zeros((1, *image_shape), jnp.float32))["params"]
 
 
@@ -254,8 +254,8 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, rng: Array, *, step
       or (rng.dtype == jnp.uint32 and rng.shape == (2,)))
   check(key_ok, f"rng: expected a PRNG key (jax.random.key or PRNGKey), got {rng!r}")
   init_key, data_key = jax.random.split(rng)
-  params = _init_params(model, init_key, tuple(x.shape[1:]))
-  tx, train_step = _make_train_step(model, int(batch_size), float(lr), int(steps), augment,
+  params = init_classifier_params(model, init_key, tuple(x.shape[1:]))
+  tx, train_step = make_classifier_step(model, int(batch_size), float(lr), int(steps), augment,
                                     int(num_classes))
   opt_state = tx.init(params)
   x_dev, y_dev = jnp.asarray(x), jnp.asarray(y)

@@ -111,8 +111,8 @@ def _reconstruct(model_fn, params, schedule, objective, xt, t, ddim_steps, clip)
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "objective", "metric", "draws",
                                              "ddim_steps", "clip", "batch_size"))
-def _losses(model_fn, params, schedule, x, key, t_index, *, objective, metric, draws,
-            ddim_steps, clip, batch_size):
+def reconstruction_losses_at(model_fn, params, schedule, x, key, t_index, *, objective, metric,
+                             draws, ddim_steps, clip, batch_size):
   """[N, K, D] losses of images x [N, ...] (N a multiple of batch_size) at K steps, D draws;
   one `lax.map` over batches, each batch one network call on batch x K x D inputs."""
   n, shape, k = x.shape[0], x.shape[1:], t_index.shape[0]
@@ -192,10 +192,10 @@ def reconstruction_losses(model_fn: ScoreModelFn, params: chex.ArrayTree, schedu
   pad = (-n) % bs
   if pad:
     x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
-  out = _losses(model_fn, params, schedule, x, key, jnp.asarray(ts, jnp.int32) - 1,
-                objective=objective, metric=metric, draws=int(draws),
-                ddim_steps=int(ddim_steps), clip=bool(clip) and metric == "x0",
-                batch_size=bs)
+  out = reconstruction_losses_at(model_fn, params, schedule, x, key,
+                                 jnp.asarray(ts, jnp.int32) - 1, objective=objective,
+                                 metric=metric, draws=int(draws), ddim_steps=int(ddim_steps),
+                                 clip=bool(clip) and metric == "x0", batch_size=bs)
   return out[:n]
 
 

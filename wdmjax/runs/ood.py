@@ -58,7 +58,7 @@ DEFAULT_VAL = 500
 
 
 @functools.lru_cache(maxsize=16)
-def _unconditional(su: Setup):
+def unconditional_model(su: Setup):
   """The network of `su` as (params, x, t) -> output: a class-conditional model is asked
   for its unconditional (null-label) prediction. One function per Setup: no recompiles."""
   model, k, null = su.model, su.num_classes, su.null_label
@@ -91,7 +91,7 @@ class Scorer:
   def losses(self, images: chex.Array, key: chex.PRNGKey, *, t: int | Sequence[int] = DEFAULT_T,
              draws: int = DEFAULT_DRAWS, ddim_steps: int = 1, metric: str = "x0",
              batch_size: int = DEFAULT_BATCH) -> np.ndarray:
-    out = reconstruction_losses(_unconditional(self.setup), self.params, self.setup.schedule,
+    out = reconstruction_losses(unconditional_model(self.setup), self.params, self.setup.schedule,
                                 images, key, t=t, draws=draws,
                                 objective=self.setup.cfg.diffusion.objective, metric=metric,
                                 ddim_steps=ddim_steps, batch_size=batch_size,
@@ -101,7 +101,7 @@ class Scorer:
   def reconstruct(self, images: chex.Array, key: chex.PRNGKey, *, t: int = 600,
                   ddim_steps: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """(x_t, x_hat) of images [N, H, W, C]: what the score compares (one noise draw)."""
-    xt, xh = reconstruct(_unconditional(self.setup), self.params, self.setup.schedule,
+    xt, xh = reconstruct(unconditional_model(self.setup), self.params, self.setup.schedule,
                          images, key, t=t, objective=self.setup.cfg.diffusion.objective,
                          ddim_steps=ddim_steps)
     return np.asarray(xt), np.asarray(xh)
@@ -114,7 +114,7 @@ def load_scorer(workdir: str | Workdir, ema: bool = True) -> Scorer:
   check(not str(cfg.data.name).startswith(("ae_latents", "imagenet_latents")),
         f"workdir: expected a pixel-space model, got one trained on latents "
         f"({cfg.data.name!r}); score its decoder's inputs instead")
-  _unconditional(su)  # refuses a conditional model without a null class, before any work
+  unconditional_model(su)  # refuses a conditional model without a null class, before any work
   return Scorer(Workdir(workdir).abspath, su, params)
 
 
