@@ -34,32 +34,29 @@ from wdmjax.runs.peft import FinetuneResult, finetune, finetune_config, params
 from wdmjax.runs.plan import LatentsResult, latents, plan
 from wdmjax.runs.serial import (
   IssueReport,
-  LockedSampleResult,
-  LockReport,
   TeacherReport,
   load_student,
   load_teacher,
-  locked_samples,
-  read_lock,
   read_serials,
 )
 from wdmjax.runs.serial import evaluate as serial_eval
 from wdmjax.runs.serial import issue as serial_issue
-from wdmjax.runs.serial import lock as serial_lock
-from wdmjax.runs.serial import sample as serial_sample
 from wdmjax.runs.serial import teacher as serial_teacher
+from wdmjax.runs.serial_lock import LockedSampleResult, LockReport, locked_samples, read_lock
+from wdmjax.runs.serial_lock import lock as serial_lock
+from wdmjax.runs.serial_lock import sample as serial_sample
 from wdmjax.runs.signature import (
   EmbedReport,
   Extractor,
   GenerateReport,
-  PretrainReport,
   load_extractor,
   load_user_decoder,
 )
 from wdmjax.runs.signature import detect as signature_detect
 from wdmjax.runs.signature import embed as signature_embed
 from wdmjax.runs.signature import generate as signature_generate
-from wdmjax.runs.signature import pretrain as signature_pretrain
+from wdmjax.runs.signature_pretrain import PretrainReport
+from wdmjax.runs.signature_pretrain import pretrain as signature_pretrain
 from wdmjax.runs.train import SampleResult, TrainResult, sample, train
 from wdmjax.runs.watermark import (
   EmbedResult,
