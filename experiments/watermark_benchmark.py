@@ -39,7 +39,8 @@ import numpy as np  # noqa: E402
 
 from wdmjax.diffusion.inversion import generate, invert  # noqa: E402
 from wdmjax.runs.demo import base_workdir  # noqa: E402
-from wdmjax.runs.evaluate import DEFAULT_MODEL_ATTACKS, evaluate, markdown  # noqa: E402
+from wdmjax.runs.evaluate import DEFAULT_MODEL_ATTACKS, evaluate  # noqa: E402
+from wdmjax.runs.evaluate_report import markdown  # noqa: E402
 from wdmjax.runs.model import load_model  # noqa: E402
 from wdmjax.train import setup  # noqa: E402
 
@@ -120,7 +121,7 @@ def figure(report: dict, path: str) -> None:
   axes = axes.ravel()
   colors = {t: f"C{i}" for i, t in enumerate(tests)}
   # Dotted: at the smallest FPR that the test's unwatermarked images can set a threshold for.
-  # (Not for reports from before the tie-safe threshold: see evaluate.LEGACY_THRESHOLD_NOTE.)
+  # (Not for reports from before the tie-safe threshold: see evaluate_report.LEGACY_THRESHOLD_NOTE.)
   strict = "empirical_threshold" in report["settings"]
   emp = {t: next((f"{g:g}" for g in sorted(report["settings"]["fprs"])
                   if strict and rows.get((t, "none"), {}).get("tpr_empirical", {}).get(f"{g:g}")),

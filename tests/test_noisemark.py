@@ -219,7 +219,7 @@ def test_image_attack_chains_parse_and_apply():
 
 
 def test_empirical_thresholds_keep_their_fpr_under_ties():
-  from wdmjax.runs.evaluate import empirical_tpr
+  from wdmjax.stats.rates import empirical_tpr
   rng = np.random.default_rng(0)
   flat = np.zeros(1000)  # a test whose clean p-values are all 1: nothing can be flagged
   assert empirical_tpr(np.zeros(50), flat, 0.01)["rate"] == 0.0

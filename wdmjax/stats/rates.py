@@ -31,3 +31,19 @@ def rate_at(log10_p: np.ndarray, fpr: float, confidence: float = 0.95) -> dict:
   k = int(np.sum(lp <= math.log10(fpr)))
   lo, hi = clopper_pearson(k, lp.size, confidence)
   return {"rate": k / lp.size, "k": k, "n": int(lp.size), "low": lo, "high": hi}
+
+
+def empirical_tpr(log10_p: np.ndarray, null_log10_p: np.ndarray, fpr: float) -> dict | None:
+  """TPR at a threshold set on the unwatermarked images: flagged when log10 p is below the
+  (k+1)-th smallest null value, k = floor(fpr n). At most k null values lie strictly below
+  it, ties or not, so the empirical FPR is at most fpr; with ties at the k-th value, '<=
+  the k-th' would flag every tied null image (a test whose clean p-values are all 1 would
+  pass every image). None when fpr n < 1."""
+  k = int(np.floor(fpr * null_log10_p.size))
+  if k < 1 or k >= null_log10_p.size:
+    return None
+  threshold = np.sort(null_log10_p)[k]
+  hits = int(np.sum(log10_p < threshold))
+  lo, hi = clopper_pearson(hits, log10_p.size)
+  return {"rate": hits / log10_p.size, "k": hits, "n": int(log10_p.size), "low": lo, "high": hi,
+          "threshold": float(threshold)}
